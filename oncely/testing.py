@@ -1,0 +1,284 @@
+"""pytest plugin: a real Kafka broker for integration tests of oncely apps.
+
+Installed with oncely (entry point `pytest11`), so any project that depends on
+oncely gets these fixtures:
+
+- `kafka` (session): a bootstrap address. Taken from ONCELY_KAFKA_BOOTSTRAP when
+  set (an existing cluster); else a broker in Docker via testcontainers when a
+  Docker engine answers; else the local JVM broker (`oncely.local_kafka`),
+  started once per session in a temporary data dir and stopped at the end.
+- `kafka_topic`: a factory creating a uniquely named topic for this test.
+
+and these helpers: `create_topic`, `produce`, `read_to_end` (read_committed by
+default), `Record`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Literal
+
+import pytest
+
+from oncely.local_kafka import KAFKA_VERSION, LocalKafka, free_port
+
+KafkaSource = Literal["env", "testcontainers", "local"]
+
+
+def choose_kafka_source(env: dict[str, str], docker_answers: Callable[[], bool]) -> KafkaSource:
+    """Pick where the test broker comes from. `docker_answers` is only asked
+    when no cluster is given, because asking costs a connection attempt."""
+    if env.get("ONCELY_KAFKA_BOOTSTRAP", "").strip():
+        return "env"
+    if env.get("ONCELY_TEST_NO_DOCKER", "") not in ("", "0"):
+        return "local"
+    return "testcontainers" if docker_answers() else "local"
+
+
+def docker_engine_answers(timeout: float = 2.0) -> bool:
+    """True when a Docker engine answers a ping (DOCKER_HOST or the default socket)."""
+    try:
+        import docker  # testcontainers' dependency
+    except ImportError:
+        return False
+    try:
+        client = docker.from_env(timeout=timeout)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:
+        return False
+
+
+def apache_kafka_container(image: str | None = None):
+    """The official apache/kafka image (same version as the local broker) in
+    KRaft mode, run by testcontainers.
+
+    testcontainers' own Kafka module is built around Confluent's cp-kafka image
+    scripts; oncely tests against Apache Kafka itself, so it drives the official
+    image through testcontainers' DockerContainer with the image's documented
+    KAFKA_* settings. The host port is fixed and advertised as such, so clients
+    outside the container reach the broker at the address it advertises.
+    """
+    from testcontainers.core.container import DockerContainer
+    from testcontainers.core.wait_strategies import LogMessageWaitStrategy
+
+    port = free_port()
+    env = {
+        "KAFKA_NODE_ID": "1",
+        "KAFKA_PROCESS_ROLES": "broker,controller",
+        "KAFKA_LISTENERS": f"PLAINTEXT://0.0.0.0:{port},CONTROLLER://0.0.0.0:9093",
+        "KAFKA_ADVERTISED_LISTENERS": f"PLAINTEXT://localhost:{port}",
+        "KAFKA_CONTROLLER_LISTENER_NAMES": "CONTROLLER",
+        "KAFKA_LISTENER_SECURITY_PROTOCOL_MAP": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        "KAFKA_CONTROLLER_QUORUM_VOTERS": "1@localhost:9093",
+        "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR": "1",
+        "KAFKA_OFFSETS_TOPIC_NUM_PARTITIONS": "4",
+        "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR": "1",
+        "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR": "1",
+        "KAFKA_TRANSACTION_STATE_LOG_NUM_PARTITIONS": "4",
+        "KAFKA_SHARE_COORDINATOR_STATE_TOPIC_REPLICATION_FACTOR": "1",
+        "KAFKA_SHARE_COORDINATOR_STATE_TOPIC_MIN_ISR": "1",
+        "KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS": "0",
+        "KAFKA_TRANSACTION_ABORT_TIMED_OUT_TRANSACTION_CLEANUP_INTERVAL_MS": "1000",
+        "KAFKA_AUTO_CREATE_TOPICS_ENABLE": "false",
+    }
+    container = DockerContainer(image or f"apache/kafka:{KAFKA_VERSION}")
+    container.with_bind_ports(port, port)
+    for k, v in env.items():
+        container.with_env(k, v)
+    container.waiting_for(LogMessageWaitStrategy(re.compile(r"Kafka Server started")).with_startup_timeout(120))
+    return container, f"localhost:{port}"
+
+
+@pytest.fixture(scope="session")
+def kafka() -> Iterator[str]:
+    """Bootstrap address of a real Kafka broker for this test session."""
+    source = choose_kafka_source(dict(os.environ), docker_engine_answers)
+    if source == "env":
+        yield os.environ["ONCELY_KAFKA_BOOTSTRAP"].strip()
+        return
+    if source == "testcontainers":
+        container, bootstrap = apache_kafka_container()
+        container.start()
+        try:
+            yield bootstrap
+        finally:
+            container.stop()
+        return
+    data_dir = tempfile.mkdtemp(prefix="oncely-test-kafka-")
+    broker = LocalKafka(data_dir=data_dir)
+    info = broker.start()
+    try:
+        yield info.bootstrap
+    finally:
+        broker.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def unique_name(prefix: str = "t") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def create_topic(bootstrap: str, name: str, partitions: int = 1, config: dict[str, str] | None = None) -> str:
+    """Create a topic and wait until its metadata is visible."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(name, partitions, 1, config=config or {})])[name].result(30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        md = admin.list_topics(name, timeout=5)
+        t = md.topics.get(name)
+        if t is not None and t.error is None and len(t.partitions) == partitions:
+            return name
+        time.sleep(0.1)
+    raise TimeoutError(f"topic {name} did not appear")
+
+
+@pytest.fixture
+def kafka_topic(kafka: str, request: pytest.FixtureRequest) -> Callable[..., str]:
+    """Factory: `kafka_topic(partitions=1, config=None, prefix=<test name>)`
+    creates a uniquely named topic and returns its name."""
+
+    def make(partitions: int = 1, config: dict[str, str] | None = None, prefix: str | None = None) -> str:
+        base = re.sub(r"[^a-zA-Z0-9._-]", "-", prefix or request.node.name)[:60]
+        return create_topic(kafka, unique_name(base), partitions, config)
+
+    return make
+
+
+@dataclass
+class Record:
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+    partition: int = 0
+    offset: int = 0
+    topic: str = ""
+
+    def header(self, name: str) -> bytes | None:
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+
+def _bytes(x: Any) -> bytes | None:
+    if x is None or isinstance(x, bytes):
+        return x
+    if isinstance(x, str):
+        return x.encode()
+    import orjson
+
+    return orjson.dumps(x)
+
+
+def produce(
+    bootstrap: str,
+    topic: str,
+    records: Iterable[Any],
+    partition: int | None = None,
+) -> int:
+    """Produce records (idempotently) and wait for all acknowledgements.
+
+    Each record is a value, or a (key, value) or (key, value, headers) tuple;
+    str is UTF-8 encoded, bytes kept, anything else JSON-encoded.
+    Returns the number of records produced.
+    """
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
+    errors: list[str] = []
+
+    def on_delivery(err, _msg):
+        if err is not None:
+            errors.append(str(err))
+
+    n = 0
+    for rec in records:
+        key, headers = None, None
+        if isinstance(rec, tuple):
+            key, value, *rest = rec
+            headers = rest[0] if rest else None
+        else:
+            value = rec
+        kwargs: dict[str, Any] = {"key": _bytes(key), "value": _bytes(value), "on_delivery": on_delivery}
+        if headers:
+            kwargs["headers"] = [(k, _bytes(v)) for k, v in (headers.items() if isinstance(headers, dict) else headers)]
+        if partition is not None:
+            kwargs["partition"] = partition
+        while True:
+            try:
+                producer.produce(topic, **kwargs)
+                break
+            except BufferError:
+                producer.poll(0.1)
+        producer.poll(0)
+        n += 1
+    remaining = producer.flush(60)
+    if remaining or errors:
+        raise RuntimeError(f"produce to {topic} failed: {remaining} undelivered, errors: {errors[:5]}")
+    return n
+
+
+def read_to_end(
+    bootstrap: str,
+    topic: str,
+    isolation: Literal["read_committed", "read_uncommitted"] = "read_committed",
+    timeout: float = 60.0,
+) -> list[Record]:
+    """Read every partition of `topic` from the beginning to its current end.
+
+    Under read_committed the end is the last stable offset, so records of open
+    transactions are not waited for and aborted ones are never returned.
+    """
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+    consumer = Consumer({
+        "bootstrap.servers": bootstrap,
+        "group.id": unique_name("oncely-read"),
+        "enable.auto.commit": False,
+        "isolation.level": isolation,
+        "enable.partition.eof": True,
+        "auto.offset.reset": "earliest",
+    })
+    try:
+        md = consumer.list_topics(topic, timeout=10)
+        tmeta = md.topics.get(topic)
+        if tmeta is None or tmeta.error is not None:
+            raise ValueError(f"topic {topic} does not exist")
+        parts = sorted(tmeta.partitions)
+        pending = set()
+        assignment = []
+        for p in parts:
+            lo, hi = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            if hi > lo:
+                pending.add(p)
+                assignment.append(TopicPartition(topic, p, lo))
+        out: list[Record] = []
+        if not pending:
+            return out
+        consumer.assign(assignment)
+        deadline = time.monotonic() + timeout
+        while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {topic}: partitions {sorted(pending)} did not reach their end")
+            for m in consumer.consume(1000, timeout=0.5):
+                err = m.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        pending.discard(m.partition())
+                        continue
+                    raise RuntimeError(f"reading {topic}: {err}")
+                out.append(Record(m.key(), m.value(), list(m.headers() or []), m.partition(), m.offset(), topic))
+        return out
+    finally:
+        consumer.close()
