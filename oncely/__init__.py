@@ -1,3 +1,18 @@
-"""oncely: a Kafka-native exactly-once event processor."""
+"""oncely: a Kafka-native exactly-once event processor.
+
+Durable keyed handlers whose journals and state live in a local RocksDB fed
+by a changelog topic; one Kafka transaction per commit carries state changes,
+produced records and consumer offsets.
+"""
+
+from oncely.app import App, Handler, RetryPolicy, Service
+from oncely.client import Client
+from oncely.context import Context
+from oncely.errors import ConfigError, NonDeterminismError, OncelyError, TerminalError
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "App", "Client", "ConfigError", "Context", "Handler", "NonDeterminismError", "OncelyError",
+    "RetryPolicy", "Service", "TerminalError",
+]

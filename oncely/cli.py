@@ -68,3 +68,32 @@ def kafka_stop(data_dir: str | None, cache_dir: str | None) -> None:
         click.echo("stopped")
     else:
         click.echo("not running")
+
+
+@main.command("run")
+@click.argument("app_spec", metavar="MODULE:APP")
+@click.option("--bootstrap", default=None, help="Kafka bootstrap servers (default: $ONCELY_KAFKA_BOOTSTRAP).")
+@click.option("--state-dir", default=None, type=click.Path(file_okay=False),
+              help="Where RocksDB state lives (default: $ONCELY_STATE_DIR or ./.state).")
+@click.option("--log-level", default="INFO", show_default=True)
+def run_cmd(app_spec: str, bootstrap: str | None, state_dir: str | None, log_level: str) -> None:
+    """Run one processor process of an app; stops cleanly on SIGTERM/SIGINT."""
+    import logging
+
+    from oncely.errors import ConfigError
+    from oncely.runtime import load_app, run
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        app = load_app(app_spec)
+        if bootstrap:
+            app.config.bootstrap = bootstrap
+        if state_dir:
+            app.config.state_dir = state_dir
+        run(app)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+
+
+if __name__ == "__main__":
+    main()

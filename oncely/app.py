@@ -1,0 +1,184 @@
+"""`App`, services and handlers: what a user declares."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from oncely.errors import ConfigError
+
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_APP_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff for handler failures other than TerminalError.
+
+    Attempt n (n >= 1 failures so far) waits initial * factor**(n-1), capped at
+    max_interval. After `max_attempts` failed attempts the invocation fails
+    and a dead letter is written.
+    """
+
+    max_attempts: int = 10
+    initial_interval: float = 0.1
+    factor: float = 2.0
+    max_interval: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ConfigError("RetryPolicy.max_attempts must be at least 1 (1 means: no retries)")
+        if self.initial_interval < 0 or self.max_interval < 0 or self.factor < 1:
+            raise ConfigError("RetryPolicy intervals must be >= 0 and factor >= 1")
+
+    def delay(self, failures: int) -> float:
+        return min(self.max_interval, self.initial_interval * self.factor ** max(0, failures - 1))
+
+
+Fn = Callable[..., Awaitable[Any]]
+
+
+class Handler:
+    """A registered handler; pass it to `Client.send` or `ctx.call` as a target."""
+
+    def __init__(self, service: "Service", name: str, fn: Fn) -> None:
+        self.service = service
+        self.name = name
+        self.fn = fn
+        params = list(inspect.signature(fn).parameters.values())
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if not positional:
+            raise ConfigError(f"handler {service.name}.{name} must take ctx as its first parameter")
+        self.takes_input = len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+    def __repr__(self) -> str:
+        return f"<handler {self.service.name}.{self.name}>"
+
+
+class Service:
+    """A set of handlers. Keyed services run one invocation per key at a time
+    and have per-key state; stateless services run concurrently."""
+
+    def __init__(self, app: "App", name: str, keyed: bool, retry: RetryPolicy) -> None:
+        self.app = app
+        self.name = name
+        self.keyed = keyed
+        self.retry = retry
+        self.handlers: dict[str, Handler] = {}
+
+    def handler(self, fn: Fn | None = None, *, name: str | None = None) -> Any:
+        """Decorator registering an `async def h(ctx[, input])` handler."""
+
+        def register(f: Fn) -> Handler:
+            if not inspect.iscoroutinefunction(f):
+                raise ConfigError(f"handler {self.name}.{f.__name__} must be an `async def` function")
+            hname = name or f.__name__
+            if not _NAME.match(hname):
+                raise ConfigError(f"handler name {hname!r} may use only letters, digits, '_' and '-'")
+            if hname in self.handlers:
+                raise ConfigError(f"service {self.name!r} already has a handler {hname!r}")
+            h = Handler(self, hname, f)
+            self.handlers[hname] = h
+            return h
+
+        return register(fn) if fn is not None else register
+
+    def __getattr__(self, item: str) -> Handler:
+        handlers = self.__dict__.get("handlers", {})
+        if item in handlers:
+            return handlers[item]
+        raise AttributeError(f"service {self.__dict__.get('name')!r} has no handler {item!r}")
+
+    def __repr__(self) -> str:
+        return f"<{'keyed' if self.keyed else 'stateless'} service {self.name}>"
+
+
+@dataclass
+class AppConfig:
+    """Settings of a processor process. Every field can come from the
+    environment (ONCELY_<FIELD>), an argument, or the CLI."""
+
+    bootstrap: str | None = None
+    state_dir: str = ".state"
+    commit_interval: float = 0.1
+    max_batch: int = 5000
+    transaction_timeout_ms: int = 10_000
+    session_timeout_ms: int = 10_000
+    max_poll_interval_ms: int = 300_000
+    net_effects: bool = True
+    kafka: dict[str, str] = field(default_factory=dict)
+
+
+class App:
+    """An oncely application: its services, and the topics `<name>.log`,
+    `<name>.changelog` and `<name>.dlq` with `partitions` partitions (fixed at
+    creation; changing it is a migration)."""
+
+    def __init__(
+        self,
+        name: str,
+        partitions: int = 8,
+        *,
+        bootstrap: str | None = None,
+        state_dir: str | None = None,
+        commit_interval: float | None = None,
+        kafka: dict[str, str] | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        if not _APP_NAME.match(name) or len(name) > 200:
+            raise ConfigError(
+                f"App name {name!r} must be a valid Kafka topic prefix: letters, digits, '.', '_' and '-'"
+            )
+        if not isinstance(partitions, int) or partitions < 1:
+            raise ConfigError(f"App partitions must be a positive int, got {partitions!r}")
+        self.name = name
+        self.partitions = partitions
+        self.services: dict[str, Service] = {}
+        self.default_retry = retry or RetryPolicy()
+        self.config = AppConfig()
+        self.config.bootstrap = bootstrap or os.environ.get("ONCELY_KAFKA_BOOTSTRAP") or None
+        if state_dir is not None:
+            self.config.state_dir = state_dir
+        elif os.environ.get("ONCELY_STATE_DIR"):
+            self.config.state_dir = os.environ["ONCELY_STATE_DIR"]
+        if commit_interval is not None:
+            self.config.commit_interval = commit_interval
+        if kafka:
+            self.config.kafka.update(kafka)
+
+    # topics
+    @property
+    def log_topic(self) -> str:
+        return f"{self.name}.log"
+
+    @property
+    def changelog_topic(self) -> str:
+        return f"{self.name}.changelog"
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.name}.dlq"
+
+    def _add(self, name: str, keyed: bool, retry: RetryPolicy | None) -> Service:
+        if not _NAME.match(name):
+            raise ConfigError(f"service name {name!r} may use only letters, digits, '_' and '-'")
+        if name in self.services:
+            raise ConfigError(f"app {self.name!r} already has a service {name!r}")
+        svc = Service(self, name, keyed, retry or self.default_retry)
+        self.services[name] = svc
+        return svc
+
+    def keyed(self, name: str, *, retry: RetryPolicy | None = None) -> Service:
+        """A keyed service: exclusive per key, in log order, with per-key state."""
+        return self._add(name, True, retry)
+
+    def service(self, name: str, *, retry: RetryPolicy | None = None) -> Service:
+        """A stateless service: invocations run concurrently, without state."""
+        return self._add(name, False, retry)
+
+    def lookup(self, service: str, handler: str) -> Handler | None:
+        svc = self.services.get(service)
+        return svc.handlers.get(handler) if svc else None

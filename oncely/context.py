@@ -1,0 +1,230 @@
+"""`Context`: what a handler uses to touch the world durably.
+
+Every ctx operation takes the next journal index. On a replay (after a crash,
+a retry or a rewind) an operation at an index the journal already holds must
+be the same kind and name, and returns the recorded result without running
+anything again; a different operation pauses the invocation.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random as _random
+import uuid as _uuid
+from datetime import datetime, timezone
+from typing import Any, Awaitable, Callable, TypeVar
+
+import orjson
+
+from oncely.errors import NonDeterminismError, TerminalError
+from oncely.processor.protocol import TAG_BYTES, TAG_JSON, Entry, HandlerCall
+from oncely.shuffle.ids import format_id
+
+T = TypeVar("T")
+
+
+def encode_value(value: Any) -> bytes:
+    """State values and step results: bytes stay bytes, the rest is JSON."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return TAG_BYTES + bytes(value)
+    return TAG_JSON + orjson.dumps(value)
+
+
+def decode_value(data: bytes) -> Any:
+    tag, body = data[:1], data[1:]
+    if tag == TAG_JSON:
+        return orjson.loads(body)
+    if tag == TAG_BYTES:
+        return body
+    raise ValueError(f"unknown value tag {tag!r}")
+
+
+class Context:
+    """Handed to every handler invocation as its first argument."""
+
+    __slots__ = ("_call", "_journal", "_replay_len", "_index", "_writes", "_cleared_all",
+                 "_rng", "diverged", "_keyed")
+
+    def __init__(self, call: HandlerCall, keyed: bool) -> None:
+        self._call = call
+        self._journal = call.journal
+        self._replay_len = len(call.journal)
+        self._index = 0
+        self._writes: dict[str, bytes | None] = {}
+        self._cleared_all = False
+        self._rng: _random.Random | None = None
+        self.diverged: NonDeterminismError | None = None
+        self._keyed = keyed
+
+    # -- identity ---------------------------------------------------------------
+
+    @property
+    def key(self) -> str | bytes | None:
+        """The object key: str when it is UTF-8, else the raw bytes; None for
+        stateless services."""
+        raw = self._call.key
+        if raw is None or not self._keyed:
+            return None
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            return raw
+
+    @property
+    def raw_key(self) -> bytes | None:
+        return self._call.key if self._keyed else None
+
+    @property
+    def invocation_id(self) -> str:
+        return format_id(self._call.invocation_id)
+
+    @property
+    def attempt(self) -> int:
+        """0 on the first attempt, then 1, 2, … on retries."""
+        return self._call.attempt
+
+    @property
+    def service(self) -> str:
+        return self._call.service
+
+    @property
+    def handler(self) -> str:
+        return self._call.handler
+
+    # -- journal ----------------------------------------------------------------
+
+    def _step(self, kind: str, name: str = "") -> Entry | None:
+        """Take the next journal index; return the recorded entry on replay."""
+        if self.diverged is not None:
+            raise self.diverged
+        i = self._index
+        self._index = i + 1
+        if i < self._replay_len:
+            entry = self._journal[i]
+            if entry.kind != kind or entry.name != name:
+                self.diverged = NonDeterminismError(i, entry.describe(), Entry(kind, name).describe())
+                raise self.diverged
+            return entry
+        return None
+
+    def _record(self, entry: Entry) -> None:
+        self._journal.append(entry)
+
+    # -- state ------------------------------------------------------------------
+
+    def _require_state(self, op: str) -> None:
+        if not self._keyed:
+            raise TypeError(
+                f"ctx.{op}: service {self._call.service!r} is stateless; state belongs to keyed "
+                "services (app.keyed)"
+            )
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """The key's state value `name`, or `default`."""
+        self._require_state("get")
+        if self._step("get", name) is None:
+            self._record(Entry("get", name))
+        if name in self._writes:
+            raw = self._writes[name]
+        elif self._cleared_all:
+            raw = None
+        else:
+            raw = self._call.state.get(name)  # type: ignore[union-attr]
+        return default if raw is None else decode_value(raw)
+
+    def set(self, name: str, value: Any) -> None:
+        """Set a state value (JSON-serialisable, or bytes). Visible to this
+        invocation at once and to others when it completes."""
+        self._require_state("set")
+        if not isinstance(name, str) or not name:
+            raise TypeError("ctx.set: the state name must be a non-empty str")
+        try:
+            encoded = encode_value(value)
+        except TypeError as e:
+            raise TypeError(f"ctx.set({name!r}): the value is neither JSON-serialisable nor bytes: {e}") from None
+        if self._step("set", name) is None:
+            self._record(Entry("set", name))
+        self._writes[name] = encoded
+
+    def clear(self, name: str) -> None:
+        self._require_state("clear")
+        if self._step("clear", name) is None:
+            self._record(Entry("clear", name))
+        self._writes[name] = None
+
+    def clear_all(self) -> None:
+        self._require_state("clear_all")
+        if self._step("clear_all") is None:
+            self._record(Entry("clear_all"))
+        self._writes = {}
+        self._cleared_all = True
+
+    def state_keys(self) -> list[str]:
+        self._require_state("state_keys")
+        if self._step("state_keys") is None:
+            self._record(Entry("state_keys"))
+        names = set() if self._cleared_all else set(self._call.state.names())  # type: ignore[union-attr]
+        for n, v in self._writes.items():
+            if v is None:
+                names.discard(n)
+            else:
+                names.add(n)
+        return sorted(names)
+
+    # -- durable steps ------------------------------------------------------------
+
+    async def run(self, name: str, fn: Callable[..., T | Awaitable[T]], *args: Any) -> T:
+        """Run a side effect once: its result (JSON or bytes) is journaled and
+        returned again on replay without calling `fn`. A TerminalError from
+        `fn` is journaled too; any other exception fails the attempt, which is
+        retried (and `fn` runs again)."""
+        entry = self._step("run", name)
+        if entry is not None:
+            if entry.error is not None:
+                raise TerminalError(entry.error)
+            return decode_value(entry.value) if entry.value is not None else None  # type: ignore[return-value]
+        try:
+            result = fn(*args)
+            if inspect.isawaitable(result):
+                result = await result
+        except TerminalError as e:
+            self._record(Entry("run", name, error=e.message))
+            raise
+        try:
+            encoded = encode_value(result)
+        except TypeError as e:
+            raise TerminalError(f"ctx.run({name!r}) returned a value that is neither JSON nor bytes: {e}") from None
+        self._record(Entry("run", name, value=encoded))
+        return decode_value(encoded)
+
+    def now(self) -> datetime:
+        """The current time, journaled: a replay sees the same instant."""
+        entry = self._step("now")
+        if entry is not None:
+            ms = orjson.loads(entry.value)  # type: ignore[arg-type]
+        else:
+            ms = int(datetime.now(timezone.utc).timestamp() * 1000)
+            self._record(Entry("now", value=orjson.dumps(ms)))
+        return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+
+    def _random(self) -> _random.Random:
+        if self._rng is None:
+            self._rng = _random.Random(int.from_bytes(self._call.invocation_id, "big"))
+        return self._rng
+
+    def random(self) -> float:
+        """A float in [0, 1), deterministic per invocation (seeded from its id)."""
+        if self._step("random") is None:
+            self._record(Entry("random"))
+        return self._random().random()
+
+    def uuid(self) -> _uuid.UUID:
+        """A UUID4, deterministic per invocation (seeded from its id)."""
+        if self._step("uuid") is None:
+            self._record(Entry("uuid"))
+        return _uuid.UUID(bytes=self._random().randbytes(16), version=4)
+
+    # -- for the executor ---------------------------------------------------------
+
+    def _state_changes(self) -> tuple[dict[str, bytes | None], bool]:
+        return self._writes, self._cleared_all

@@ -1,0 +1,84 @@
+"""The app's internal topics: created when missing, checked when present."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+
+from oncely.errors import ConfigError
+
+if TYPE_CHECKING:
+    from oncely.app import App
+
+log = logging.getLogger("oncely.topics")
+
+WEEK_MS = 7 * 24 * 3600 * 1000
+DAY_MS = 24 * 3600 * 1000
+
+
+def topic_specs(app: "App") -> dict[str, tuple[int, dict[str, str]]]:
+    return {
+        app.log_topic: (app.partitions, {"cleanup.policy": "delete", "retention.ms": str(WEEK_MS)}),
+        app.changelog_topic: (app.partitions, {
+            "cleanup.policy": "compact",
+            "delete.retention.ms": str(DAY_MS),
+            "segment.bytes": str(64 * 1024 * 1024),
+            "min.compaction.lag.ms": "0",
+        }),
+        app.dlq_topic: (1, {"cleanup.policy": "delete", "retention.ms": str(2 * WEEK_MS)}),
+    }
+
+
+def ensure_topics(admin: AdminClient, app: "App", timeout: float = 30.0) -> dict[str, Any]:
+    """Create missing topics; refuse to start when existing ones disagree.
+    Returns facts the processor needs (the changelog's delete.retention.ms)."""
+    specs = topic_specs(app)
+    md = admin.list_topics(timeout=timeout)
+    brokers = max(1, len(md.brokers))
+    replication = min(3, brokers)
+    missing = [name for name in specs if name not in md.topics]
+    if missing:
+        futures = admin.create_topics(
+            [NewTopic(n, specs[n][0], replication, config=specs[n][1]) for n in missing],
+            operation_timeout=timeout,
+        )
+        for name, fut in futures.items():
+            try:
+                fut.result(timeout)
+                log.info("created topic %s (%d partitions)", name, specs[name][0])
+            except Exception as e:
+                if "TOPIC_ALREADY_EXISTS" not in str(e):
+                    raise ConfigError(f"could not create topic {name}: {e}") from None
+        _wait_for(admin, list(specs), timeout)
+        md = admin.list_topics(timeout=timeout)
+    for name in (app.log_topic, app.changelog_topic):
+        have = len(md.topics[name].partitions)
+        if have != app.partitions:
+            raise ConfigError(
+                f"topic {name} has {have} partitions but App({app.name!r}, partitions={app.partitions}) "
+                f"expects {app.partitions}. The partition count is fixed when an app is created: use "
+                f"partitions={have}, or migrate to a new app name."
+            )
+    res = ConfigResource(ConfigResource.Type.TOPIC, app.changelog_topic)
+    configs = admin.describe_configs([res])[res].result(timeout)
+    policy = configs["cleanup.policy"].value
+    if "compact" not in policy:
+        raise ConfigError(
+            f"topic {app.changelog_topic} has cleanup.policy={policy}; a changelog must be compacted, or old state "
+            f"is deleted. Set it with: kafka-configs.sh --alter --entity-type topics --entity-name "
+            f"{app.changelog_topic} --add-config cleanup.policy=compact"
+        )
+    return {"changelog_delete_retention_ms": int(configs["delete.retention.ms"].value)}
+
+
+def _wait_for(admin: AdminClient, names: list[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        md = admin.list_topics(timeout=timeout)
+        if all(n in md.topics and md.topics[n].error is None for n in names):
+            return
+        time.sleep(0.1)
+    raise ConfigError(f"topics {names} did not become available within {timeout} s")

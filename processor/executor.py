@@ -1,0 +1,84 @@
+"""Runs Python handlers in this process, behind the executor protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import traceback
+from typing import TYPE_CHECKING, Callable
+
+import orjson
+
+from oncely.context import Context, encode_value
+from oncely.errors import NonDeterminismError, TerminalError
+from oncely.processor.protocol import HandlerCall, Outcome
+
+if TYPE_CHECKING:
+    from oncely.app import App
+
+log = logging.getLogger("oncely.executor")
+
+
+def decode_input(payload: bytes, fmt: str) -> object:
+    if fmt == "BYTES":
+        return payload
+    return orjson.loads(payload)
+
+
+def _describe(exc: BaseException) -> str:
+    tb = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {tb[-1].filename}:{tb[-1].lineno})" if tb else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+class LocalExecutor:
+    """Executes invocations as asyncio tasks on the processor's loop."""
+
+    def __init__(self, app: "App") -> None:
+        self.app = app
+
+    def start(self, call: HandlerCall, done: Callable[[Outcome], None]) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(self._execute(call))
+
+        def finished(t: asyncio.Task) -> None:
+            if not t.cancelled():
+                done(t.result())
+
+        task.add_done_callback(finished)
+        return task
+
+    async def _execute(self, call: HandlerCall) -> Outcome:
+        handler = self.app.lookup(call.service, call.handler)
+        if handler is None:
+            return Outcome("terminal", error=f"no handler {call.service}.{call.handler} in app {self.app.name!r}")
+        ctx = Context(call, handler.service.keyed)
+        try:
+            if handler.takes_input:
+                try:
+                    arg = decode_input(call.payload, call.payload_format)
+                except orjson.JSONDecodeError as e:
+                    return Outcome("terminal", error=f"input is not valid JSON: {e}")
+                value = await handler.fn(ctx, arg)
+            else:
+                value = await handler.fn(ctx)
+        except NonDeterminismError as e:
+            return Outcome("paused", error=str(e))
+        except TerminalError as e:
+            if ctx.diverged is not None:
+                return Outcome("paused", error=str(ctx.diverged))
+            return Outcome("terminal", error=e.message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            if ctx.diverged is not None:
+                return Outcome("paused", error=str(ctx.diverged))
+            return Outcome("retry", error=_describe(e))
+        if ctx.diverged is not None:
+            # The handler caught the error itself; still never continue.
+            return Outcome("paused", error=str(ctx.diverged))
+        try:
+            encoded = encode_value(value)
+        except TypeError as e:
+            return Outcome("terminal", error=f"the handler's return value is neither JSON nor bytes: {e}")
+        writes, cleared = ctx._state_changes()
+        return Outcome("completed", value=encoded, state=writes, cleared_all=cleared)

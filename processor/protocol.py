@@ -1,0 +1,85 @@
+"""The boundary between the partition processor and handler execution.
+
+In: an invocation (target, payload, attempt), its journal so far and read
+access to its key's committed state. Out: new journal entries (appended to
+the same journal as they happen), the invocation's state changes and its
+outcome. The in-process executor and remote (HTTP/serverless) handlers
+implement the same boundary, so the processor never knows which ran.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Protocol
+
+# Tags of encoded state values: JSON (orjson) or raw bytes. Never pickle.
+TAG_JSON = b"j"
+TAG_BYTES = b"b"
+
+
+@dataclass(slots=True)
+class Entry:
+    """One journaled ctx operation.
+
+    `kind` and `name` identify the operation for the determinism check;
+    `value`/`error` hold a recorded result (JSON bytes / terminal failure
+    message) for operations whose result is not deterministic.
+    """
+
+    kind: str
+    name: str = ""
+    value: bytes | None = None
+    error: str | None = None
+    completed: bool = True
+
+    def describe(self) -> str:
+        return f"{self.kind}({self.name!r})" if self.name else f"{self.kind}()"
+
+
+class StateReader(Protocol):
+    """Committed state of one key (before this invocation's own writes)."""
+
+    def get(self, name: str) -> bytes | None: ...
+
+    def names(self) -> list[str]: ...
+
+
+@dataclass(slots=True)
+class HandlerCall:
+    invocation_id: bytes
+    service: str
+    handler: str
+    key: bytes | None
+    payload: bytes
+    payload_format: str
+    attempt: int
+    journal: list[Entry]
+    state: StateReader | None
+    source: dict[str, Any] | None = None
+    # The processor's hooks for effects that must join the current
+    # transaction; filled in by later stages (emit, send, call).
+    effects: Any = None
+
+
+OutcomeStatus = Literal["completed", "terminal", "retry", "paused"]
+
+
+@dataclass(slots=True)
+class Outcome:
+    status: OutcomeStatus
+    value: bytes | None = None
+    error: str | None = None
+    # name -> encoded value, None = cleared; applied only when completed.
+    state: dict[str, bytes | None] = field(default_factory=dict)
+    cleared_all: bool = False
+
+
+class Running(Protocol):
+    def cancel(self) -> Any: ...
+
+
+class Executor(Protocol):
+    def start(self, call: HandlerCall, done: Callable[[Outcome], None]) -> Running:
+        """Start (or resume, replaying `call.journal`) an invocation; call
+        `done` exactly once with its outcome unless cancelled first."""
+        ...

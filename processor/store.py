@@ -1,0 +1,205 @@
+"""A log partition's RocksDB plus the in-memory overlay of uncommitted writes.
+
+RocksDB only ever holds committed state: the overlay collects the writes made
+since the last commit; `commit()` writes them in one WriteBatch together with
+the changelog offset they reflect (the checkpoint), after the Kafka
+transaction carrying the same writes to the changelog has committed. Dropping
+the overlay is therefore a complete rewind to the last commit.
+
+The WAL is off (as in Kafka Streams): after a crash RocksDB comes back at its
+last flushed memtable, whose checkpoint is consistent with it because a
+WriteBatch never straddles a flush; the changelog supplies the rest.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from rocksdict import Options, Rdict, WriteBatch, WriteOptions
+
+from oncely import schemas
+from oncely.processor import keys
+
+_CHECKPOINT = keys.META + b"checkpoint"
+
+
+class PartitionStore:
+    """State of one log partition: committed RocksDB + uncommitted overlay."""
+
+    def __init__(self, path: Path, app: str, partitions: int, partition: int) -> None:
+        self.path = Path(path)
+        self.app = app
+        self.partitions = partitions
+        self.partition = partition
+        self._db: Rdict | None = None
+        self.overlay: dict[bytes, bytes | None] = {}
+        # Keys put in this interval that the committed store does not hold:
+        # deleting one again leaves nothing to write (net effects).
+        self._fresh: set[bytes] = set()
+        self.wiped = False
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def _options(self) -> Options:
+        opt = Options(raw_mode=True)
+        opt.create_if_missing(True)
+        opt.set_write_buffer_size(8 * 1024 * 1024)
+        opt.set_max_write_buffer_number(3)
+        return opt
+
+    def open(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = Rdict(str(self.path), self._options())
+        except Exception:
+            # A store that cannot be opened cannot be trusted: rebuild it from
+            # the changelog.
+            self.wipe()
+            return
+        self._wo = WriteOptions()
+        self._wo.disable_wal = True
+        cp = self.checkpoint()
+        if cp is not None and (cp["app"] != self.app or cp["partitions"] != self.partitions
+                               or cp["partition"] != self.partition):
+            self.wipe()
+
+    def wipe(self) -> None:
+        """Delete the local state entirely (it will be restored from the changelog)."""
+        if self._db is not None:
+            try:
+                self._db.close()
+            except Exception:
+                pass
+            self._db = None
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._db = Rdict(str(self.path), self._options())
+        self._wo = WriteOptions()
+        self._wo.disable_wal = True
+        self.overlay.clear()
+        self._fresh.clear()
+        self.wiped = True
+
+    def close(self) -> None:
+        if self._db is not None:
+            try:
+                self._db.flush()
+            finally:
+                self._db.close()
+                self._db = None
+
+    @property
+    def db(self) -> Rdict:
+        assert self._db is not None, "store is closed"
+        return self._db
+
+    # -- reads --------------------------------------------------------------------
+
+    def get(self, key: bytes) -> bytes | None:
+        ov = self.overlay
+        if key in ov:
+            return ov[key]
+        return self.db.get(key)
+
+    def committed_get(self, key: bytes) -> bytes | None:
+        return self.db.get(key)
+
+    def scan(self, prefix: bytes, end: bytes | None = None) -> list[tuple[bytes, bytes]]:
+        """Keys in [prefix, end) (default: all keys starting with prefix), the
+        overlay applied, in key order."""
+        stop = end if end is not None else keys.prefix_end(prefix)
+        merged: dict[bytes, bytes | None] = {}
+        for k, v in self._db_range(prefix, stop):
+            merged[k] = v
+        for k, v in self.overlay.items():
+            if k >= prefix and (stop is None or k < stop):
+                merged[k] = v
+        return sorted((k, v) for k, v in merged.items() if v is not None)
+
+    def _db_range(self, start: bytes, stop: bytes | None) -> Iterator[tuple[bytes, bytes]]:
+        it = self.db.iter()
+        it.seek(start)
+        while it.valid():
+            k = it.key()
+            if stop is not None and k >= stop:
+                break
+            yield k, it.value()
+            it.next()
+
+    # -- writes -------------------------------------------------------------------
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.overlay[key] = value
+
+    def put_fresh(self, key: bytes, value: bytes) -> None:
+        """Put a key the caller knows the committed store does not hold."""
+        ov = self.overlay
+        if key not in ov:
+            self._fresh.add(key)
+        ov[key] = value
+
+    def delete(self, key: bytes) -> None:
+        if key in self._fresh:
+            self._fresh.discard(key)
+            self.overlay.pop(key, None)
+        else:
+            self.overlay[key] = None
+
+    def has_changes(self) -> bool:
+        return bool(self.overlay)
+
+    def drop_overlay(self) -> None:
+        self.overlay.clear()
+        self._fresh.clear()
+
+    def commit(self, changelog_offset: int | None) -> None:
+        """Write the overlay (now committed to the changelog) and the checkpoint
+        in one batch, then start a new overlay."""
+        wb = WriteBatch(raw_mode=True)
+        for k, v in self.overlay.items():
+            if v is None:
+                wb.delete(k)
+            else:
+                wb.put(k, v)
+        if changelog_offset is not None:
+            wb.put(_CHECKPOINT, self._encode_checkpoint(changelog_offset))
+        if wb.len():
+            self.db.write(wb, self._wo)
+        self.overlay.clear()
+        self._fresh.clear()
+
+    def apply_restored(self, records: Iterable[tuple[bytes, bytes | None]], next_offset: int) -> None:
+        """Apply changelog records read during restore, with their checkpoint."""
+        wb = WriteBatch(raw_mode=True)
+        for k, v in records:
+            if v is None:
+                wb.delete(k)
+            else:
+                wb.put(k, v)
+        wb.put(_CHECKPOINT, self._encode_checkpoint(next_offset))
+        self.db.write(wb, self._wo)
+
+    # -- checkpoint ---------------------------------------------------------------
+
+    def _encode_checkpoint(self, offset: int) -> bytes:
+        return schemas.encode("checkpoint", {
+            "app": self.app, "partitions": self.partitions, "partition": self.partition,
+            "changelog_offset": offset, "written_at_ms": int(time.time() * 1000),
+        })
+
+    def checkpoint(self) -> dict | None:
+        raw = self.db.get(_CHECKPOINT)
+        if raw is None:
+            return None
+        try:
+            return schemas.decode("checkpoint", raw)
+        except schemas.SchemaError:
+            return None
+
+    def is_empty(self) -> bool:
+        it = self.db.iter()
+        it.seek_to_first()
+        return not it.valid()

@@ -1,0 +1,60 @@
+"""Invocation ids: 16 bytes, derived deterministically whenever a duplicate of
+the same logical request could arrive, so the duplicate is recognised.
+
+- idempotency key given: hash(service, handler, key, idempotency key);
+- a source record: hash(topic, partition, offset) (ingest);
+- a call/send from a handler: hash(caller id, journal index) (shuffle);
+- otherwise random.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+
+ID_LEN = 16
+_PREFIX = "inv_"
+
+
+def _digest(*parts: bytes) -> bytes:
+    h = hashlib.blake2b(digest_size=ID_LEN)
+    for p in parts:
+        h.update(len(p).to_bytes(4, "big"))
+        h.update(p)
+    return h.digest()
+
+
+def random_id() -> bytes:
+    return os.urandom(ID_LEN)
+
+
+def idempotent_id(service: str, handler: str, key: bytes | None, idempotency_key: str) -> bytes:
+    return _digest(b"idem", service.encode(), handler.encode(), key or b"", idempotency_key.encode())
+
+
+def source_record_id(topic: str, partition: int, offset: int) -> bytes:
+    return _digest(b"src", topic.encode(), partition.to_bytes(4, "big"), offset.to_bytes(8, "big"))
+
+
+def child_id(caller: bytes, journal_index: int) -> bytes:
+    return _digest(b"child", caller, journal_index.to_bytes(4, "big"))
+
+
+def format_id(inv_id: bytes) -> str:
+    """Printable form, e.g. `inv_mfrggzdfmztwq2lknnwg23tpoa`."""
+    return _PREFIX + base64.b32encode(inv_id).decode().rstrip("=").lower()
+
+
+def parse_id(text: str) -> bytes:
+    """Inverse of `format_id`; raises ValueError with a readable message."""
+    if not text.startswith(_PREFIX):
+        raise ValueError(f"invocation id {text!r} does not start with {_PREFIX!r}")
+    body = text[len(_PREFIX):].upper()
+    try:
+        raw = base64.b32decode(body + "=" * (-len(body) % 8))
+    except Exception:
+        raise ValueError(f"invocation id {text!r} is not valid base32") from None
+    if len(raw) != ID_LEN:
+        raise ValueError(f"invocation id {text!r} does not hold {ID_LEN} bytes")
+    return raw
