@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Awaitable, Callable
 
 from oncely.errors import ConfigError
@@ -98,8 +98,9 @@ class Service:
 
 @dataclass
 class AppConfig:
-    """Settings of a processor process. Every field can come from the
-    environment (ONCELY_<FIELD>), an argument, or the CLI."""
+    """Settings of a processor process. Every scalar field can be set from the
+    environment as ONCELY_<FIELD> (e.g. ONCELY_COMMIT_INTERVAL=0.05); App
+    arguments and CLI options override the environment."""
 
     bootstrap: str | None = None
     state_dir: str = ".state"
@@ -110,6 +111,33 @@ class AppConfig:
     max_poll_interval_ms: int = 300_000
     net_effects: bool = True
     kafka: dict[str, str] = field(default_factory=dict)
+
+    def load_env(self, env: dict[str, str]) -> None:
+        """Apply ONCELY_<FIELD> variables; a malformed value is a ConfigError."""
+        for f in fields(self):
+            if f.name == "kafka":
+                continue
+            name = f"ONCELY_{f.name.upper()}"
+            raw = env.get(name)
+            if raw is None or raw == "":
+                continue
+            current = getattr(self, f.name)
+            try:
+                if isinstance(current, bool):
+                    if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                        raise ValueError(raw)
+                    value: Any = raw.lower() in ("1", "true", "yes")
+                elif isinstance(current, int):
+                    value = int(raw)
+                elif isinstance(current, float):
+                    value = float(raw)
+                else:
+                    value = raw
+            except ValueError:
+                raise ConfigError(f"{name}={raw!r} is not a valid {type(current).__name__}") from None
+            setattr(self, f.name, value)
+        if env.get("ONCELY_KAFKA_BOOTSTRAP"):
+            self.bootstrap = env["ONCELY_KAFKA_BOOTSTRAP"]
 
 
 class App:
@@ -139,11 +167,11 @@ class App:
         self.services: dict[str, Service] = {}
         self.default_retry = retry or RetryPolicy()
         self.config = AppConfig()
-        self.config.bootstrap = bootstrap or os.environ.get("ONCELY_KAFKA_BOOTSTRAP") or None
+        self.config.load_env(dict(os.environ))
+        if bootstrap:
+            self.config.bootstrap = bootstrap
         if state_dir is not None:
             self.config.state_dir = state_dir
-        elif os.environ.get("ONCELY_STATE_DIR"):
-            self.config.state_dir = os.environ["ONCELY_STATE_DIR"]
         if commit_interval is not None:
             self.config.commit_interval = commit_interval
         if kafka:

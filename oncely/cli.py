@@ -7,7 +7,7 @@ import time
 
 import click
 
-from oncely.local_kafka import KAFKA_VERSION, LocalKafka, LocalKafkaError
+from oncely.local_kafka import KAFKA_VERSION, LocalKafka, LocalKafkaError, check_java
 
 
 @click.group()
@@ -33,10 +33,11 @@ _cache_dir = click.option("--cache-dir", type=click.Path(file_okay=False), defau
 def kafka_start(port: int | None, data_dir: str | None, cache_dir: str | None) -> None:
     """Start the broker (downloading Apache Kafka once) and print its bootstrap address."""
     broker = LocalKafka(data_dir=data_dir, cache_dir=cache_dir, port=port)
-    if not broker.jars_cached():
-        click.echo(f"Resolving Apache Kafka {KAFKA_VERSION} from Maven Central (first start only)...", err=True)
     t0 = time.monotonic()
     try:
+        if not broker.jars_cached():
+            check_java()
+            click.echo(f"Resolving Apache Kafka {KAFKA_VERSION} from Maven Central (first start only)...", err=True)
         already = broker.status()
         info = broker.start()
     except LocalKafkaError as e:

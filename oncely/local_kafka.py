@@ -221,16 +221,29 @@ class LocalKafka:
             return None
 
     def status(self) -> BrokerInfo | None:
-        """The running broker of this data dir, or None."""
+        """The running broker of this data dir, or None. The pid must still be
+        a Kafka JVM started on this data dir's config: a pid reused by another
+        process after a reboot or crash is not our broker."""
         info = self._read_info()
-        if info and _pid_alive(info.pid):
+        if info and _pid_alive(info.pid) and _is_our_broker(info.pid, self.data_dir):
             return info
         return None
+
+    def _forget(self) -> None:
+        try:
+            self.info_file.unlink()
+        except FileNotFoundError:
+            pass
 
     # -- lifecycle ------------------------------------------------------------
 
     def _choose_ports(self) -> tuple[int, int]:
-        previous = self._read_info()
+        """Prefer the ports of the previous start, so a restarted broker keeps
+        its address."""
+        try:
+            previous = BrokerInfo(**json.loads((self.data_dir / "oncely-ports.json").read_text()))
+        except (OSError, ValueError, TypeError):
+            previous = None
         if self.port is not None:
             if not port_is_free(self.port):
                 raise LocalKafkaError(
@@ -341,10 +354,12 @@ class LocalKafka:
         info = BrokerInfo(pid=proc.pid, port=port, controller_port=cport,
                           data_dir=str(self.data_dir), log_file=str(log_file))
         self.info_file.write_text(json.dumps(asdict(info)))
+        (self.data_dir / "oncely-ports.json").write_text(json.dumps(asdict(info)))
         deadline = time.monotonic() + timeout
         while True:
             code = proc.poll()
             if code is not None:
+                self._forget()
                 raise LocalKafkaError(
                     f"The broker exited with code {code} while starting. Last lines of {log_file}:\n{_tail(log_file)}"
                 )
@@ -352,6 +367,7 @@ class LocalKafka:
                 return info
             if time.monotonic() > deadline:
                 self._kill(proc.pid)
+                self._forget()
                 raise LocalKafkaError(
                     f"The broker did not answer on {info.bootstrap} within {timeout:.0f} s. "
                     f"Last lines of {log_file}:\n{_tail(log_file)}"
@@ -363,8 +379,10 @@ class LocalKafka:
         Returns False when none was running."""
         info = self.status()
         if not info:
+            self._forget()
             return False
         self._kill(info.pid, timeout)
+        self._forget()
         return True
 
     @staticmethod
@@ -386,6 +404,16 @@ class LocalKafka:
         while _pid_alive(pid):
             _reap(pid)
             time.sleep(0.05)
+
+
+def _is_our_broker(pid: int, data_dir: Path) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return True  # no /proc (not Linux): trust the pid
+    config = str(data_dir / "server.properties").encode()
+    return b"kafka.Kafka" in argv and config in argv
 
 
 def _reap(pid: int) -> None:

@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import Callable
 
 from confluent_kafka.admin import AdminClient
 
@@ -35,7 +36,8 @@ def load_app(spec: str) -> App:
     return app
 
 
-async def serve(app: App, stop: asyncio.Event | None = None) -> CommitLoop:
+async def serve(app: App, stop: asyncio.Event | None = None,
+                on_created: Callable[[CommitLoop], None] | None = None) -> CommitLoop:
     """Run the app's processor in this event loop until `stop` is set (or
     SIGTERM/SIGINT arrives); returns the stopped loop (for its counters)."""
     cfg = app.config
@@ -54,6 +56,8 @@ async def serve(app: App, stop: asyncio.Event | None = None) -> CommitLoop:
         except (NotImplementedError, RuntimeError):
             pass
     processor = CommitLoop(app, cfg, facts)
+    if on_created is not None:
+        on_created(processor)
     log.info("oncely app %r: %d partitions, bootstrap %s, state %s", app.name, app.partitions, cfg.bootstrap,
              cfg.state_dir)
     await processor.run(stop)

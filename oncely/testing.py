@@ -57,7 +57,7 @@ def docker_engine_answers(timeout: float = 2.0) -> bool:
         return False
 
 
-def apache_kafka_container(image: str | None = None):
+def apache_kafka_container(image: str | None = None, docker_client_kw: dict[str, Any] | None = None):
     """The official apache/kafka image (same version as the local broker) in
     KRaft mode, run by testcontainers.
 
@@ -89,8 +89,9 @@ def apache_kafka_container(image: str | None = None):
         "KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS": "0",
         "KAFKA_TRANSACTION_ABORT_TIMED_OUT_TRANSACTION_CLEANUP_INTERVAL_MS": "1000",
         "KAFKA_AUTO_CREATE_TOPICS_ENABLE": "false",
+        "KAFKA_LOG_CLEANER_BACKOFF_MS": "1000",
     }
-    container = DockerContainer(image or f"apache/kafka:{KAFKA_VERSION}")
+    container = DockerContainer(image or f"apache/kafka:{KAFKA_VERSION}", docker_client_kw=docker_client_kw)
     container.with_bind_ports(port, port)
     for k, v in env.items():
         container.with_env(k, v)

@@ -64,20 +64,14 @@ def test_no_docker_opt_out_skips_the_docker_probe():
 # -- apache_kafka_container ---------------------------------------------------
 
 
-@pytest.fixture
-def no_engine_handshake(monkeypatch):
-    """testcontainers' DockerContainer builds a docker-py client, which asks the
-    engine for its API version on construction (and raises without an engine).
-    Pin the API version so the real client is built without contacting one;
-    nothing is started."""
-    import testcontainers.core.container as tc_container
-
-    real = tc_container.DockerClient
-    monkeypatch.setattr(tc_container, "DockerClient", lambda **kw: real(**{"version": "1.44", **kw}))
+# testcontainers' DockerContainer builds a docker-py client, which asks the
+# engine for its API version unless one is pinned; pinning it lets the
+# container be constructed (not started) on a machine without an engine.
+NO_HANDSHAKE = {"version": "1.44"}
 
 
-def test_apache_kafka_container_advertises_its_bootstrap_port(no_engine_handshake):
-    container, bootstrap = apache_kafka_container()
+def test_apache_kafka_container_advertises_its_bootstrap_port():
+    container, bootstrap = apache_kafka_container(docker_client_kw=NO_HANDSHAKE)
     host, _, port_s = bootstrap.rpartition(":")
     port = int(port_s)
     assert host == "localhost"
@@ -93,8 +87,8 @@ def test_apache_kafka_container_advertises_its_bootstrap_port(no_engine_handshak
     assert container._container is None  # constructed, not started
 
 
-def test_container_and_local_broker_share_the_settings_oncely_relies_on(no_engine_handshake, tmp_path):
-    container, _ = apache_kafka_container()
+def test_container_and_local_broker_share_the_settings_oncely_relies_on(tmp_path):
+    container, _ = apache_kafka_container(docker_client_kw=NO_HANDSHAKE)
     local = LocalKafka(data_dir=tmp_path / "cfg", cache_dir=tmp_path / "cache")
     local.data_dir.mkdir()
     props = dict(
@@ -114,8 +108,8 @@ def test_container_and_local_broker_share_the_settings_oncely_relies_on(no_engin
         assert container.env.get(env_key) == props[key], key
 
 
-def test_apache_kafka_container_accepts_another_image(no_engine_handshake):
-    container, _ = apache_kafka_container(image="apache/kafka:9.9.9")
+def test_apache_kafka_container_accepts_another_image():
+    container, _ = apache_kafka_container(image="apache/kafka:9.9.9", docker_client_kw=NO_HANDSHAKE)
     assert container.image.endswith("apache/kafka:9.9.9")
 
 
@@ -290,7 +284,7 @@ def test_missing_java_is_explained(tmp_path, brokers):
     env = _env(PATH=str(_bin_dir(tmp_path / "empty-bin")), JAVA_HOME=None)
     result = oncely("kafka", "start", "--data-dir", data, "--cache-dir", cache, env=env)
     assert result.returncode != 0
-    assert "Resolving" in result.stderr  # the cache is cold
+    assert "Resolving" not in result.stderr  # Java is checked before any download is announced
     assert "Java is missing" in result.stderr
     assert "JDK 17" in result.stderr
     assert not LocalKafka(data_dir=data, cache_dir=cache).jars_cached()

@@ -1,0 +1,172 @@
+"""Helpers for processor tests: real processor processes that can be killed,
+and readers of the state they leave in the changelog and in RocksDB."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import asyncio
+from pathlib import Path
+from typing import Any, Callable
+
+from oncely import schemas
+from oncely.context import decode_value
+from oncely.processor import keys
+from oncely.processor.store import PartitionStore
+from oncely.testing import read_to_end
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class ProcessorProcess:
+    """`oncely run <spec>` in a subprocess, logging to a file."""
+
+    def __init__(self, spec: str, bootstrap: str, state_dir: Path, env: dict[str, str], log: Path) -> None:
+        self.spec = spec
+        self.bootstrap = bootstrap
+        self.state_dir = state_dir
+        self.env = env
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> "ProcessorProcess":
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        env.pop("ONCELY_KAFKA_BOOTSTRAP", None)
+        self.starts += 1
+        with open(self.log, "a") as out:
+            out.write(f"\n===== start #{self.starts} =====\n")
+            out.flush()
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "oncely.cli", "run", self.spec, "--bootstrap", self.bootstrap,
+                 "--state-dir", str(self.state_dir)],
+                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+            )
+        return self
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM and wait for a clean exit; returns the exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError(f"processor did not stop within {timeout} s; log: {self.log}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def wait_until(pred: Callable[[], Any], timeout: float, interval: float = 0.5, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+def parse_state_key(k: bytes) -> tuple[str, bytes, str]:
+    n = keys.service_key_length(k, 1)
+    service, key = keys.split_service_key(k[1:1 + n])
+    return service, key, k[1 + n:].decode()
+
+
+def changelog_latest(bootstrap: str, app: str) -> dict[bytes, bytes]:
+    """Latest value per changelog key, read_committed (tombstones removed)."""
+    latest: dict[bytes, bytes | None] = {}
+    for r in read_to_end(bootstrap, f"{app}.changelog"):
+        latest[r.key] = r.value
+    return {k: v for k, v in latest.items() if v is not None}
+
+
+def state_from(kv: dict[bytes, bytes]) -> dict[tuple[str, bytes, str], Any]:
+    return {parse_state_key(k): decode_value(v) for k, v in kv.items() if k[:1] == keys.STATE}
+
+
+def changelog_state(bootstrap: str, app: str) -> dict[tuple[str, bytes, str], Any]:
+    return state_from(changelog_latest(bootstrap, app))
+
+
+def store_kv(state_dir: Path, app: str, partitions: int) -> dict[bytes, bytes]:
+    """Everything the (stopped) processor's RocksDB stores hold."""
+    out: dict[bytes, bytes] = {}
+    for p in range(partitions):
+        path = Path(state_dir) / app / str(p)
+        if not path.exists():
+            continue
+        store = PartitionStore(path, app, partitions, p)
+        store.open()
+        try:
+            for k, v in store._db_range(b"\x01", None):
+                out[k] = v
+        finally:
+            store.close()
+    return out
+
+
+def statuses(kv: dict[bytes, bytes]) -> list[dict]:
+    return [schemas.decode("invocation_status", v) for k, v in kv.items() if k[:1] in (keys.STATUS, keys.FAILED)]
+
+
+class InProcessProcessor:
+    """Runs `oncely.runtime.serve(app)` on an event loop in a thread, for
+    tests that need the CommitLoop object (its counters) rather than a kill."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.loop = asyncio.new_event_loop()
+        self.stop_event: asyncio.Event | None = None
+        self.processor = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from oncely.runtime import serve
+
+        asyncio.set_event_loop(self.loop)
+
+        def created(cl: Any) -> None:
+            self.processor = cl
+
+        async def main() -> None:
+            self.stop_event = asyncio.Event()
+            await serve(self.app, self.stop_event, on_created=created)
+
+        try:
+            self.loop.run_until_complete(main())
+        except BaseException as e:  # surfaced by start()/stop()
+            self.error = e
+
+    def start(self) -> "InProcessProcessor":
+        self.thread.start()
+        wait_until(lambda: self.error or (self.processor is not None and self.processor.consumer is not None),
+                   60, 0.05, "the in-process processor to start")
+        if self.error:
+            raise self.error
+        return self
+
+    def stop(self, timeout: float = 60) -> None:
+        if self.stop_event is not None:
+            self.loop.call_soon_threadsafe(self.stop_event.set)
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "in-process processor did not stop"
+        if self.error:
+            raise self.error
