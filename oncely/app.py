@@ -107,6 +107,9 @@ class AppConfig:
     commit_interval: float = 0.1
     max_batch: int = 5000
     transaction_timeout_ms: int = 10_000
+    # Timeout of one blocking transaction call (send offsets, commit, abort);
+    # a call that times out is retriable and is made again.
+    txn_call_timeout: float = 10.0
     session_timeout_ms: int = 10_000
     max_poll_interval_ms: int = 300_000
     net_effects: bool = True

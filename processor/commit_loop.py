@@ -134,6 +134,7 @@ class CommitLoop:
         self.pending_records = 0
         self.txn_error: TxnFailed | None = None
         self.commits = 0
+        self.txn_retries = 0
         self.aborts = 0
         self.producer_restarts = 0
         self._last_commit = time.monotonic()
@@ -188,6 +189,7 @@ class CommitLoop:
             except KafkaException as e:
                 err = e.args[0]
                 if err.retriable() and not err.fatal() and not err.txn_requires_abort():
+                    self.txn_retries += 1
                     log.warning("%s: retriable error, retrying: %s", during, err)
                     time.sleep(delay)
                     delay = min(delay * 2, 1.0)
@@ -231,22 +233,26 @@ class CommitLoop:
         # With read_committed this waits until no transactional offset commit
         # of a previous owner is pending (KIP-447), before the changelog is read.
         committed = consumer.committed(tps, timeout=60) if tps else []
+        t1 = time.monotonic()
         for tp in committed:
             self.committed[(tp.topic, tp.partition)] = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
-        for tp in tps:
-            if tp.topic == self.app.log_topic:
-                self._open_partition(tp.partition)
+        self._open_partitions([tp.partition for tp in tps if tp.topic == self.app.log_topic])
         consumer.incremental_assign(committed)
-        log.info("assigned %s in %.2f s", sorted((t.topic, t.partition) for t in tps), time.monotonic() - t0)
+        log.info("assigned %s in %.2f s (committed offsets %.2f s, restore %.2f s)",
+                 sorted((t.topic, t.partition) for t in tps), time.monotonic() - t0, t1 - t0, time.monotonic() - t1)
 
-    def _open_partition(self, p: int) -> None:
-        store = PartitionStore(self.root / str(p), self.app.name, self.app.partitions, p)
-        store.open()
+    def _open_partitions(self, ps: list[int]) -> None:
+        stores = {}
+        for p in ps:
+            store = PartitionStore(self.root / str(p), self.app.name, self.app.partitions, p)
+            store.open()
+            stores[p] = store
         assert self.restorer is not None
-        self.restorer.restore(store, p)
-        part = PartitionProcessor(self.app, p, store, self.executor, self, self.cfg.net_effects)
-        self.partitions[p] = part
-        part.load()
+        self.restorer.restore(stores)
+        for p, store in stores.items():
+            part = PartitionProcessor(self.app, p, store, self.executor, self, self.cfg.net_effects)
+            self.partitions[p] = part
+            part.load()
 
     def _close_partition(self, p: int) -> None:
         part = self.partitions.pop(p, None)
@@ -319,9 +325,9 @@ class CommitLoop:
             if self.consumed:
                 offsets = [TopicPartition(t, p, o) for (t, p), o in self.consumed.items()]
                 meta = self.consumer.consumer_group_metadata()
-                self._retry_call(lambda: self.producer.send_offsets_to_transaction(offsets, meta, 30),
+                self._retry_call(lambda: self.producer.send_offsets_to_transaction(offsets, meta, self.cfg.txn_call_timeout),
                                  "send_offsets_to_transaction")
-            self._retry_call(lambda: self.producer.commit_transaction(30), "commit_transaction")
+            self._retry_call(lambda: self.producer.commit_transaction(self.cfg.txn_call_timeout), "commit_transaction")
         except TxnFailed as f:
             self.txn_error = None
             if f.fatal:
@@ -355,7 +361,7 @@ class CommitLoop:
         self.aborts += 1
         if self.producer is not None:
             try:
-                self._retry_call(lambda: self.producer.abort_transaction(30), "abort_transaction")
+                self._retry_call(lambda: self.producer.abort_transaction(self.cfg.txn_call_timeout), "abort_transaction")
             except TxnFailed as f:
                 self._recover_fatal(f"abort failed: {f}")
                 return

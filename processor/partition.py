@@ -195,6 +195,9 @@ class PartitionProcessor:
         for q in self.queues.values():
             if q.holder is None and q.waiting:
                 self._promote(q)
+        if self.invocations:
+            log.info("partition %d: loaded %d in-flight invocations (%d resumed by replay)", self.partition,
+                     len(self.invocations), self.stats.resumed)
 
     def _sk(self, invoke: dict[str, Any]) -> bytes | None:
         svc = self.app.services.get(invoke["service"])

@@ -57,52 +57,63 @@ class Restorer:
                     "tombstones it missed may be gone")
         return None
 
-    def restore(self, store: PartitionStore, partition: int, timeout: float = 300.0) -> int:
-        """Apply the changelog from the store's checkpoint to the end; returns
-        the number of records applied."""
-        tp = TopicPartition(self.topic, partition)
-        lo, hi = self.consumer.get_watermark_offsets(tp, timeout=30)
-        why = self._untrusted(store, lo, hi)
-        if why:
-            log.warning("partition %d: wiping local state because %s; restoring from the changelog", partition, why)
-            store.wipe()
-        cp = store.checkpoint()
-        start = cp["changelog_offset"] if cp else lo
-        if start >= hi:
-            if cp is None:
-                store.apply_restored((), hi)
-            return 0
+    def restore(self, stores: dict[int, PartitionStore], timeout: float = 600.0) -> int:
+        """Apply the changelog of every given partition from its store's
+        checkpoint to the end, all partitions at once; returns the number of
+        records applied."""
         t0 = time.monotonic()
-        self.consumer.assign([TopicPartition(self.topic, partition, start)])
+        pending: dict[int, int] = {}
+        for p, store in stores.items():
+            tp = TopicPartition(self.topic, p)
+            lo, hi = self.consumer.get_watermark_offsets(tp, timeout=30)
+            why = self._untrusted(store, lo, hi)
+            if why:
+                log.warning("partition %d: wiping local state because %s; restoring from the changelog", p, why)
+                store.wipe()
+            cp = store.checkpoint()
+            start = cp["changelog_offset"] if cp else lo
+            if start >= hi:
+                if cp is None:
+                    store.apply_restored((), hi)
+                continue
+            pending[p] = start
+        if not pending:
+            return 0
+        starts = dict(pending)
+        self.consumer.assign([TopicPartition(self.topic, p, off) for p, off in pending.items()])
         applied = 0
-        batch: list[tuple[bytes, bytes | None]] = []
-        next_offset = start
+        counts = {p: 0 for p in pending}
         deadline = time.monotonic() + timeout
         try:
-            while True:
+            while pending:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"restoring {self.topic}[{partition}] did not reach its end within {timeout} s")
-                msgs = self.consumer.consume(BATCH, timeout=1.0)
-                done = False
-                for m in msgs:
+                    raise TimeoutError(f"restoring {self.topic} partitions {sorted(pending)} did not reach "
+                                       f"their end within {timeout} s")
+                batches: dict[int, list[tuple[bytes, bytes | None]]] = {}
+                done: list[int] = []
+                for m in self.consumer.consume(BATCH, timeout=0.05):
                     err = m.error()
+                    p = m.partition()
                     if err is not None:
                         if err.code() == KafkaError._PARTITION_EOF:
-                            next_offset = max(next_offset, m.offset())
-                            done = True
+                            if p in pending:
+                                pending[p] = max(pending[p], m.offset())
+                                done.append(p)
                             continue
                         raise KafkaException(err)
-                    batch.append((m.key(), m.value()))
-                    next_offset = m.offset() + 1
-                if batch:
-                    store.apply_restored(batch, next_offset)
+                    if p not in pending:
+                        continue
+                    batches.setdefault(p, []).append((m.key(), m.value()))
+                    pending[p] = m.offset() + 1
+                for p, batch in batches.items():
+                    stores[p].apply_restored(batch, pending[p])
                     applied += len(batch)
-                    batch = []
-                if done:
-                    store.apply_restored((), next_offset)
-                    break
+                    counts[p] += len(batch)
+                for p in done:
+                    if p in pending:
+                        stores[p].apply_restored((), pending.pop(p))
         finally:
             self.consumer.unassign()
-        log.info("partition %d: restored %d changelog records (%d..%d) in %.2f s", partition, applied, start,
-                 next_offset, time.monotonic() - t0)
+        log.info("restored %d changelog records in %.2f s (%s)", applied, time.monotonic() - t0,
+                 ", ".join(f"p{p}: {counts[p]} from {starts[p]}" for p in sorted(starts)))
         return applied

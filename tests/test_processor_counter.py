@@ -117,11 +117,19 @@ def test_counter_exact_with_two_processes_one_killed(kafka: str, tmp_path: Path)
         # Both processes share the partitions before the stream starts.
         wait_until(lambda: "assigned" in a.log_text() and "assigned" in b.log_text(), 60, what="both assigned")
 
+        def b_took_over() -> bool:
+            return sum(1 for line in b.log_text().splitlines() if "assigned [('" in line) >= 2
+
         def on_batch(i: int) -> None:
             if i == 8:
                 a.kill9()       # b takes over a's partitions after the session timeout
+            if i == 12:
+                wait_until(b_took_over, 60, 0.2, "b to take over a's partitions")
+            if i == 26:
+                a.start()       # and gets some back: a restores them from the changelog
             if i == 30:
-                a.start()       # and gives some back: a restores them from the changelog
+                wait_until(lambda: "assigned [('" in a.log_text().split("===== start #2")[-1], 60, 0.2,
+                           "the restarted a to get partitions back")
 
         sums, counts = _send_stream(client, app, rng, on_batch)
         wait_until(lambda: _expected_matches(kafka, app, sums, counts) is True, 240, 2.0,
