@@ -60,15 +60,17 @@ _FENCED = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PR
 
 
 class TxnFailed(Exception):
-    def __init__(self, err: KafkaError, during: str) -> None:
+    def __init__(self, err: KafkaError, during: str, fatal: bool = False) -> None:
         super().__init__(f"{during}: {err}")
         self.err = err
         self.during = during
+        self._fatal = fatal
 
     @property
     def fatal(self) -> bool:
+        """Fatal, fenced, or of no class we know how to handle otherwise."""
         e = self.err
-        return e.fatal() or e.code() in _FENCED or not e.txn_requires_abort()
+        return self._fatal or e.fatal() or e.code() in _FENCED or not e.txn_requires_abort()
 
 
 class StateDirLock:
@@ -161,7 +163,8 @@ class CommitLoop:
             "queue.buffering.max.messages": 1_000_000,
             "compression.type": "lz4",
         })
-        self._retry_call(lambda: p.init_transactions(30), "init_transactions")
+        # Unbounded: without a producer there is nothing else to do.
+        self._retry_call(lambda: p.init_transactions(30), "init_transactions", bounded=False)
         p.begin_transaction()
         return p
 
@@ -180,15 +183,27 @@ class CommitLoop:
             "fetch.wait.max.ms": 100,
         })
 
-    def _retry_call(self, fn: Callable[[], Any], during: str) -> Any:
-        """Call `fn`, repeating it while librdkafka says the error is retriable."""
+    def _retry_call(self, fn: Callable[[], Any], during: str, bounded: bool = True) -> Any:
+        """Call `fn`, repeating it while librdkafka says the error is retriable.
+
+        Retries are bounded by three transaction timeouts: a call that cannot
+        finish by then (a broker gone for long, a client stuck waiting for an
+        epoch bump) is treated as fatal, so the producer is replaced; the new
+        producer's init_transactions settles the open transaction on the
+        coordinator (completing a prepared commit, aborting anything else).
+        """
         delay = 0.05
+        budget = time.monotonic() + 3 * self.cfg.transaction_timeout_ms / 1000
         while True:
             try:
                 return fn()
             except KafkaException as e:
                 err = e.args[0]
                 if err.retriable() and not err.fatal() and not err.txn_requires_abort():
+                    if bounded and time.monotonic() > budget:
+                        raise TxnFailed(err, f"{during} (still retriable after "
+                                             f"{3 * self.cfg.transaction_timeout_ms / 1000:.0f} s)",
+                                        fatal=True) from None
                     self.txn_retries += 1
                     log.warning("%s: retriable error, retrying: %s", during, err)
                     time.sleep(delay)
@@ -361,7 +376,8 @@ class CommitLoop:
         self.aborts += 1
         if self.producer is not None:
             try:
-                self._retry_call(lambda: self.producer.abort_transaction(self.cfg.txn_call_timeout), "abort_transaction")
+                self._retry_call(lambda: self.producer.abort_transaction(self.cfg.txn_call_timeout),
+                                 "abort_transaction")
             except TxnFailed as f:
                 self._recover_fatal(f"abort failed: {f}")
                 return
@@ -373,7 +389,7 @@ class CommitLoop:
                 self._recover_fatal(f"begin_transaction: {e}")
 
     def _recover_fatal(self, why: str) -> None:
-        log.error("producer fenced or fatal error, replacing it and rewinding: %s", why)
+        log.error("producer fenced or failed fatally, replacing it and rewinding: %s", why)
         self.producer_restarts += 1
         old = self.producer
         self.producer = None
@@ -383,27 +399,38 @@ class CommitLoop:
             except Exception:
                 pass
             del old
-        self._rewind()
+        # First settle the old transaction (init_transactions completes or
+        # aborts it), then read back what Kafka says was committed.
         self.producer = self._new_producer()
+        self._rewind()
 
     def _rewind(self) -> None:
-        """Back to the last commit: overlays dropped, in-memory invocations
-        rebuilt from RocksDB, the consumer seeked to the committed offsets."""
+        """Back to what Kafka says is committed: overlays dropped, stores caught
+        up from the changelog (a transaction whose outcome we did not see may
+        have committed), in-memory invocations rebuilt, the consumer seeked to
+        the committed offsets fetched again from the group coordinator."""
         self.produced = 0
         self.pending_records = 0
         self.txn_error = None
         self.consumed.clear()
-        for p in list(self.partitions):
-            old = self.partitions[p]
+        stores = {}
+        for p, old in list(self.partitions.items()):
             old.close()
             old.store.drop_overlay()
-            part = PartitionProcessor(self.app, p, old.store, self.executor, self, self.cfg.net_effects)
-            self.partitions[p] = part
+            stores[p] = old.store
+        assert self.restorer is not None and self.consumer is not None
+        if stores:
+            self.restorer.restore(stores)
+        for p, store in stores.items():
+            self.partitions[p] = PartitionProcessor(self.app, p, store, self.executor, self, self.cfg.net_effects)
         for part in self.partitions.values():
             part.load()
-        assert self.consumer is not None
-        for (topic, p), off in self.committed.items():
-            self._seek(TopicPartition(topic, p, off))
+        owned = [TopicPartition(t, p) for (t, p) in self.committed]
+        if owned:
+            for tp in self.consumer.committed(owned, timeout=60):
+                off = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+                self.committed[(tp.topic, tp.partition)] = off
+                self._seek(TopicPartition(tp.topic, tp.partition, off))
 
     def _seek(self, tp: TopicPartition) -> None:
         assert self.consumer is not None

@@ -1,0 +1,156 @@
+"""Each branch of the transaction error policy, provoked on a real broker:
+
+- fenced: another producer takes the processor's transactional.id;
+- abortable: the broker rejects the transaction's changelog records;
+- retriable: the broker is frozen (SIGSTOP) so transaction calls time out.
+
+After each, every key's state must still be exact: nothing of an aborted or
+fenced transaction may survive, nothing committed may be lost.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
+
+import oncely
+from oncely.local_kafka import LocalKafka
+from oncely.testing import unique_name
+from support import InProcessProcessor, changelog_state, wait_until
+
+
+def _counter_app(name: str, bootstrap: str, state_dir: Path, **config) -> oncely.App:
+    app = oncely.App(name, partitions=4, bootstrap=bootstrap, state_dir=str(state_dir))
+    for k, v in config.items():
+        setattr(app.config, k, v)
+    counter = app.keyed("counter")
+
+    @counter.handler
+    async def add(ctx: oncely.Context, amount: int) -> int:
+        n = ctx.get("n", 0) + amount
+        ctx.set("n", n)
+        return n
+
+    return app
+
+
+class Stream:
+    def __init__(self, bootstrap: str, app: str) -> None:
+        self.client = oncely.Client(bootstrap, app=app)
+        self.sums: dict[bytes, int] = defaultdict(int)
+        self.rng = random.Random(11)
+
+    def send(self, n: int) -> None:
+        for _ in range(n):
+            key = f"k{self.rng.randrange(100)}"
+            amount = self.rng.randint(1, 9)
+            self.client.send("counter", key, "add", amount)
+            self.sums[key.encode()] += amount
+        self.client.flush()
+
+    def exact(self, bootstrap: str, app: str) -> bool:
+        state = changelog_state(bootstrap, app)
+        return {k: v for (_, k, n), v in state.items() if n == "n"} == dict(self.sums)
+
+
+def test_fenced_producer_is_replaced_and_state_stays_exact(kafka: str, tmp_path: Path) -> None:
+    name = unique_name("fenced")
+    app = _counter_app(name, kafka, tmp_path)
+    runner = InProcessProcessor(app).start()
+    try:
+        stream = Stream(kafka, name)
+        stream.send(2000)
+        # A zombie with the same transactional.id: init_transactions bumps the
+        # epoch, so the processor's open transaction is fenced.
+        tid = (tmp_path / name / "transactional-id").read_text().strip()
+        zombie = Producer({"bootstrap.servers": kafka, "transactional.id": tid})
+        zombie.init_transactions(30)
+        stream.send(2000)
+        wait_until(lambda: runner.processor.producer_restarts >= 1, 60, 0.2, "the processor to replace its producer")
+        stream.send(2000)
+        wait_until(lambda: stream.exact(kafka, name), 90, 1.0, "exact sums after fencing")
+    finally:
+        runner.stop()
+    assert runner.processor.producer_restarts >= 1
+
+
+def test_abortable_error_aborts_rewinds_and_state_stays_exact(kafka: str, tmp_path: Path) -> None:
+    name = unique_name("abortable")
+    app = _counter_app(name, kafka, tmp_path)
+    runner = InProcessProcessor(app).start()
+    admin = AdminClient({"bootstrap.servers": kafka})
+
+    def set_max_bytes(value: str | None) -> None:
+        op = AlterConfigOpType.SET if value else AlterConfigOpType.DELETE
+        entry = ConfigEntry("max.message.bytes", value or "", incremental_operation=op)
+        r = ConfigResource(ConfigResource.Type.TOPIC, f"{name}.changelog", incremental_configs=[entry])
+        admin.incremental_alter_configs([r])[r].result(30)
+
+    try:
+        stream = Stream(kafka, name)
+        stream.send(1000)
+        wait_until(lambda: stream.exact(kafka, name), 60, 0.5, "the first sums")
+        # Changelog batches are now too large for the broker (control records,
+        # which carry the transaction markers, still fit): produces fail, which
+        # makes the transaction abortable.
+        set_max_bytes("200")
+        stream.send(1000)
+        wait_until(lambda: runner.processor.aborts >= 2, 60, 0.2, "aborted transactions")
+        set_max_bytes(None)
+        stream.send(1000)
+        wait_until(lambda: stream.exact(kafka, name), 90, 1.0, "exact sums after aborts")
+    finally:
+        runner.stop()
+    assert runner.processor.aborts >= 2
+    assert runner.processor.producer_restarts == 0, "an abortable error must not replace the producer"
+
+
+def test_retriable_timeouts_are_retried_not_aborted(tmp_path: Path) -> None:
+    # A broker of its own: this test freezes it.
+    broker = LocalKafka(data_dir=tmp_path / "broker")
+    info = broker.start()
+    bootstrap = info.bootstrap
+    name = unique_name("retriable")
+    app = _counter_app(name, bootstrap, tmp_path / "state", txn_call_timeout=0.5)
+    runner = InProcessProcessor(app).start()
+    try:
+        stream = Stream(bootstrap, name)
+        stream.send(500)
+        wait_until(lambda: stream.exact(bootstrap, name), 60, 0.5, "the first sums")
+        # Keep records flowing so that commits are under way when the broker
+        # freezes; the client's producer buffers and retries across it.
+        def trickle() -> None:
+            for i in range(1500):
+                stream.client.send("counter", f"t{i % 50}", "add", 1)
+                stream.sums[f"t{i % 50}".encode()] += 1
+                time.sleep(0.004)
+
+        sender = threading.Thread(target=trickle)
+        sender.start()
+        time.sleep(0.5)
+        # Freeze while the processor holds consumed, uncommitted records: its
+        # next commit must then reach the frozen broker and time out.
+        wait_until(lambda: bool(runner.processor.consumed), 10, 0.0005, "uncommitted progress")
+        os.kill(info.pid, signal.SIGSTOP)
+        try:
+            time.sleep(4)
+        finally:
+            os.kill(info.pid, signal.SIGCONT)
+        sender.join()
+        stream.client.flush()
+        stream.send(500)
+        wait_until(lambda: stream.exact(bootstrap, name), 90, 1.0, "exact sums after the freeze")
+    finally:
+        runner.stop()
+        broker.stop()
+    p = runner.processor
+    assert p.txn_retries >= 1, "no transaction call timed out: the freeze did not hit a commit"
+    assert p.aborts == 0 and p.producer_restarts == 0, "a retriable error must be retried, not aborted"
