@@ -1,0 +1,241 @@
+"""Pure logic: routing, ids, schemas, the store overlay, Context replay,
+retry policy and configuration. No broker needed, except the murmur2 check
+against librdkafka's Java-compatible partitioner."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+import oncely
+from oncely import schemas
+from oncely.app import AppConfig, RetryPolicy
+from oncely.context import Context, decode_value, encode_value
+from oncely.errors import ConfigError, NonDeterminismError, TerminalError
+from oncely.processor import keys
+from oncely.processor.protocol import Entry, HandlerCall
+from oncely.processor.store import PartitionStore
+from oncely.shuffle.ids import child_id, format_id, idempotent_id, parse_id, random_id, source_record_id
+from oncely.shuffle.routing import murmur2, partition_for
+
+# Partitions (of 1000) that Kafka's default partitioner gives these keys;
+# taken from librdkafka's murmur2_random partitioner on a real broker.
+VECTORS = {b"": 681, b"a": 524, b"ab": 434, b"abc": 107, b"abcd": 100, b"alice": 749,
+           "ünïcode".encode(): 253, bytes(range(256)): 374}
+
+
+def test_murmur2_matches_kafkas_default_partitioner() -> None:
+    for key, expected in VECTORS.items():
+        assert partition_for(key, 1000) == expected, key
+    assert 0 <= murmur2(b"x") < 2**32
+
+
+def test_murmur2_against_librdkafka_on_the_broker(kafka: str, kafka_topic) -> None:
+    import uuid
+
+    from confluent_kafka import Producer
+
+    topic = kafka_topic(partitions=7)
+    producer = Producer({"bootstrap.servers": kafka, "partitioner": "murmur2_random"})
+    got: list[tuple[bytes, int]] = []
+    ks = [uuid.uuid4().bytes[: i % 17] + bytes([i % 256]) * (i % 5) for i in range(300)]
+    for k in ks:
+        producer.produce(topic, key=k, value=b"v", on_delivery=lambda e, m: got.append((m.key(), m.partition())))
+    producer.flush(30)
+    assert len(got) == len(ks)
+    assert all(p == partition_for(k, 7) for k, p in got)
+
+
+def test_ids_are_deterministic_where_duplicates_must_be_recognised() -> None:
+    a = idempotent_id("counter", "add", b"alice", "order-1")
+    assert a == idempotent_id("counter", "add", b"alice", "order-1")
+    assert a != idempotent_id("counter", "add", b"bob", "order-1")
+    assert a != idempotent_id("counter", "sub", b"alice", "order-1")
+    assert source_record_id("t", 0, 5) != source_record_id("t", 0, 6)
+    assert source_record_id("t", 1, 5) != source_record_id("t1", 0, 5)
+    assert child_id(a, 3) == child_id(a, 3) != child_id(a, 4)
+    r = random_id()
+    assert parse_id(format_id(r)) == r
+    with pytest.raises(ValueError, match="does not start"):
+        parse_id("xyz")
+
+
+def test_schema_round_trip_and_garbage() -> None:
+    invoke = {"invocation_id": b"i" * 16, "service": "s", "handler": "h", "key": b"\xff\x00", "payload": b"1",
+              "payload_format": "JSON", "idempotency_key": None, "idempotency_retention_ms": None,
+              "caller": None, "source": None, "created_at_ms": 1}
+    data = schemas.encode("log_record", {"body": ("oncely.Invoke", invoke)})
+    kind, body = schemas.decode("log_record", data)["body"]
+    assert kind == "oncely.Invoke" and body == invoke
+    with pytest.raises(schemas.SchemaError):
+        schemas.decode("log_record", b"garbage")
+    with pytest.raises(schemas.SchemaError):
+        schemas.decode("log_record", b"\x01\xff\xff")
+
+
+def test_overlay_net_effects(tmp_path: Path) -> None:
+    store = PartitionStore(tmp_path / "s", "app", 4, 1)
+    store.open()
+    store.put_fresh(b"vX", b"1")
+    store.delete(b"vX")
+    assert store.overlay == {}, "a fresh put deleted in the same interval must leave nothing"
+    store.put(b"sA", b"1")
+    store.commit(10)
+    store.delete(b"sA")
+    assert store.overlay == {b"sA": None}, "deleting a committed key must leave a tombstone"
+    store.put_fresh(b"sA", b"2")  # key pending deletion: not fresh
+    store.delete(b"sA")
+    assert store.overlay == {b"sA": None}
+    store.drop_overlay()
+    assert store.get(b"sA") == b"1"
+    store.put(b"sB", b"3")
+    store.delete(b"sA")
+    assert store.scan(b"s") == [(b"sB", b"3")]
+    store.commit(11)
+    assert store.checkpoint()["changelog_offset"] == 11
+    store.close()
+
+
+def test_store_from_another_app_is_wiped(tmp_path: Path) -> None:
+    store = PartitionStore(tmp_path / "s", "app", 4, 1)
+    store.open()
+    store.put(b"sA", b"1")
+    store.commit(5)
+    store.close()
+    other = PartitionStore(tmp_path / "s", "app", 8, 1)  # partition count changed: not trustworthy
+    other.open()
+    assert other.wiped and other.get(b"sA") is None
+    other.close()
+
+
+class _State:
+    def __init__(self, values: dict[str, object]) -> None:
+        self.values = {k: encode_value(v) for k, v in values.items()}
+
+    def get(self, name: str) -> bytes | None:
+        return self.values.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self.values)
+
+
+def _call(journal: list[Entry], state: dict | None = None, keyed: bool = True) -> HandlerCall:
+    return HandlerCall(invocation_id=b"\x01" * 16, service="svc", handler="h", key=b"k", payload=b"1",
+                       payload_format="JSON", attempt=0, journal=journal, state=_State(state or {}))
+
+
+def test_context_journals_and_replays_run_results() -> None:
+    journal: list[Entry] = []
+    calls: list[int] = []
+
+    def effect() -> dict:
+        calls.append(1)
+        return {"token": len(calls)}
+
+    async def handler(ctx: Context) -> tuple:
+        n = ctx.get("n", 0)
+        out = await ctx.run("charge", effect)
+        ctx.set("n", n + 1)
+        return out, ctx.random(), str(ctx.uuid()), ctx.now()
+
+    first = asyncio.run(handler(Context(_call(journal, {"n": 1}), True)))
+    assert [e.kind for e in journal] == ["get", "run", "set", "random", "uuid", "now"]
+    replay = asyncio.run(handler(Context(_call(journal, {"n": 1}), True)))
+    assert replay == first, "a replay must see the journaled results, seeded randomness and time"
+    assert calls == [1], "a journaled step must not run again"
+
+
+def test_context_detects_non_determinism_even_if_the_handler_catches_it() -> None:
+    journal = [Entry("get", "n"), Entry("run", "charge", value=encode_value(1))]
+
+    async def changed(ctx: Context) -> None:
+        ctx.get("n")
+        try:
+            await ctx.run("refund", lambda: 2)
+        except BaseException:
+            pass
+
+    ctx = Context(_call(journal), True)
+    asyncio.run(changed(ctx))
+    assert isinstance(ctx.diverged, NonDeterminismError)
+    assert ctx.diverged.index == 1
+    assert "run('charge')" in str(ctx.diverged) and "run('refund')" in str(ctx.diverged)
+    with pytest.raises(NonDeterminismError):
+        ctx.get("n")
+
+
+def test_context_state_view_and_terminal_run() -> None:
+    journal: list[Entry] = []
+    ctx = Context(_call(journal, {"a": 1, "b": b"raw"}), True)
+    ctx.set("c", [1, 2])
+    ctx.clear("a")
+    assert ctx.state_keys() == ["b", "c"]
+    assert ctx.get("b") == b"raw" and ctx.get("a", "gone") == "gone"
+    ctx.clear_all()
+    assert ctx.state_keys() == []
+
+    async def fails() -> None:
+        raise TerminalError("card declined")
+
+    with pytest.raises(TerminalError, match="card declined"):
+        asyncio.run(ctx.run("pay", fails))
+    assert journal[-1].kind == "run" and journal[-1].error == "card declined"
+    with pytest.raises(TypeError, match="neither JSON-serialisable nor bytes"):
+        ctx.set("bad", object())
+
+
+def test_stateless_context_has_no_state() -> None:
+    ctx = Context(_call([]), keyed=False)
+    assert ctx.key is None
+    with pytest.raises(TypeError, match="stateless"):
+        ctx.get("x")
+
+
+def test_values_are_json_or_bytes_never_pickle() -> None:
+    assert decode_value(encode_value({"a": [1, "x"]})) == {"a": [1, "x"]}
+    assert decode_value(encode_value(b"\x80\x00")) == b"\x80\x00"
+    with pytest.raises(ValueError, match="unknown value tag"):
+        decode_value(b"\x80\x04pickle")
+
+
+def test_retry_policy_backoff() -> None:
+    p = RetryPolicy(max_attempts=5, initial_interval=0.1, factor=2, max_interval=0.5)
+    assert [p.delay(n) for n in (1, 2, 3, 4, 5)] == [0.1, 0.2, 0.4, 0.5, 0.5]
+    with pytest.raises(ConfigError):
+        RetryPolicy(max_attempts=0)
+
+
+def test_config_from_environment_and_bad_values() -> None:
+    cfg = AppConfig()
+    cfg.load_env({"ONCELY_COMMIT_INTERVAL": "0.05", "ONCELY_NET_EFFECTS": "false", "ONCELY_MAX_BATCH": "10"})
+    assert cfg.commit_interval == 0.05 and cfg.net_effects is False and cfg.max_batch == 10
+    with pytest.raises(ConfigError, match="ONCELY_MAX_BATCH='ten' is not a valid int"):
+        AppConfig().load_env({"ONCELY_MAX_BATCH": "ten"})
+
+
+def test_app_declaration_errors_are_clear() -> None:
+    with pytest.raises(ConfigError, match="valid Kafka topic prefix"):
+        oncely.App("bad name")
+    app = oncely.App("decl", partitions=2)
+    svc = app.keyed("counter")
+    with pytest.raises(ConfigError, match="must be an `async def`"):
+        svc.handler(lambda ctx: None)
+
+    @svc.handler
+    async def add(ctx: Context, n: int) -> None: ...
+
+    assert svc.add is add and add.takes_input
+    with pytest.raises(ConfigError, match="already has a handler"):
+        svc.handler(name="add")(add.fn)
+    with pytest.raises(ConfigError, match="already has a service"):
+        app.service("counter")
+
+
+def test_key_spaces_sort_for_range_scans() -> None:
+    sk = keys.service_key("svc", b"k")
+    assert keys.inbox(sk, 2) < keys.inbox(sk, 10) < keys.inbox(sk, 2**40)
+    assert keys.timer(5, b"i" * 16, 0) < keys.timer(6, b"a" * 16, 0)
+    assert keys.split_service_key(sk) == ("svc", b"k")
+    assert keys.expiry(100, keys.DEDUP, b"i" * 16) < keys.expiry_upper(100)
