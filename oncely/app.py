@@ -113,6 +113,13 @@ class AppConfig:
     session_timeout_ms: int = 10_000
     max_poll_interval_ms: int = 300_000
     net_effects: bool = True
+    # Backpressure: a log partition is paused while it holds this many
+    # accepted, unfinished invocations (resumed below half of it).
+    max_inflight_per_partition: int = 500
+    # Before a commit, stop consuming for up to this share of the commit
+    # interval and let runnable invocations finish, so only invocations that
+    # really wait on something are persisted (net effects).
+    commit_drain_share: float = 0.3
     kafka: dict[str, str] = field(default_factory=dict)
 
     def load_env(self, env: dict[str, str]) -> None:

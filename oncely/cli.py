@@ -96,5 +96,58 @@ def run_cmd(app_spec: str, bootstrap: str | None, state_dir: str | None, log_lev
         raise click.ClickException(str(e)) from None
 
 
+@main.command("demo")
+@click.option("--bootstrap", default=None, help="Use this Kafka cluster (default: $ONCELY_KAFKA_BOOTSTRAP, "
+              "else a local broker started for the demo).")
+@click.option("--records", default=20_000, show_default=True, help="add invocations to send")
+@click.option("--keys", default=200, show_default=True, help="distinct keys")
+@click.option("--kills", default=2, show_default=True, help="times to kill -9 the processor mid-stream")
+def demo_cmd(bootstrap: str | None, records: int, keys: int, kills: int) -> None:
+    """Run a keyed counter, kill -9 its processor mid-stream, check every sum."""
+    import os
+
+    from oncely.demo import run_demo
+
+    ok = run_demo(bootstrap or os.environ.get("ONCELY_KAFKA_BOOTSTRAP"), records, keys, kills, click.echo)
+    sys.exit(0 if ok else 1)
+
+
+@main.group()
+def inspect() -> None:
+    """Read an app's committed state and invocations from its changelog."""
+
+
+_bootstrap = click.option("--bootstrap", default=None, envvar="ONCELY_KAFKA_BOOTSTRAP", required=True,
+                          help="Kafka bootstrap servers (or $ONCELY_KAFKA_BOOTSTRAP).")
+
+
+@inspect.command("state")
+@click.argument("app")
+@_bootstrap
+@click.option("--service", default=None)
+@click.option("--key", default=None)
+def inspect_state(app: str, bootstrap: str, service: str | None, key: str | None) -> None:
+    """Print APP's state as `service key name = value` lines."""
+    from oncely.admin import read_state
+
+    for (svc, k, name), value in sorted(read_state(bootstrap, app).items()):
+        if service and svc != service or key and k != key.encode():
+            continue
+        click.echo(f"{svc} {k.decode(errors='backslashreplace')} {name} = {value!r}")
+
+
+@inspect.command("invocations")
+@click.argument("app")
+@_bootstrap
+def inspect_invocations(app: str, bootstrap: str) -> None:
+    """Print APP's invocations that outlived a commit: in flight, paused, failed."""
+    from oncely.admin import read_invocations
+
+    for inv in read_invocations(bootstrap, app):
+        key = inv.key.decode(errors="backslashreplace") if inv.key is not None else "-"
+        click.echo(f"{inv.id} {inv.target} {key} {inv.phase} attempt={inv.attempt}"
+                   + (f" error={inv.error}" if inv.error else ""))
+
+
 if __name__ == "__main__":
     main()

@@ -68,9 +68,11 @@ class TxnFailed(Exception):
 
     @property
     def fatal(self) -> bool:
-        """Fatal, fenced, or of no class we know how to handle otherwise."""
+        """Fatal or fenced. Any other error is handled by aborting (e.g. a
+        produce() that fails with _STATE because the transaction already is in
+        the abortable state); an abort that fails escalates to fatal."""
         e = self.err
-        return self._fatal or e.fatal() or e.code() in _FENCED or not e.txn_requires_abort()
+        return self._fatal or e.fatal() or e.code() in _FENCED
 
 
 class StateDirLock:
@@ -206,6 +208,9 @@ class CommitLoop:
                                         fatal=True) from None
                     self.txn_retries += 1
                     log.warning("%s: retriable error, retrying: %s", during, err)
+                    if self.producer is not None:
+                        # Serve delivery reports: abort/commit wait for them.
+                        self.producer.poll(0)
                     time.sleep(delay)
                     delay = min(delay * 2, 1.0)
                     continue
@@ -498,6 +503,39 @@ class CommitLoop:
         finally:
             await self.shutdown()
 
+    def _apply_backpressure(self) -> None:
+        """Pause log partitions holding too many unfinished invocations."""
+        limit = self.cfg.max_inflight_per_partition
+        consumer = self.consumer
+        assert consumer is not None
+        for p, part in self.partitions.items():
+            n = len(part.invocations)
+            if not part.paused and n >= limit:
+                consumer.pause([TopicPartition(self.app.log_topic, p)])
+                part.paused = True
+            elif part.paused and n < limit // 2:
+                consumer.resume([TopicPartition(self.app.log_topic, p)])
+                part.paused = False
+
+    def _in_flight(self) -> int:
+        return sum(len(p.invocations) for p in self.partitions.values())
+
+    async def _drain(self) -> None:
+        """Let runnable invocations finish before a commit (no new input):
+        stop when nothing is left, when nothing progressed in an iteration
+        (the rest waits on timers or I/O), or after the drain budget."""
+        deadline = time.monotonic() + self.cfg.commit_interval * self.cfg.commit_drain_share
+        before = self._in_flight()
+        stalled = 0
+        # A task's step and its done callback run in consecutive loop
+        # iterations, so only several iterations without progress mean that
+        # what is left is waiting on something.
+        while before and stalled < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0)
+            now = self._in_flight()
+            stalled = stalled + 1 if now >= before else 0
+            before = min(before, now)
+
     async def _loop(self, stop: asyncio.Event) -> None:
         cfg = self.cfg
         consumer = self.consumer
@@ -507,13 +545,17 @@ class CommitLoop:
             msgs = consumer.consume(500, timeout=0)
             for m in msgs:
                 self._handle(m)
+            if msgs:
+                self._apply_backpressure()
             now = int(time.time() * 1000)
             for part in self.partitions.values():
                 part.fire_timers(now)
             await asyncio.sleep(0)
             if (time.monotonic() - self._last_commit >= cfg.commit_interval
                     or self.pending_records >= cfg.max_batch):
+                await self._drain()
                 self.commit()
+                self._apply_backpressure()
             if msgs:
                 idle = 0.0
             else:

@@ -132,6 +132,7 @@ class PartitionProcessor:
         self.timers: list[tuple[int, bytes]] = []
         self.stats = PartitionStats()
         self.closed = False
+        self.paused = False  # consumption paused for backpressure
         self._next_expiry_sweep = 0
         # Without net effects, records of every invocation are written as it
         # goes; a later delete then leaves a tombstone instead of nothing.
@@ -222,7 +223,10 @@ class PartitionProcessor:
 
     def on_invoke(self, invoke: dict[str, Any], offset: int) -> None:
         inv_id = invoke["invocation_id"]
-        if inv_id in self.invocations or self._known(inv_id):
+        # Only an id derived from an idempotency key can arrive twice (the log
+        # is read read_committed; random ids are unique), so only those pay
+        # for the store lookups.
+        if inv_id in self.invocations or (invoke["idempotency_key"] is not None and self._known(inv_id)):
             self.stats.duplicates += 1
             return
         svc = self.app.services.get(invoke["service"])
@@ -245,7 +249,6 @@ class PartitionProcessor:
         return store.get(keys.dedup(inv_id)) is not None or store.get(keys.failed(inv_id)) is not None
 
     def _enqueue(self, inv: Invocation) -> None:
-        self._mark(inv)
         if inv.sk is None:
             self._start(inv)
             return
@@ -258,6 +261,7 @@ class PartitionProcessor:
         else:
             inv.phase = INBOXED
             q.waiting.append(inv)
+            self._mark(inv)
 
     def _promote(self, q: _KeyQueue) -> None:
         nxt = q.waiting.popleft()

@@ -13,11 +13,9 @@ import asyncio
 from pathlib import Path
 from typing import Any, Callable
 
-from oncely import schemas
-from oncely.context import decode_value
-from oncely.processor import keys
+from oncely.admin import changelog_latest, read_state
+from oncely.admin import state_of as state_from
 from oncely.processor.store import PartitionStore
-from oncely.testing import read_to_end
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -83,26 +81,8 @@ def wait_until(pred: Callable[[], Any], timeout: float, interval: float = 0.5, w
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
 
 
-def parse_state_key(k: bytes) -> tuple[str, bytes, str]:
-    n = keys.service_key_length(k, 1)
-    service, key = keys.split_service_key(k[1:1 + n])
-    return service, key, k[1 + n:].decode()
-
-
-def changelog_latest(bootstrap: str, app: str) -> dict[bytes, bytes]:
-    """Latest value per changelog key, read_committed (tombstones removed)."""
-    latest: dict[bytes, bytes | None] = {}
-    for r in read_to_end(bootstrap, f"{app}.changelog"):
-        latest[r.key] = r.value
-    return {k: v for k, v in latest.items() if v is not None}
-
-
-def state_from(kv: dict[bytes, bytes]) -> dict[tuple[str, bytes, str], Any]:
-    return {parse_state_key(k): decode_value(v) for k, v in kv.items() if k[:1] == keys.STATE}
-
-
 def changelog_state(bootstrap: str, app: str) -> dict[tuple[str, bytes, str], Any]:
-    return state_from(changelog_latest(bootstrap, app))
+    return read_state(bootstrap, app)
 
 
 def store_kv(state_dir: Path, app: str, partitions: int) -> dict[bytes, bytes]:
@@ -120,10 +100,6 @@ def store_kv(state_dir: Path, app: str, partitions: int) -> dict[bytes, bytes]:
         finally:
             store.close()
     return out
-
-
-def statuses(kv: dict[bytes, bytes]) -> list[dict]:
-    return [schemas.decode("invocation_status", v) for k, v in kv.items() if k[:1] in (keys.STATUS, keys.FAILED)]
 
 
 class InProcessProcessor:

@@ -1,0 +1,249 @@
+"""Processor benchmark: oncely's exactly-once counter next to the raw floor.
+
+In one run, on one broker, with the same record count and partitions:
+
+(a) raw floor: a confluent-kafka transactional consume -> produce copy with
+    no processing (read_committed, one transaction per 100 ms with
+    send_offsets_to_transaction), records/s;
+(b) oncely's keyed counter handler, exactly-once, records/s; with net effects
+    on (default) and off, and the changelog records each wrote;
+(c) the ratio b/a;
+(d) latency p50/p99 from a record's produce to its state change being
+    committed, at a fixed offered rate below saturation.
+
+Usage: python bench/bench_processor.py [--records 100000] [--partitions 8]
+       [--keys 1000] [--rate 2000] [--bootstrap HOST:PORT]
+Without --bootstrap (or ONCELY_KAFKA_BOOTSTRAP) a local broker is started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+
+import oncely
+from oncely.local_kafka import LocalKafka
+from oncely.runtime import serve
+from oncely.testing import create_topic, read_to_end
+
+
+def raw_copy(bootstrap: str, records: int, partitions: int) -> float:
+    """Transactional consume->produce copy of `records` records; records/s."""
+    src = f"bench-src-{uuid.uuid4().hex[:8]}"
+    dst = f"bench-dst-{uuid.uuid4().hex[:8]}"
+    create_topic(bootstrap, src, partitions)
+    create_topic(bootstrap, dst, partitions)
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True})
+    payload = b'{"amount": 1}'
+    for i in range(records):
+        while True:
+            try:
+                p.produce(src, key=f"key-{i % 1000}".encode(), value=payload)
+                break
+            except BufferError:
+                p.poll(0.01)
+    p.flush()
+    group = f"bench-raw-{uuid.uuid4().hex[:8]}"
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "isolation.level": "read_committed",
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+    producer = Producer({"bootstrap.servers": bootstrap, "transactional.id": group, "linger.ms": 5,
+                         "transaction.timeout.ms": 10000})
+    producer.init_transactions()
+    consumer.subscribe([src])
+    producer.begin_transaction()
+    copied = 0
+    offsets: dict[int, int] = {}
+    t0 = None
+    last = time.monotonic()
+    while copied < records:
+        for m in consumer.consume(500, 0.05):
+            if m.error():
+                continue
+            if t0 is None:
+                t0 = time.monotonic()
+            while True:
+                try:
+                    producer.produce(dst, key=m.key(), value=m.value(), partition=m.partition())
+                    break
+                except BufferError:
+                    producer.poll(0.01)
+            offsets[m.partition()] = m.offset() + 1
+            copied += 1
+        if time.monotonic() - last >= 0.1 or copied >= records:
+            if offsets:
+                producer.send_offsets_to_transaction([TopicPartition(src, q, o) for q, o in offsets.items()],
+                                                     consumer.consumer_group_metadata())
+                producer.commit_transaction()
+                producer.begin_transaction()
+                offsets.clear()
+            last = time.monotonic()
+    elapsed = time.monotonic() - (t0 or time.monotonic())
+    producer.abort_transaction()
+    consumer.close()
+    return records / elapsed
+
+
+def counter_app(name: str, bootstrap: str, partitions: int, state_dir: str, net_effects: bool) -> oncely.App:
+    app = oncely.App(name, partitions=partitions, bootstrap=bootstrap, state_dir=state_dir)
+    app.config.net_effects = net_effects
+    counter = app.keyed("counter")
+
+    @counter.handler
+    async def add(ctx: oncely.Context, amount: int) -> int:
+        n = ctx.get("n", 0) + amount
+        ctx.set("n", n)
+        return n
+
+    return app
+
+
+class Running:
+    """An in-process processor on its own event loop thread."""
+
+    def __init__(self, app: oncely.App) -> None:
+        self.app = app
+        self.loop = asyncio.new_event_loop()
+        self.proc = None
+        self.stop_event: asyncio.Event | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def main() -> None:
+            self.stop_event = asyncio.Event()
+            await serve(self.app, self.stop_event, on_created=lambda p: setattr(self, "proc", p))
+
+        self.loop.run_until_complete(main())
+
+    def start(self) -> "Running":
+        self.thread.start()
+        while self.proc is None or not self.proc.partitions:
+            time.sleep(0.01)
+        return self
+
+    def completed(self) -> int:
+        return sum(p.stats.completed for p in list(self.proc.partitions.values()))
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.stop_event.set)
+        self.thread.join(60)
+
+
+def oncely_counter(bootstrap: str, records: int, partitions: int, keys: int, net_effects: bool) -> tuple[float, int]:
+    """Pre-load `records` Invokes, then time the processor; (records/s, changelog records)."""
+    name = f"bench-{uuid.uuid4().hex[:8]}"
+    state = tempfile.mkdtemp(prefix="oncely-bench-")
+    app = counter_app(name, bootstrap, partitions, state, net_effects)
+    runner = Running(app).start()  # creates the topics; nothing to process yet
+    client = oncely.Client(bootstrap, app=name)
+    runner.stop()
+    for i in range(records):
+        client.send("counter", f"key-{i % keys}", "add", 1)
+    client.flush()
+    runner = Running(counter_app(name, bootstrap, partitions, state, net_effects))
+    t0 = time.monotonic()
+    runner.start()
+    while runner.completed() < records:
+        time.sleep(0.005)
+    # Include the commit that makes the last state change durable.
+    commits = runner.proc.commits
+    while runner.proc.commits == commits:
+        time.sleep(0.001)
+    elapsed = time.monotonic() - t0
+    runner.stop()
+    changelog = len(read_to_end(bootstrap, f"{name}.changelog"))
+    shutil.rmtree(state, ignore_errors=True)
+    return records / elapsed, changelog
+
+
+def latency(bootstrap: str, partitions: int, keys: int, rate: int, seconds: float) -> list[float]:
+    """Produce at `rate`/s; latency from produce to the commit of its state change."""
+    name = f"bench-lat-{uuid.uuid4().hex[:8]}"
+    state = tempfile.mkdtemp(prefix="oncely-bench-")
+    app = oncely.App(name, partitions=partitions, bootstrap=bootstrap, state_dir=state)
+    counter = app.keyed("counter")
+    done_since_commit: list[float] = []
+    samples: list[float] = []
+
+    @counter.handler
+    async def add(ctx: oncely.Context, sent_at: float) -> None:
+        ctx.set("n", ctx.get("n", 0) + 1)
+        done_since_commit.append(sent_at)
+
+    runner = Running(app).start()
+
+    def committed() -> None:
+        now = time.time()
+        samples.extend(now - t for t in done_since_commit)
+        done_since_commit.clear()
+
+    runner.proc.on_commit = committed
+    client = oncely.Client(bootstrap, app=name)
+    n = int(rate * seconds)
+    t0 = time.monotonic()
+    for i in range(n):
+        target = t0 + i / rate
+        delay = target - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        client.send("counter", f"key-{i % keys}", "add", time.time())
+    client.flush()
+    deadline = time.monotonic() + 30
+    while len(samples) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    runner.stop()
+    shutil.rmtree(state, ignore_errors=True)
+    return samples
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--records", type=int, default=100_000)
+    ap.add_argument("--partitions", type=int, default=8)
+    ap.add_argument("--keys", type=int, default=1000)
+    ap.add_argument("--rate", type=int, default=2000, help="offered rate for the latency run (records/s)")
+    ap.add_argument("--latency-seconds", type=float, default=10.0)
+    ap.add_argument("--bootstrap", default=os.environ.get("ONCELY_KAFKA_BOOTSTRAP"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    broker = None
+    bootstrap = args.bootstrap
+    if not bootstrap:
+        broker = LocalKafka(data_dir=tempfile.mkdtemp(prefix="oncely-bench-kafka-"))
+        bootstrap = broker.start().bootstrap
+    try:
+        print(f"records={args.records} partitions={args.partitions} keys={args.keys} bootstrap={bootstrap}")
+        raw = raw_copy(bootstrap, args.records, args.partitions)
+        print(f"(a) raw transactional copy           {raw:10.0f} records/s")
+        on, on_cl = oncely_counter(bootstrap, args.records, args.partitions, args.keys, net_effects=True)
+        print(f"(b) oncely counter, net effects on   {on:10.0f} records/s   changelog records {on_cl}")
+        off, off_cl = oncely_counter(bootstrap, args.records, args.partitions, args.keys, net_effects=False)
+        print(f"    oncely counter, net effects off  {off:10.0f} records/s   changelog records {off_cl}")
+        print(f"(c) ratio b/a                        {on / raw:10.2f}   (net effects off: {off / raw:.2f})")
+        lat = latency(bootstrap, args.partitions, args.keys, args.rate, args.latency_seconds)
+        print(f"(d) produce -> committed state at {args.rate}/s: p50 {pct(lat, 0.5) * 1000:.1f} ms, "
+              f"p99 {pct(lat, 0.99) * 1000:.1f} ms ({len(lat)} samples)")
+    finally:
+        if broker:
+            broker.stop()
+            shutil.rmtree(broker.data_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
