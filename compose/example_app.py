@@ -14,8 +14,8 @@ counter = app.keyed("counter")
 
 
 @counter.handler
-async def add(ctx, amount):
+async def add(ctx: oncely.Context, amount: int) -> int:
     """Add `amount` to this key's counter and return the new total."""
-    n = (await ctx.get("n") or 0) + amount
+    n = ctx.get("n", 0) + amount
     ctx.set("n", n)
     return n
