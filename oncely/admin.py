@@ -8,13 +8,16 @@ the whole changelog, so it is a tool for inspection, not a query path.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from oncely import schemas
 from oncely.context import decode_value
 from oncely.processor import keys
 from oncely.shuffle.ids import format_id
 from oncely.testing import read_to_end
+
+if TYPE_CHECKING:
+    from oncely.app import App
 
 
 def changelog_latest(bootstrap: str, app: str, timeout: float = 120.0) -> dict[bytes, bytes]:
@@ -67,3 +70,34 @@ def invocations_of(kv: dict[bytes, bytes]) -> list[InvocationInfo]:
 
 def read_invocations(bootstrap: str, app: str) -> list[InvocationInfo]:
     return invocations_of(changelog_latest(bootstrap, app))
+
+
+def restore_partitions(app: "App", partitions: list[int], wipe: bool = True) -> int:
+    """Rebuild partitions' local stores from the changelog, with no processor
+    running on this state dir (its lock is taken). Returns records applied."""
+    from pathlib import Path
+
+    from oncely.processor.commit_loop import StateDirLock
+    from oncely.processor.restore import Restorer
+    from oncely.processor.store import PartitionStore
+
+    cfg = app.config
+    root = Path(cfg.state_dir) / app.name
+    lock = StateDirLock(root)
+    stores: dict[int, PartitionStore] = {}
+    restorer = Restorer({"bootstrap.servers": cfg.bootstrap, **cfg.kafka}, app.changelog_topic, 24 * 3600 * 1000)
+    try:
+        for p in partitions:
+            if not 0 <= p < app.partitions:
+                raise ValueError(f"partition {p} is not one of {app.name}'s 0..{app.partitions - 1}")
+            store = PartitionStore(root / str(p), app.name, app.partitions, p)
+            store.open()
+            if wipe:
+                store.wipe()
+            stores[p] = store
+        return restorer.restore(stores)
+    finally:
+        for store in stores.values():
+            store.close()
+        restorer.close()
+        lock.release()

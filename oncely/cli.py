@@ -149,5 +149,36 @@ def inspect_invocations(app: str, bootstrap: str) -> None:
                    + (f" error={inv.error}" if inv.error else ""))
 
 
+@main.command("restore")
+@click.argument("app_spec", metavar="MODULE:APP")
+@click.option("--partition", "partitions", type=int, multiple=True, help="Partition to rebuild (repeatable).")
+@click.option("--all", "all_partitions", is_flag=True, help="Rebuild every partition.")
+@click.option("--bootstrap", default=None, envvar="ONCELY_KAFKA_BOOTSTRAP")
+@click.option("--state-dir", default=None, type=click.Path(file_okay=False))
+@click.option("--keep/--wipe", default=False, help="Catch up from the local checkpoint instead of wiping first.")
+def restore_cmd(app_spec: str, partitions: tuple[int, ...], all_partitions: bool, bootstrap: str | None,
+                state_dir: str | None, keep: bool) -> None:
+    """Rebuild local partition stores from the changelog (the processor must be stopped)."""
+    from oncely.admin import restore_partitions
+    from oncely.errors import ConfigError
+    from oncely.runtime import load_app
+
+    try:
+        app = load_app(app_spec)
+        if bootstrap:
+            app.config.bootstrap = bootstrap
+        if state_dir:
+            app.config.state_dir = state_dir
+        if not app.config.bootstrap:
+            raise ConfigError("no Kafka bootstrap address: pass --bootstrap or set ONCELY_KAFKA_BOOTSTRAP")
+        chosen = list(range(app.partitions)) if all_partitions else list(partitions)
+        if not chosen:
+            raise ConfigError("name the partitions to rebuild with --partition N, or pass --all")
+        n = restore_partitions(app, chosen, wipe=not keep)
+    except (ConfigError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"restored partitions {chosen} of {app.name} from {app.changelog_topic}: {n} records")
+
+
 if __name__ == "__main__":
     main()

@@ -428,6 +428,9 @@ class CommitLoop:
             self.restorer.restore(stores)
         for p, store in stores.items():
             self.partitions[p] = PartitionProcessor(self.app, p, store, self.executor, self, self.cfg.net_effects)
+        if stores:
+            # The fresh processors start unpaused; so must the consumer.
+            self.consumer.resume([TopicPartition(self.app.log_topic, p) for p in stores])
         for part in self.partitions.values():
             part.load()
         owned = [TopicPartition(t, p) for (t, p) in self.committed]
