@@ -75,6 +75,17 @@ class BrokerInfo:
         return f"127.0.0.1:{self.port}"
 
 
+def new_cluster_id() -> str:
+    """16 random bytes in URL-safe base64 without padding, as KRaft wants.
+    Never starting with '-', which a command line would take for an option."""
+    import base64
+
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
+
+
 def default_cache_dir() -> Path:
     env = os.environ.get("ONCELY_CACHE_DIR")
     if env:
@@ -311,14 +322,11 @@ class LocalKafka:
         if (self.data_dir / "logs" / "meta.properties").exists():
             return
         cluster_id = (self.data_dir / "cluster.id")
-        if not cluster_id.exists():
-            # KRaft cluster ids are 16 random bytes in URL-safe base64 without padding.
-            import base64
-
-            cluster_id.write_text(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))
+        if not cluster_id.exists() or cluster_id.read_text().startswith("-"):
+            cluster_id.write_text(new_cluster_id())
         proc = subprocess.run(
-            self._java_cmd(java, "kafka.tools.StorageTool", "format", "-t", cluster_id.read_text().strip(),
-                           "-c", str(config)),
+            self._java_cmd(java, "kafka.tools.StorageTool", "format",
+                           f"--cluster-id={cluster_id.read_text().strip()}", f"--config={config}"),
             capture_output=True, text=True,
         )
         if proc.returncode != 0:

@@ -169,3 +169,28 @@ def test_retries_terminal_errors_and_retry_limit(kafka: str, tmp_path: Path) -> 
     finally:
         if proc.alive():
             proc.kill9()
+
+
+def test_retry_backoff_survives_kill9(kafka: str, tmp_path: Path) -> None:
+    """The attempt count and the retry timer are state: a crash during the
+    backoff neither restarts the attempts from 0 nor loses the retry."""
+    app = unique_name("backoff")
+    runs = tmp_path / "runs.txt"
+    env = {"ONCELY_TEST_APP": app, "ONCELY_TEST_RUNS_FILE": str(runs), "ONCELY_TEST_BACKOFF": "3"}
+    proc = ProcessorProcess("tests.apps.flaky:app", kafka, tmp_path / "state", env, tmp_path / "p.log").start()
+    client = oncely.Client(kafka, app=app)
+    try:
+        _wait_topics(client, app)
+        client.send("svc", "f1", "flaky_twice", 0)
+        client.flush()
+        wait_until(lambda: runs.exists() and "flaky f1 0" in runs.read_text(), 60, 0.05, "the first attempt")
+        time.sleep(0.8)  # attempt 0's failure and its 3 s backoff are committed
+        proc.kill9()
+        proc.start()
+        wait_until(lambda: changelog_state(kafka, app).get(("svc", b"f1", "done")) == 1, 60, 0.5, "completion")
+        assert proc.stop() == 0
+    finally:
+        if proc.alive():
+            proc.kill9()
+    assert runs.read_text().splitlines() == ["flaky f1 0", "flaky f1 1", "flaky f1 2"]
+    assert changelog_state(kafka, app)[("svc", b"f1", "attempts")] == 3

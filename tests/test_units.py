@@ -239,3 +239,10 @@ def test_key_spaces_sort_for_range_scans() -> None:
     assert keys.timer(5, b"i" * 16, 0) < keys.timer(6, b"a" * 16, 0)
     assert keys.split_service_key(sk) == ("svc", b"k")
     assert keys.expiry(100, keys.DEDUP, b"i" * 16) < keys.expiry_upper(100)
+
+
+def test_cluster_ids_never_look_like_options() -> None:
+    from oncely.local_kafka import new_cluster_id
+
+    ids = [new_cluster_id() for _ in range(2000)]
+    assert all(len(i) == 22 and not i.startswith("-") for i in ids)

@@ -4,8 +4,9 @@ import os
 
 import oncely
 
+BACKOFF = float(os.environ.get("ONCELY_TEST_BACKOFF", "0.05"))
 app = oncely.App(os.environ.get("ONCELY_TEST_APP", "flaky-test"), partitions=2,
-                 retry=oncely.RetryPolicy(max_attempts=3, initial_interval=0.05, max_interval=0.2))
+                 retry=oncely.RetryPolicy(max_attempts=3, initial_interval=BACKOFF, max_interval=BACKOFF * 4))
 svc = app.keyed("svc")
 RUNS_FILE = os.environ.get("ONCELY_TEST_RUNS_FILE", "/tmp/oncely-runs.txt")
 
