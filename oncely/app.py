@@ -6,6 +6,7 @@ import inspect
 import os
 import re
 from dataclasses import dataclass, field, fields
+from datetime import timedelta
 from typing import Any, Awaitable, Callable
 
 from oncely.errors import ConfigError
@@ -148,6 +149,11 @@ class AppConfig:
             setattr(self, f.name, value)
         if env.get("ONCELY_KAFKA_BOOTSTRAP"):
             self.bootstrap = env["ONCELY_KAFKA_BOOTSTRAP"]
+        # Kafka client settings: ONCELY_KAFKA_SECURITY_PROTOCOL=SASL_SSL is
+        # security.protocol=SASL_SSL (lower case, '_' -> '.').
+        for name, raw in env.items():
+            if name.startswith("ONCELY_KAFKA_") and name != "ONCELY_KAFKA_BOOTSTRAP" and raw != "":
+                self.kafka[name[len("ONCELY_KAFKA_"):].lower().replace("_", ".")] = raw
 
 
 class App:
@@ -175,6 +181,7 @@ class App:
         self.name = name
         self.partitions = partitions
         self.services: dict[str, Service] = {}
+        self.subscriptions: list[Any] = []
         self.default_retry = retry or RetryPolicy()
         self.config = AppConfig()
         self.config.load_env(dict(os.environ))
@@ -216,6 +223,66 @@ class App:
     def service(self, name: str, *, retry: RetryPolicy | None = None) -> Service:
         """A stateless service: invocations run concurrently, without state."""
         return self._add(name, False, retry)
+
+    def subscribe(
+        self,
+        topics: str | list[str],
+        target: Handler,
+        *,
+        key: Callable[[Any], Any] | None = None,
+        value: str | Callable[[bytes | None], Any] = "json",
+        idempotency: str | Callable[[Any], Any] | None = None,
+        idempotency_retention: timedelta | float = timedelta(hours=24),
+        max_bytes: int | None = None,
+        name: str | None = None,
+    ) -> Any:
+        """Feed every record of `topics` to `target`, exactly once.
+
+        key: the routing key for keyed targets, a function of the record
+        (`rec.value` is decoded); default: the record's key.
+        value: "json", "bytes", "avro:<path to .avsc>" or a callable on the
+        raw bytes. idempotency: "header:<name>", a callable on the record, or
+        None (deduplicate by topic/partition/offset). Records that cannot be
+        decoded or keyed, or are larger than max_bytes, go to the DLQ.
+        """
+        from oncely.ingest.subscription import (DEFAULT_MAX_BYTES, Subscription, make_decoder,
+                                                make_idempotency)
+
+        names = [topics] if isinstance(topics, str) else list(topics)
+        if not names or not all(isinstance(t, str) and t for t in names):
+            raise ConfigError("subscribe: give a topic name or a non-empty list of them")
+        internal = {self.log_topic, self.changelog_topic, self.dlq_topic}
+        if internal & set(names):
+            raise ConfigError(f"subscribe: {sorted(internal & set(names))} is one of the app's own topics")
+        if not isinstance(target, Handler) or target.service.app is not self:
+            raise ConfigError("subscribe: the target must be a handler of this app (e.g. counter.add)")
+        if key is not None and not callable(key):
+            raise ConfigError("subscribe: key must be a function of the record (or None for the record key)")
+        retention = idempotency_retention if isinstance(idempotency_retention, timedelta) else timedelta(
+            seconds=float(idempotency_retention))
+        if retention <= timedelta(0):
+            raise ConfigError("subscribe: idempotency_retention must be positive")
+        sub_name = name or f"{','.join(names)}->{target.service.name}/{target.name}"
+        if any(s.name == sub_name for s in self.subscriptions):
+            raise ConfigError(f"subscribe: there is already a subscription named {sub_name!r}; pass name=")
+        sub = Subscription(sub_name, tuple(names), target, make_decoder(value), key, make_idempotency(idempotency),
+                           retention, max_bytes or DEFAULT_MAX_BYTES)
+        self.subscriptions.append(sub)
+        return sub
+
+    def subscription(self, name: str) -> Any:
+        for s in self.subscriptions:
+            if s.name == name:
+                return s
+        return None
+
+    @property
+    def source_topics(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for s in self.subscriptions:
+            for t in s.topics:
+                seen[t] = None
+        return list(seen)
 
     def lookup(self, service: str, handler: str) -> Handler | None:
         svc = self.services.get(service)

@@ -97,7 +97,7 @@ class Client:
             "invocation_id": inv_id, "service": service, "handler": handler, "key": kb, "payload": body,
             "payload_format": fmt, "idempotency_key": idempotency_key,
             "idempotency_retention_ms": int(idempotency_retention * 1000) if idempotency_retention else None,
-            "caller": None, "source": None, "created_at_ms": int(time.time() * 1000),
+            "caller": None, "source": None, "subscription": None, "created_at_ms": int(time.time() * 1000),
         })})
         routing = kb if kb is not None else inv_id
         partition = partition_for(routing, self._partition_count(app))

@@ -12,13 +12,16 @@ import inspect
 import random as _random
 import uuid as _uuid
 from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 import orjson
 
 from oncely.errors import NonDeterminismError, TerminalError
 from oncely.processor.protocol import TAG_BYTES, TAG_JSON, Entry, HandlerCall
 from oncely.shuffle.ids import format_id
+
+if TYPE_CHECKING:
+    from oncely.ingest.subscription import SourceRecord
 
 T = TypeVar("T")
 
@@ -82,6 +85,19 @@ class Context:
     def attempt(self) -> int:
         """0 on the first attempt, then 1, 2, … on retries."""
         return self._call.attempt
+
+    @property
+    def record(self) -> "SourceRecord | None":
+        """The source record this invocation came from (a subscription), with
+        topic, partition, offset, timestamp, key (bytes) and headers; None for
+        invocations that did not come from a topic."""
+        src = self._call.source
+        if src is None:
+            return None
+        from oncely.ingest.subscription import SourceRecord
+
+        return SourceRecord(src["topic"], src["partition"], src["offset"], src["timestamp_ms"], src["key"],
+                            tuple((h["name"], h["value"]) for h in src["headers"]))
 
     @property
     def service(self) -> str:

@@ -54,6 +54,12 @@ def ensure_topics(admin: AdminClient, app: "App", timeout: float = 30.0) -> dict
                     raise ConfigError(f"could not create topic {name}: {e}") from None
         _wait_for(admin, list(specs), timeout)
         md = admin.list_topics(timeout=timeout)
+    absent = [t for t in app.source_topics if t not in md.topics]
+    if absent:
+        raise ConfigError(
+            f"source topic(s) {absent} of app {app.name!r} do not exist: create them (oncely does not create "
+            "topics it only reads), or fix the name in app.subscribe()"
+        )
     for name in (app.log_topic, app.changelog_topic):
         have = len(md.topics[name].partitions)
         if have != app.partitions:

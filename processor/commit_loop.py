@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
+    OFFSET_END,
     Consumer,
     KafkaError,
     KafkaException,
@@ -40,6 +41,7 @@ from confluent_kafka import (
 from oncely import schemas
 from oncely.egress.dead_letters import dead_letter
 from oncely.errors import ConfigError
+from oncely.ingest.router import Routed, route
 from oncely.processor.executor import LocalExecutor
 from oncely.processor.partition import PartitionProcessor
 from oncely.processor.restore import Restorer
@@ -130,6 +132,17 @@ class CommitLoop:
         self.cfg = config
         self.facts = topic_facts or {}
         self.root = Path(config.state_dir) / app.name
+        self.sources: dict[str, list[Any]] = {}
+        for sub in app.subscriptions:
+            for t in sub.topics:
+                self.sources.setdefault(t, []).append(sub)
+        reset = str(config.kafka.get("auto.offset.reset", "earliest")).lower()
+        if reset not in ("earliest", "smallest", "beginning", "latest", "largest", "end"):
+            raise ConfigError(f"auto.offset.reset={reset!r}: use 'earliest' or 'latest' (where a subscription "
+                              "starts on a source partition without committed offsets)")
+        # Where source partitions without a committed offset start; the log
+        # itself always starts at the beginning.
+        self.source_start = OFFSET_END if reset in ("latest", "largest", "end") else OFFSET_BEGINNING
         self.executor = LocalExecutor(app)
         self.partitions: dict[int, PartitionProcessor] = {}
         self.consumed: dict[tuple[str, int], int] = {}
@@ -152,7 +165,9 @@ class CommitLoop:
     # -- Kafka clients --------------------------------------------------------------
 
     def _base_conf(self) -> dict[str, Any]:
-        return {"bootstrap.servers": self.cfg.bootstrap, **self.cfg.kafka}
+        conf = {"bootstrap.servers": self.cfg.bootstrap, **self.cfg.kafka}
+        conf.pop("auto.offset.reset", None)  # applied per source partition in _on_assign
+        return conf
 
     def _new_producer(self) -> Producer:
         p = Producer({
@@ -255,7 +270,9 @@ class CommitLoop:
         committed = consumer.committed(tps, timeout=60) if tps else []
         t1 = time.monotonic()
         for tp in committed:
-            self.committed[(tp.topic, tp.partition)] = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+            if tp.offset < 0:
+                tp.offset = OFFSET_BEGINNING if tp.topic == self.app.log_topic else self.source_start
+            self.committed[(tp.topic, tp.partition)] = tp.offset
         self._open_partitions([tp.partition for tp in tps if tp.topic == self.app.log_topic])
         consumer.incremental_assign(committed)
         log.info("assigned %s in %.2f s (committed offsets %.2f s, restore %.2f s)",
@@ -436,7 +453,8 @@ class CommitLoop:
         owned = [TopicPartition(t, p) for (t, p) in self.committed]
         if owned:
             for tp in self.consumer.committed(owned, timeout=60):
-                off = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+                off = tp.offset if tp.offset >= 0 else (
+                    OFFSET_BEGINNING if tp.topic == self.app.log_topic else self.source_start)
                 self.committed[(tp.topic, tp.partition)] = off
                 self._seek(TopicPartition(tp.topic, tp.partition, off))
 
@@ -484,8 +502,28 @@ class CommitLoop:
                                           f"{kind} records are not handled by this version", m.key(), m.value(),
                                           source={"topic": topic, "partition": p, "offset": offset})
                     self.produce(self.app.dlq_topic, k, v, h)
+        else:
+            subs = self.sources.get(topic)
+            if subs is None:
+                return
+            for sub in subs:
+                self._ingest(sub, m)
         self.consumed[(topic, p)] = offset + 1
         self.pending_records += 1
+
+    def _ingest(self, sub: Any, m: Any) -> None:
+        """A source record becomes an Invoke on the log (or a dead letter) in
+        the open transaction, which also carries the source offset."""
+        sub.stats["read"] += 1
+        out = route(self.app.name, self.app.partitions, sub, m)
+        if isinstance(out, Routed):
+            self.produce(self.app.log_topic, out.key, out.value, partition=out.partition)
+            sub.stats["invoked"] += 1
+        else:
+            self.produce(self.app.dlq_topic, out.key, out.value, out.headers)
+            sub.stats["dead"] += 1
+            log.warning("%s: %s[%d]@%d dead-lettered (%s)", sub.name, m.topic(), m.partition(), m.offset(),
+                        out.reason)
 
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -495,7 +533,7 @@ class CommitLoop:
                                  self.facts.get("changelog_delete_retention_ms", 24 * 3600 * 1000))
         self.producer = self._new_producer()
         self.consumer = self._new_consumer()
-        self.consumer.subscribe([self.app.log_topic], on_assign=self._on_assign,
+        self.consumer.subscribe([self.app.log_topic, *self.sources], on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -47,6 +47,15 @@ class LocalExecutor:
         task.add_done_callback(finished)
         return task
 
+    def _input(self, call: HandlerCall) -> object:
+        if call.subscription is not None:
+            sub = self.app.subscription(call.subscription)
+            if sub is None:
+                raise LookupError(f"the invocation came from subscription {call.subscription!r}, "
+                                  f"which app {self.app.name!r} no longer has")
+            return sub.decoder.decode(call.payload)
+        return decode_input(call.payload, call.payload_format)
+
     async def _execute(self, call: HandlerCall) -> Outcome:
         handler = self.app.lookup(call.service, call.handler)
         if handler is None:
@@ -55,9 +64,11 @@ class LocalExecutor:
         try:
             if handler.takes_input:
                 try:
-                    arg = decode_input(call.payload, call.payload_format)
-                except orjson.JSONDecodeError as e:
-                    return Outcome("terminal", error=f"input is not valid JSON: {e}")
+                    arg = self._input(call)
+                except LookupError as e:
+                    return Outcome("terminal", error=str(e))
+                except Exception as e:
+                    return Outcome("terminal", error=f"cannot decode the input: {type(e).__name__}: {e}")
                 value = await handler.fn(ctx, arg)
             else:
                 value = await handler.fn(ctx)

@@ -287,7 +287,7 @@ class PartitionProcessor:
         call = HandlerCall(
             invocation_id=inv.id, service=invoke["service"], handler=invoke["handler"], key=invoke["key"],
             payload=invoke["payload"], payload_format=invoke["payload_format"], attempt=inv.attempt,
-            journal=inv.journal, state=state, source=invoke.get("source"),
+            journal=inv.journal, state=state, source=invoke.get("source"), subscription=invoke.get("subscription"),
         )
         self.active.add(inv)
         inv.running = self.executor.start(call, lambda outcome: self._on_outcome(inv, outcome))

@@ -56,6 +56,9 @@ class HandlerCall:
     journal: list[Entry]
     state: StateReader | None
     source: dict[str, Any] | None = None
+    # Set when the payload is a source record's raw value that the named
+    # subscription's decoder turns into the handler's input.
+    subscription: str | None = None
     # The processor's hooks for effects that must join the current
     # transaction; filled in by later stages (emit, send, call).
     effects: Any = None

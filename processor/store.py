@@ -6,9 +6,12 @@ the changelog offset they reflect (the checkpoint), after the Kafka
 transaction carrying the same writes to the changelog has committed. Dropping
 the overlay is therefore a complete rewind to the last commit.
 
-The WAL is off (as in Kafka Streams): after a crash RocksDB comes back at its
-last flushed memtable, whose checkpoint is consistent with it because a
-WriteBatch never straddles a flush; the changelog supplies the rest.
+The WAL is on but not synced: a killed process keeps every batch it wrote
+(the OS has it), so a restart after kill -9 restores only the changelog tail;
+after an OS crash RocksDB recovers to a batch boundary, whose checkpoint is
+consistent with it because it is in the same batch, and the changelog
+supplies the rest. (Kafka Streams turns the WAL off and pays a longer
+restore after a crash instead.)
 """
 
 from __future__ import annotations
@@ -60,7 +63,6 @@ class PartitionStore:
             self.wipe()
             return
         self._wo = WriteOptions()
-        self._wo.disable_wal = True
         cp = self.checkpoint()
         if cp is not None and (cp["app"] != self.app or cp["partitions"] != self.partitions
                                or cp["partition"] != self.partition):
@@ -78,7 +80,6 @@ class PartitionStore:
         self.path.mkdir(parents=True, exist_ok=True)
         self._db = Rdict(str(self.path), self._options())
         self._wo = WriteOptions()
-        self._wo.disable_wal = True
         self.overlay.clear()
         self._fresh.clear()
         self.wiped = True

@@ -49,6 +49,7 @@ def decode(name: str, data: bytes) -> dict[str, Any]:
     if not data or data[:1] != FORMAT_V1:
         raise SchemaError(f"not an oncely v1 {name} record (first byte {data[:1]!r})")
     try:
-        return fastavro.schemaless_reader(io.BytesIO(data[1:]), _all()[name], return_record_name=True)
+        return fastavro.schemaless_reader(io.BytesIO(data[1:]), _all()[name], return_record_name=True,
+                                          return_record_name_override=True)
     except Exception as e:
         raise SchemaError(f"cannot decode {name}: {e}") from None

@@ -2,7 +2,7 @@
 the same logical request could arrive, so the duplicate is recognised.
 
 - idempotency key given: hash(service, handler, key, idempotency key);
-- a source record: hash(topic, partition, offset) (ingest);
+- a source record: hash(topic, partition, offset, target) (ingest);
 - a call/send from a handler: hash(caller id, journal index) (shuffle);
 - otherwise random.
 """
@@ -33,8 +33,9 @@ def idempotent_id(service: str, handler: str, key: bytes | None, idempotency_key
     return _digest(b"idem", service.encode(), handler.encode(), key or b"", idempotency_key.encode())
 
 
-def source_record_id(topic: str, partition: int, offset: int) -> bytes:
-    return _digest(b"src", topic.encode(), partition.to_bytes(4, "big"), offset.to_bytes(8, "big"))
+def source_record_id(topic: str, partition: int, offset: int, target: str) -> bytes:
+    """One source record feeding several subscriptions makes one invocation each."""
+    return _digest(b"src", topic.encode(), partition.to_bytes(4, "big"), offset.to_bytes(8, "big"), target.encode())
 
 
 def child_id(caller: bytes, journal_index: int) -> bytes:

@@ -81,6 +81,15 @@ def wait_until(pred: Callable[[], Any], timeout: float, interval: float = 0.5, w
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
 
 
+def wait_for_app_topics(bootstrap: str, app: str, timeout: float = 60) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    names = [f"{app}.log", f"{app}.changelog", f"{app}.dlq"]
+    wait_until(lambda: all(n in admin.list_topics(timeout=5).topics for n in names), timeout, 0.2,
+               f"the topics of {app}")
+
+
 def changelog_state(bootstrap: str, app: str) -> dict[tuple[str, bytes, str], Any]:
     return read_state(bootstrap, app)
 

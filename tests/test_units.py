@@ -53,8 +53,9 @@ def test_ids_are_deterministic_where_duplicates_must_be_recognised() -> None:
     assert a == idempotent_id("counter", "add", b"alice", "order-1")
     assert a != idempotent_id("counter", "add", b"bob", "order-1")
     assert a != idempotent_id("counter", "sub", b"alice", "order-1")
-    assert source_record_id("t", 0, 5) != source_record_id("t", 0, 6)
-    assert source_record_id("t", 1, 5) != source_record_id("t1", 0, 5)
+    assert source_record_id("t", 0, 5, "s/h") != source_record_id("t", 0, 6, "s/h")
+    assert source_record_id("t", 1, 5, "s/h") != source_record_id("t1", 0, 5, "s/h")
+    assert source_record_id("t", 0, 5, "s/h") != source_record_id("t", 0, 5, "s/g")
     assert child_id(a, 3) == child_id(a, 3) != child_id(a, 4)
     r = random_id()
     assert parse_id(format_id(r)) == r
@@ -65,7 +66,7 @@ def test_ids_are_deterministic_where_duplicates_must_be_recognised() -> None:
 def test_schema_round_trip_and_garbage() -> None:
     invoke = {"invocation_id": b"i" * 16, "service": "s", "handler": "h", "key": b"\xff\x00", "payload": b"1",
               "payload_format": "JSON", "idempotency_key": None, "idempotency_retention_ms": None,
-              "caller": None, "source": None, "created_at_ms": 1}
+              "caller": None, "source": None, "subscription": None, "created_at_ms": 1}
     data = schemas.encode("log_record", {"body": ("oncely.Invoke", invoke)})
     kind, body = schemas.decode("log_record", data)["body"]
     assert kind == "oncely.Invoke" and body == invoke
@@ -211,6 +212,10 @@ def test_config_from_environment_and_bad_values() -> None:
     cfg = AppConfig()
     cfg.load_env({"ONCELY_COMMIT_INTERVAL": "0.05", "ONCELY_NET_EFFECTS": "false", "ONCELY_MAX_BATCH": "10"})
     assert cfg.commit_interval == 0.05 and cfg.net_effects is False and cfg.max_batch == 10
+    cfg.load_env({"ONCELY_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "ONCELY_KAFKA_AUTO_OFFSET_RESET": "latest",
+                  "ONCELY_KAFKA_BOOTSTRAP": "h:1"})
+    assert cfg.kafka == {"security.protocol": "SASL_SSL", "auto.offset.reset": "latest"}
+    assert cfg.bootstrap == "h:1"
     with pytest.raises(ConfigError, match="ONCELY_MAX_BATCH='ten' is not a valid int"):
         AppConfig().load_env({"ONCELY_MAX_BATCH": "ten"})
 

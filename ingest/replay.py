@@ -1,0 +1,186 @@
+"""`oncely replay`: re-feed a range of a source topic through its
+subscriptions, for recovery.
+
+Without new ids a replayed record gets the invocation id it had the first
+time, so a record processed within the dedup retention is recognised and
+changes nothing (the tool skips ids the changelog already remembers; the
+target partition drops any other duplicate). With `new_ids` every record
+becomes a new invocation and is processed again.
+
+Invokes are produced with an idempotent (not transactional) producer: the
+tool commits no offsets. Re-running an interrupted replay without new ids is
+safe; re-running a `new_ids` replay processes the range once more.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Callable
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+
+from oncely import schemas
+from oncely.errors import ConfigError
+from oncely.ingest.router import Routed, route
+from oncely.processor import keys
+
+if TYPE_CHECKING:
+    from oncely.app import App
+
+
+@dataclass
+class ReplaySummary:
+    read: int = 0
+    invoked: int = 0
+    deduplicated: int = 0
+    dead_lettered: int = 0
+
+    def __str__(self) -> str:
+        return (f"records read {self.read}, invoked {self.invoked}, deduplicated {self.deduplicated}, "
+                f"dead-lettered {self.dead_lettered}")
+
+
+def parse_time(text: str) -> int:
+    """ISO 8601 -> epoch ms; a time without zone is UTC."""
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"{text!r} is not an ISO 8601 time (e.g. 2026-11-21T08:00:00Z)") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=timezone.utc)
+    return int(t.timestamp() * 1000)
+
+
+def remembered_ids(bootstrap: str, app: "App", kafka: dict) -> set[bytes]:
+    """Invocation ids the app's changelog remembers as finished (not expired)."""
+    from oncely.admin import changelog_latest
+
+    now = time.time() * 1000
+    known = set()
+    for k, v in changelog_latest(bootstrap, app.name).items():
+        if k[:1] == keys.DEDUP:
+            if schemas.decode("dedup_entry", v)["expires_at_ms"] > now:
+                known.add(k[1:])
+        elif k[:1] == keys.FAILED:
+            known.add(k[1:])
+    return known
+
+
+def _offsets_at(consumer: Consumer, topic: str, parts: list[int], ms: int, ends: dict[int, int]) -> dict[int, int]:
+    found = consumer.offsets_for_times([TopicPartition(topic, p, ms) for p in parts], timeout=30)
+    return {tp.partition: (tp.offset if tp.offset >= 0 else ends[tp.partition]) for tp in found}
+
+
+def replay(
+    app: "App",
+    topic: str,
+    partitions: list[int] | None = None,
+    from_offset: int | None = None,
+    from_time: str | None = None,
+    to_offset: int | None = None,
+    to_time: str | None = None,
+    new_ids: bool = False,
+    progress: Callable[[int], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
+) -> ReplaySummary:
+    """Replay [from, to) of `topic` (every partition, or `partitions`)."""
+    subs = [s for s in app.subscriptions if topic in s.topics]
+    if not subs:
+        raise ConfigError(f"app {app.name!r} has no subscription on topic {topic!r}")
+    if (from_offset is None) == (from_time is None):
+        raise ConfigError("give exactly one of --from-offset and --from-time")
+    if to_offset is not None and to_time is not None:
+        raise ConfigError("give at most one of --to-offset and --to-time")
+    bootstrap = app.config.bootstrap
+    if not bootstrap:
+        raise ConfigError("no Kafka bootstrap address: pass --bootstrap or set ONCELY_KAFKA_BOOTSTRAP")
+    conf = {"bootstrap.servers": bootstrap, **app.config.kafka}
+    conf.pop("auto.offset.reset", None)
+    consumer = Consumer({**conf, "group.id": f"{app.name}-replay", "enable.auto.commit": False,
+                         "isolation.level": "read_committed", "enable.partition.eof": True})
+    producer = Producer({**conf, "enable.idempotence": True, "linger.ms": 5})
+    errors: list[str] = []
+    summary = ReplaySummary()
+    try:
+        md = consumer.list_topics(topic, timeout=30).topics.get(topic)
+        if md is None or md.error is not None:
+            raise ConfigError(f"topic {topic!r} does not exist")
+        parts = sorted(md.partitions) if partitions is None else list(partitions)
+        bad = [p for p in parts if p not in md.partitions]
+        if bad:
+            raise ConfigError(f"topic {topic!r} has no partition(s) {bad}")
+        lows, ends = {}, {}
+        for p in parts:
+            lows[p], ends[p] = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
+        if from_time is not None:
+            starts = _offsets_at(consumer, topic, parts, parse_time(from_time), ends)
+        else:
+            starts = {p: from_offset for p in parts}
+        if to_time is not None:
+            stops = _offsets_at(consumer, topic, parts, parse_time(to_time), ends)
+        else:
+            stops = {p: (to_offset if to_offset is not None else ends[p]) for p in parts}
+        ranges = {p: (max(lows[p], starts[p]), min(ends[p], stops[p])) for p in parts}  # type: ignore[type-var]
+        ranges = {p: r for p, r in ranges.items() if r[0] < r[1]}
+        if on_total:
+            on_total(sum(b - a for a, b in ranges.values()))
+        if not ranges:
+            return summary
+        known = set() if new_ids else remembered_ids(bootstrap, app, conf)
+        salt = f"replay-{uuid.uuid4().hex}" if new_ids else None
+
+        def on_delivery(err: KafkaError | None, _msg: object) -> None:
+            if err is not None:
+                errors.append(str(err))
+
+        consumer.assign([TopicPartition(topic, p, a) for p, (a, _) in ranges.items()])
+        pending = dict(ranges)
+        while pending:
+            for m in consumer.consume(500, timeout=1.0):
+                p = m.partition()
+                if p not in pending:
+                    continue
+                err = m.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        pending.pop(p, None)
+                        continue
+                    raise KafkaException(err)
+                if m.offset() >= pending[p][1]:
+                    pending.pop(p, None)
+                    continue
+                summary.read += 1
+                for sub in subs:
+                    out = route(app.name, app.partitions, sub, m, id_salt=salt)
+                    if isinstance(out, Routed):
+                        if out.invocation_id in known:
+                            summary.deduplicated += 1
+                            continue
+                        target, k, v, h, part = app.log_topic, out.key, out.value, None, out.partition
+                        summary.invoked += 1
+                    else:
+                        target, k, v, h, part = app.dlq_topic, out.key, out.value, out.headers, None
+                        summary.dead_lettered += 1
+                    while True:
+                        try:
+                            if part is None:
+                                producer.produce(target, key=k, value=v, headers=h, on_delivery=on_delivery)
+                            else:
+                                producer.produce(target, key=k, value=v, partition=part, on_delivery=on_delivery)
+                            break
+                        except BufferError:
+                            producer.poll(0.05)
+                producer.poll(0)
+                if progress:
+                    progress(1)
+                if m.offset() + 1 >= pending[p][1]:
+                    pending.pop(p, None)
+        left = producer.flush(60)
+        if left or errors:
+            raise RuntimeError(f"replay: {left} records not acknowledged; errors: {errors[:5]}")
+        return summary
+    finally:
+        consumer.close()

@@ -1,0 +1,107 @@
+"""Source record -> an Invoke on the log partition of its routing key, or a
+dead letter that says why. Pure: the caller produces the result inside its
+transaction (the processor) or with its own producer (replay)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from oncely import schemas
+from oncely.egress.dead_letters import dead_letter
+from oncely.ingest.subscription import SourceRecord, Subscription, idempotency_text, key_bytes
+from oncely.shuffle.ids import idempotent_id, source_record_id
+from oncely.shuffle.routing import partition_for
+
+H_SUBSCRIPTION = "oncely.subscription"
+
+
+@dataclass(slots=True)
+class Routed:
+    partition: int
+    key: bytes
+    value: bytes
+    invocation_id: bytes
+
+
+@dataclass(slots=True)
+class Dead:
+    reason: str
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+
+
+def _dead(app: str, sub: Subscription, reason: str, error: str, msg: Any) -> Dead:
+    source = {"topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset()}
+    k, v, h = dead_letter(app, reason, error, msg.key(), msg.value(), target=f"{sub.target.service.name}/"
+                          f"{sub.target.name}", source=source, extra={H_SUBSCRIPTION: sub.name})
+    # Keep the record's own headers after ours, as Kafka Connect does.
+    return Dead(reason, k, v, h + [(name, val if val is not None else b"") for name, val in (msg.headers() or [])])
+
+
+def route(app: str, partitions: int, sub: Subscription, msg: Any, id_salt: str | None = None) -> Routed | Dead:
+    """Decide what a source record becomes. `id_salt` (replay --new-ids)
+    gives every invocation a new id, so nothing is deduplicated."""
+    raw: bytes | None = msg.value()
+    rkey: bytes | None = msg.key()
+    size = len(raw or b"") + len(rkey or b"")
+    if size > sub.max_bytes:
+        return _dead(app, sub, "too-large", f"the record has {size} bytes; the subscription allows "
+                     f"max_bytes={sub.max_bytes}", msg)
+    try:
+        value = sub.decoder.decode(raw)
+    except Exception as e:
+        return _dead(app, sub, "undecodable", f"value is not {sub.decoder.name}: {e}", msg)
+    headers = tuple(msg.headers() or ())
+    _, ts = msg.timestamp()
+    rec = SourceRecord(msg.topic(), msg.partition(), msg.offset(), ts, rkey, headers, value)
+    target = sub.target
+    service, handler = target.service.name, target.name
+    kb: bytes | None = None
+    if sub.keyed:
+        if sub.key is not None:
+            try:
+                kb = key_bytes(sub.key(rec))
+            except Exception as e:
+                return _dead(app, sub, "key-error", f"the key function raised {type(e).__name__}: {e}", msg)
+            if kb is None:
+                return _dead(app, sub, "missing-key", f"keyed target {service}/{handler} needs a routing key; "
+                             "the key function returned None", msg)
+        else:
+            kb = rkey
+            if kb is None:
+                return _dead(app, sub, "missing-key", f"keyed target {service}/{handler} needs a routing key; "
+                             "the record's key is null", msg)
+    idem: str | None = None
+    if sub.idempotency is not None:
+        try:
+            found = sub.idempotency(rec)
+        except Exception as e:
+            return _dead(app, sub, "idempotency-error", f"the idempotency function raised {type(e).__name__}: {e}",
+                         msg)
+        if found is not None:
+            idem = idempotency_text(found)
+    if idem is None:
+        # Deduplicate by coordinates: a replay of the same record is the same invocation.
+        idem = f"{rec.topic}/{rec.partition}/{rec.offset}"
+        inv_id = source_record_id(rec.topic, rec.partition, rec.offset, f"{service}/{handler}")
+    else:
+        inv_id = idempotent_id(service, handler, kb, idem)
+    if id_salt is not None:
+        idem = f"{idem}#{id_salt}"
+        inv_id = idempotent_id(service, handler, kb, idem)
+    reencode = sub.decoder.reencode
+    record = schemas.encode("log_record", {"body": ("oncely.Invoke", {
+        "invocation_id": inv_id, "service": service, "handler": handler, "key": kb,
+        "payload": raw if raw is not None else b"", "payload_format": sub.decoder.payload_format,
+        "idempotency_key": idem, "idempotency_retention_ms": int(sub.retention.total_seconds() * 1000),
+        "caller": None,
+        "source": {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset, "timestamp_ms": ts,
+                   "key": rkey, "headers": [{"name": n, "value": v} for n, v in headers]},
+        "subscription": sub.name if reencode else None,
+        "created_at_ms": int(time.time() * 1000),
+    })})
+    routing = kb if kb is not None else inv_id
+    return Routed(partition_for(routing, partitions), routing, record, inv_id)
