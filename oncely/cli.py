@@ -99,16 +99,17 @@ def run_cmd(app_spec: str, bootstrap: str | None, state_dir: str | None, log_lev
 @main.command("demo")
 @click.option("--bootstrap", default=None, help="Use this Kafka cluster (default: $ONCELY_KAFKA_BOOTSTRAP, "
               "else a local broker started for the demo).")
-@click.option("--records", default=20_000, show_default=True, help="add invocations to send")
-@click.option("--keys", default=200, show_default=True, help="distinct keys")
+@click.option("--orders", default=20_000, show_default=True, help="distinct orders to produce")
+@click.option("--customers", default=200, show_default=True, help="distinct customers (keys)")
 @click.option("--kills", default=2, show_default=True, help="times to kill -9 the processor mid-stream")
-def demo_cmd(bootstrap: str | None, records: int, keys: int, kills: int) -> None:
-    """Run a keyed counter, kill -9 its processor mid-stream, check every sum."""
+def demo_cmd(bootstrap: str | None, orders: int, customers: int, kills: int) -> None:
+    """Subscribe a keyed handler to an orders topic (with duplicates and
+    malformed records), kill -9 its processor mid-stream, check every total."""
     import os
 
     from oncely.demo import run_demo
 
-    ok = run_demo(bootstrap or os.environ.get("ONCELY_KAFKA_BOOTSTRAP"), records, keys, kills, click.echo)
+    ok = run_demo(bootstrap or os.environ.get("ONCELY_KAFKA_BOOTSTRAP"), orders, customers, kills, click.echo)
     sys.exit(0 if ok else 1)
 
 
