@@ -26,6 +26,7 @@ from oncely import schemas
 from oncely.errors import ConfigError
 from oncely.ingest.router import Routed, route
 from oncely.processor import keys
+from oncely.processor.restore import watermarks
 
 if TYPE_CHECKING:
     from oncely.app import App
@@ -114,7 +115,7 @@ def replay(
             raise ConfigError(f"topic {topic!r} has no partition(s) {bad}")
         lows, ends = {}, {}
         for p in parts:
-            lows[p], ends[p] = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
+            lows[p], ends[p] = watermarks(consumer, TopicPartition(topic, p))
         if from_time is not None:
             starts = _offsets_at(consumer, topic, parts, parse_time(from_time), ends)
         else:

@@ -243,6 +243,8 @@ def read_to_end(
     """
     from confluent_kafka import Consumer, KafkaError, TopicPartition
 
+    from oncely.processor.restore import watermarks
+
     consumer = Consumer({
         "bootstrap.servers": bootstrap,
         "group.id": unique_name("oncely-read"),
@@ -260,7 +262,7 @@ def read_to_end(
         pending = set()
         assignment = []
         for p in parts:
-            lo, hi = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            lo, hi = watermarks(consumer, TopicPartition(topic, p))
             if hi > lo:
                 pending.add(p)
                 assignment.append(TopicPartition(topic, p, lo))

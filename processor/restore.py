@@ -24,6 +24,21 @@ log = logging.getLogger("oncely.restore")
 BATCH = 5000
 
 
+def watermarks(consumer: Consumer, tp: TopicPartition, timeout: float = 60.0) -> tuple[int, int]:
+    """(low, high) offsets (high is the LSO for a read_committed consumer),
+    retrying what Kafka calls retriable: a topic created a moment ago may not
+    have a leader yet."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return consumer.get_watermark_offsets(tp, timeout=min(10.0, timeout))
+        except KafkaException as e:
+            err = e.args[0]
+            if not err.retriable() or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 class Restorer:
     def __init__(self, conf: dict[str, Any], topic: str, delete_retention_ms: int) -> None:
         self.topic = topic
@@ -68,7 +83,7 @@ class Restorer:
         pending: dict[int, int] = {}
         for p, store in stores.items():
             tp = TopicPartition(self.topic, p)
-            lo, hi = self.consumer.get_watermark_offsets(tp, timeout=30)
+            lo, hi = watermarks(self.consumer, tp)
             why = self._untrusted(store, lo, hi)
             if why:
                 log.warning("partition %d: wiping local state because %s; restoring from the changelog", p, why)
