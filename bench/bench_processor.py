@@ -9,7 +9,8 @@ In one run, on one broker, with the same record count and partitions:
     on (default) and off, and the changelog records each wrote;
 (c) the ratio b/a;
 (d) latency p50/p99 from a record's produce to its state change being
-    committed, at a fixed offered rate below saturation;
+    committed, at a fixed offered rate below saturation, after a one-second
+    warm-up that is not measured;
 (e) a subscription (JSON source topic -> keyed counter, with an idempotency
     header, exactly-once) records/s, and e/a;
 (f) latency p50/p99 from a source record's produce to its committed state.
@@ -186,13 +187,20 @@ def latency(bootstrap: str, partitions: int, keys: int, rate: int, seconds: floa
 
     runner = Running(app).start()
 
+    measure_from = [float("inf")]
+
     def committed() -> None:
         now = time.time()
-        samples.extend(now - t for t in done_since_commit)
+        samples.extend(now - t for t in done_since_commit if t >= measure_from[0])
         done_since_commit.clear()
 
     runner.proc.on_commit = committed
     client = oncely.Client(bootstrap, app=name)
+    for i in range(rate):  # one second of warm-up, not measured
+        client.send("counter", f"key-{i % keys}", "add", time.time())
+        time.sleep(1 / rate)
+    client.flush()
+    measure_from[0] = time.time()
     n = int(rate * seconds)
     t0 = time.monotonic()
     for i in range(n):
@@ -225,8 +233,9 @@ def subscription_app(name: str, bootstrap: str, partitions: int, state_dir: str,
     return app
 
 
-def _produce_orders(bootstrap: str, source: str, n: int, keys: int, rate: float | None = None) -> None:
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True})
+def _produce_orders(bootstrap: str, source: str, n: int, keys: int, rate: float | None = None,
+                    first: int = 0, producer: Producer | None = None) -> None:
+    p = producer or Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True})
     t0 = time.monotonic()
     for i in range(n):
         if rate:
@@ -236,7 +245,8 @@ def _produce_orders(bootstrap: str, source: str, n: int, keys: int, rate: float 
         body = b'{"customer": "c%d", "amount": 1, "sent_at": %f}' % (i % keys, time.time())
         while True:
             try:
-                p.produce(source, key=b"c%d" % (i % keys), value=body, headers=[("Idempotency-Key", b"o%d" % i)])
+                p.produce(source, key=b"c%d" % (i % keys), value=body,
+                          headers=[("Idempotency-Key", b"o%d" % (first + i))])
                 break
             except BufferError:
                 p.poll(0.01)
@@ -274,14 +284,19 @@ def subscription_latency(bootstrap: str, partitions: int, keys: int, rate: int, 
     samples: list[float] = []
     runner = Running(subscription_app(name, bootstrap, partitions, state, source, done)).start()
 
+    measure_from = [float("inf")]
+
     def committed() -> None:
         now = time.time()
-        samples.extend(now - t for t in done)
+        samples.extend(now - t for t in done if t >= measure_from[0])
         done.clear()
 
     runner.proc.on_commit = committed
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True})
+    _produce_orders(bootstrap, source, rate, keys, rate, first=10**9, producer=producer)  # warm-up
+    measure_from[0] = time.time()
     n = int(rate * seconds)
-    _produce_orders(bootstrap, source, n, keys, rate)
+    _produce_orders(bootstrap, source, n, keys, rate, producer=producer)
     deadline = time.monotonic() + 30
     while len(samples) < n and time.monotonic() < deadline:
         time.sleep(0.05)
