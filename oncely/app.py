@@ -121,6 +121,8 @@ class AppConfig:
     # interval and let runnable invocations finish, so only invocations that
     # really wait on something are persisted (net effects).
     commit_drain_share: float = 0.3
+    # Create declared sink topics that do not exist (else: refuse to start).
+    create_sink_topics: bool = False
     kafka: dict[str, str] = field(default_factory=dict)
 
     def load_env(self, env: dict[str, str]) -> None:
@@ -182,6 +184,7 @@ class App:
         self.partitions = partitions
         self.services: dict[str, Service] = {}
         self.subscriptions: list[Any] = []
+        self.sinks: dict[str, Any] = {}
         self.default_retry = retry or RetryPolicy()
         self.config = AppConfig()
         self.config.load_env(dict(os.environ))
@@ -269,6 +272,25 @@ class App:
                            retention, max_bytes or DEFAULT_MAX_BYTES)
         self.subscriptions.append(sub)
         return sub
+
+    def sink(self, topic: str, *, value: Any = "json", partitions: int | None = None) -> Any:
+        """Declare a user topic handlers emit to, with its value format:
+        "json" (default), "bytes" or "avro:<path to .avsc>" (validated now).
+        At start the topic must exist, or is created with `partitions`
+        (default: the app's) when create_sink_topics is on."""
+        from oncely.egress.sinks import Sink, make_serializer
+
+        if not isinstance(topic, str) or not topic:
+            raise ConfigError("sink: give the topic name")
+        if topic in (self.log_topic, self.changelog_topic, self.dlq_topic):
+            raise ConfigError(f"sink: {topic!r} is one of the app's own topics")
+        if topic in self.sinks:
+            raise ConfigError(f"sink: topic {topic!r} is already declared")
+        if partitions is not None and (not isinstance(partitions, int) or partitions < 1):
+            raise ConfigError("sink: partitions must be a positive int")
+        sink = Sink(topic, make_serializer(value), partitions)
+        self.sinks[topic] = sink
+        return sink
 
     def subscription(self, name: str) -> Any:
         for s in self.subscriptions:

@@ -46,7 +46,7 @@ class Context:
     """Handed to every handler invocation as its first argument."""
 
     __slots__ = ("_call", "_journal", "_replay_len", "_index", "_writes", "_cleared_all",
-                 "_rng", "diverged", "_keyed")
+                 "_rng", "diverged", "_keyed", "_emits")
 
     def __init__(self, call: HandlerCall, keyed: bool) -> None:
         self._call = call
@@ -58,6 +58,7 @@ class Context:
         self._rng: _random.Random | None = None
         self.diverged: NonDeterminismError | None = None
         self._keyed = keyed
+        self._emits: list = []
 
     # -- identity ---------------------------------------------------------------
 
@@ -239,6 +240,22 @@ class Context:
         if self._step("uuid") is None:
             self._record(Entry("uuid"))
         return _uuid.UUID(bytes=self._random().randbytes(16), version=4)
+
+    # -- output -------------------------------------------------------------------
+
+    def emit(self, topic: str, value: Any, key: Any = None, headers: Any = None) -> None:
+        """Produce a record to a user topic, serialized by the topic's sink
+        format (JSON unless declared with app.sink). It is produced in the
+        transaction that completes this invocation, once: a replay does not
+        emit again, and an invocation that fails emits nothing. A value that
+        does not fit the format raises ValueError here."""
+        is_new = self._step("emit", topic) is None
+        if self._call.effects is None:
+            raise RuntimeError("ctx.emit: this executor has no sinks")
+        record = self._call.effects.record(topic, value, key, headers)
+        if is_new:
+            self._record(Entry("emit", topic))
+        self._emits.append(record)
 
     # -- for the executor ---------------------------------------------------------
 

@@ -60,6 +60,25 @@ def ensure_topics(admin: AdminClient, app: "App", timeout: float = 30.0) -> dict
             f"source topic(s) {absent} of app {app.name!r} do not exist: create them (oncely does not create "
             "topics it only reads), or fix the name in app.subscribe()"
         )
+    missing_sinks = [t for t in app.sinks if t not in md.topics]
+    if missing_sinks and not app.config.create_sink_topics:
+        raise ConfigError(
+            f"sink topic(s) {missing_sinks} of app {app.name!r} do not exist: create them, or let oncely create "
+            "them with App(...).config.create_sink_topics = True (or ONCELY_CREATE_SINK_TOPICS=1)"
+        )
+    if missing_sinks:
+        futures = admin.create_topics(
+            [NewTopic(t, app.sinks[t].partitions or app.partitions, replication) for t in missing_sinks],
+            operation_timeout=timeout,
+        )
+        for name, fut in futures.items():
+            try:
+                fut.result(timeout)
+                log.info("created sink topic %s", name)
+            except Exception as e:
+                if "TOPIC_ALREADY_EXISTS" not in str(e):
+                    raise ConfigError(f"could not create sink topic {name}: {e}") from None
+        _wait_for(admin, missing_sinks, timeout)
     for name in (app.log_topic, app.changelog_topic):
         have = len(md.topics[name].partitions)
         if have != app.partitions:

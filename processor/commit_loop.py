@@ -41,6 +41,7 @@ from confluent_kafka import (
 from oncely import schemas
 from oncely.egress.dead_letters import dead_letter
 from oncely.errors import ConfigError
+from oncely.egress.sinks import Sinks
 from oncely.ingest.router import Routed, route
 from oncely.processor.executor import LocalExecutor
 from oncely.processor.partition import PartitionProcessor
@@ -144,6 +145,7 @@ class CommitLoop:
         # itself always starts at the beginning.
         self.source_start = OFFSET_END if reset in ("latest", "largest", "end") else OFFSET_BEGINNING
         self.executor = LocalExecutor(app)
+        self.sinks = Sinks(app.sinks, self._topic_exists)
         self.partitions: dict[int, PartitionProcessor] = {}
         self.consumed: dict[tuple[str, int], int] = {}
         self.committed: dict[tuple[str, int], int] = {}
@@ -179,6 +181,8 @@ class CommitLoop:
             "linger.ms": 5,
             "queue.buffering.max.messages": 1_000_000,
             "compression.type": "lz4",
+            # Keyed records land where Kafka's Java clients would put them.
+            "partitioner": "murmur2_random",
         })
         # Unbounded: without a producer there is nothing else to do.
         self._retry_call(lambda: p.init_transactions(30), "init_transactions", bounded=False)
@@ -230,6 +234,13 @@ class CommitLoop:
                     delay = min(delay * 2, 1.0)
                     continue
                 raise TxnFailed(err, during) from None
+
+    def _topic_exists(self, topic: str) -> bool:
+        from confluent_kafka.admin import AdminClient
+
+        md = AdminClient(self._base_conf()).list_topics(topic, timeout=10)
+        t = md.topics.get(topic)
+        return t is not None and t.error is None
 
     # -- TxnOutput ------------------------------------------------------------------
 
@@ -287,7 +298,7 @@ class CommitLoop:
         assert self.restorer is not None
         self.restorer.restore(stores)
         for p, store in stores.items():
-            part = PartitionProcessor(self.app, p, store, self.executor, self, self.cfg.net_effects)
+            part = PartitionProcessor(self.app, p, store, self.executor, self, self.cfg.net_effects, self.sinks)
             self.partitions[p] = part
             part.load()
 
@@ -444,7 +455,7 @@ class CommitLoop:
         if stores:
             self.restorer.restore(stores)
         for p, store in stores.items():
-            self.partitions[p] = PartitionProcessor(self.app, p, store, self.executor, self, self.cfg.net_effects)
+            self.partitions[p] = PartitionProcessor(self.app, p, store, self.executor, self, self.cfg.net_effects, self.sinks)
         if stores:
             # The fresh processors start unpaused; so must the consumer.
             self.consumer.resume([TopicPartition(self.app.log_topic, p) for p in stores])

@@ -92,4 +92,4 @@ class LocalExecutor:
         except TypeError as e:
             return Outcome("terminal", error=f"the handler's return value is neither JSON nor bytes: {e}")
         writes, cleared = ctx._state_changes()
-        return Outcome("completed", value=encoded, state=writes, cleared_all=cleared)
+        return Outcome("completed", value=encoded, state=writes, cleared_all=cleared, emits=ctx._emits)

@@ -118,6 +118,7 @@ class PartitionProcessor:
         executor: Executor,
         out: TxnOutput,
         net_effects: bool = True,
+        effects: Any = None,
     ) -> None:
         self.app = app
         self.partition = partition
@@ -125,6 +126,7 @@ class PartitionProcessor:
         self.executor = executor
         self.out = out
         self.net_effects = net_effects
+        self.effects = effects
         self.invocations: dict[bytes, Invocation] = {}
         self.queues: dict[bytes, _KeyQueue] = {}
         self.active: set[Invocation] = set()
@@ -288,6 +290,7 @@ class PartitionProcessor:
             invocation_id=inv.id, service=invoke["service"], handler=invoke["handler"], key=invoke["key"],
             payload=invoke["payload"], payload_format=invoke["payload_format"], attempt=inv.attempt,
             journal=inv.journal, state=state, source=invoke.get("source"), subscription=invoke.get("subscription"),
+            effects=self.effects,
         )
         self.active.add(inv)
         inv.running = self.executor.start(call, lambda outcome: self._on_outcome(inv, outcome))
@@ -338,6 +341,8 @@ class PartitionProcessor:
                     store.delete(sk)
                 else:
                     store.put(sk, value)
+        for topic, key, value, headers in outcome.emits:
+            self.out.produce(topic, key, value, headers)
         self._remember(inv, failed=False, result=outcome.value, error=None)
         self.stats.completed += 1
         self._finish(inv)

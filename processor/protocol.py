@@ -59,8 +59,8 @@ class HandlerCall:
     # Set when the payload is a source record's raw value that the named
     # subscription's decoder turns into the handler's input.
     subscription: str | None = None
-    # The processor's hooks for effects that must join the current
-    # transaction; filled in by later stages (emit, send, call).
+    # The processor's hooks for effects: `effects.record(topic, value, key,
+    # headers)` turns an emit into a complete record (egress.sinks.Sinks).
     effects: Any = None
 
 
@@ -75,6 +75,9 @@ class Outcome:
     # name -> encoded value, None = cleared; applied only when completed.
     state: dict[str, bytes | None] = field(default_factory=dict)
     cleared_all: bool = False
+    # Records to produce (topic, key, value, headers), in emit order; like
+    # state, produced only when the invocation completes.
+    emits: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]] | None]] = field(default_factory=list)
 
 
 class Running(Protocol):

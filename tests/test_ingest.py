@@ -96,13 +96,13 @@ def test_ingest_with_duplicates_exact_under_kill9(kafka: str, tmp_path: Path) ->
         size = len(placed) // batches
         kills = 0
         for b in range(batches):
+            before = sum(_totals(kafka, app)[1].values()) if b else 0
             _send(producer, source, placed[b * size:(b + 1) * size])
             if b in (2, 5, 8):
-                # Kill while it processes: this run owns partitions and has
-                # committed state changes of its own.
+                # Kill while it processes the batch just sent: this run owns
+                # partitions and has committed state changes of its own.
                 wait_until(lambda: "assigned [('" in proc.log_text().split("===== start")[-1], 60, 0.1,
                            "the processor to own partitions")
-                before = sum(_totals(kafka, app)[1].values()) if b else 0
                 wait_until(lambda: sum(_totals(kafka, app)[1].values()) > before, 60, 0.2,
                            "committed progress of this run")
                 time.sleep(rng.uniform(0.0, 0.5))

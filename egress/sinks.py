@@ -1,0 +1,158 @@
+"""Sinks: user topics that handlers emit to, and how values become bytes.
+
+A record is serialized completely when `ctx.emit` is called, so a value that
+does not fit its format fails the handler there (retried, then dead-lettered)
+and never reaches Kafka half-made. Emitted records are buffered with the
+invocation and produced in the transaction that completes it: an invocation
+that fails emits nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import fastavro
+import fastavro.validation
+import orjson
+
+from oncely.errors import ConfigError
+
+Headers = list[tuple[str, bytes]]
+
+
+class Serializer:
+    name = "?"
+
+    def serialize(self, value: Any) -> bytes:
+        raise NotImplementedError
+
+
+class JsonSerializer(Serializer):
+    name = "json"
+
+    def serialize(self, value: Any) -> bytes:
+        try:
+            return orjson.dumps(value)
+        except TypeError as e:
+            raise ValueError(f"the value is not JSON-serialisable: {e}") from None
+
+
+class BytesSerializer(Serializer):
+    name = "bytes"
+
+    def serialize(self, value: Any) -> bytes:
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return bytes(value)
+        if isinstance(value, str):
+            return value.encode()
+        raise ValueError(f"a 'bytes' sink takes bytes or str, not {type(value).__name__}")
+
+
+class AvroSerializer(Serializer):
+    """Schemaless Avro datums of one schema; with a Schema Registry id, in the
+    Confluent wire format (magic byte 0, 4-byte schema id, datum)."""
+
+    def __init__(self, path: str) -> None:
+        self.name = f"avro:{path}"
+        self.path = path
+        try:
+            self.raw_schema = json.loads(Path(path).read_text())
+            self.schema = fastavro.parse_schema(self.raw_schema)
+        except FileNotFoundError:
+            raise ConfigError(f"sink value='avro:{path}': no such schema file") from None
+        except (ValueError, fastavro.schema.SchemaParseException) as e:
+            raise ConfigError(f"sink value='avro:{path}': not a valid Avro schema: {e}") from None
+        self.registry_id: int | None = None
+
+    def serialize(self, value: Any) -> bytes:
+        try:
+            fastavro.validation.validate(value, self.schema, raise_errors=True)
+        except fastavro.validation.ValidationError as e:
+            raise ValueError(f"the value does not fit the Avro schema {self.path}: {e}") from None
+        buf = io.BytesIO()
+        if self.registry_id is not None:
+            buf.write(b"\x00" + self.registry_id.to_bytes(4, "big"))
+        fastavro.schemaless_writer(buf, self.schema, value)
+        return buf.getvalue()
+
+
+def make_serializer(value: str | Serializer) -> Serializer:
+    if isinstance(value, Serializer):
+        return value
+    if value == "json":
+        return JsonSerializer()
+    if value == "bytes":
+        return BytesSerializer()
+    if isinstance(value, str) and value.startswith("avro:"):
+        return AvroSerializer(value[5:])
+    raise ConfigError(f"sink value={value!r}: use 'json', 'bytes' or 'avro:<path to .avsc>'")
+
+
+def key_bytes(key: Any) -> bytes | None:
+    """Record keys: bytes as is, str as UTF-8, ints as decimal text, else JSON."""
+    if key is None or isinstance(key, bytes):
+        return key
+    if isinstance(key, str):
+        return key.encode()
+    if isinstance(key, int) and not isinstance(key, bool):
+        return str(key).encode()
+    try:
+        return orjson.dumps(key)
+    except TypeError:
+        raise ValueError(f"an emitted key must be str, bytes, int or JSON, not {type(key).__name__}") from None
+
+
+def headers_of(headers: Any) -> Headers | None:
+    if not headers:
+        return None
+    items = headers.items() if isinstance(headers, dict) else headers
+    out: Headers = []
+    for k, v in items:
+        if not isinstance(k, str):
+            raise ValueError("header names must be str")
+        out.append((k, v.encode() if isinstance(v, str) else bytes(v)))
+    return out
+
+
+@dataclass
+class Sink:
+    topic: str
+    serializer: Serializer
+    partitions: int | None = None
+    schema_registry: str | None = None
+
+
+class Sinks:
+    """The app's declared sinks, plus undeclared topics (JSON) that exist."""
+
+    def __init__(self, declared: dict[str, Sink], topic_exists: Callable[[str], bool] | None = None) -> None:
+        self.declared = declared
+        self._json = JsonSerializer()
+        self._topic_exists = topic_exists
+        self._known: set[str] = set(declared)
+        self._missing_until: dict[str, float] = {}
+
+    def record(self, topic: str, value: Any, key: Any, headers: Any) -> tuple[str, bytes | None, bytes, Headers | None]:
+        """The complete record to produce, or ValueError saying why not."""
+        sink = self.declared.get(topic)
+        if sink is None:
+            self._require(topic)
+            serializer: Serializer = self._json
+        else:
+            serializer = sink.serializer
+        return topic, key_bytes(key), serializer.serialize(value), headers_of(headers)
+
+    def _require(self, topic: str) -> None:
+        if topic in self._known:
+            return
+        if self._missing_until.get(topic, 0) > time.monotonic():
+            raise ValueError(f"emit to topic {topic!r}, which does not exist (declare it with app.sink)")
+        if self._topic_exists is None or not self._topic_exists(topic):
+            self._missing_until[topic] = time.monotonic() + 5.0
+            raise ValueError(f"emit to topic {topic!r}, which does not exist (declare it with app.sink)")
+        self._known.add(topic)
