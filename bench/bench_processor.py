@@ -13,7 +13,11 @@ In one run, on one broker, with the same record count and partitions:
     warm-up that is not measured;
 (e) a subscription (JSON source topic -> keyed counter, with an idempotency
     header, exactly-once) records/s, and e/a;
-(f) latency p50/p99 from a source record's produce to its committed state.
+(f) latency p50/p99 from a source record's produce to its committed state;
+(g) the enrichment pipeline (source -> keyed handler with state -> emit to
+    an output topic, exactly-once) records/s and g/a, and
+(h) its latency p50/p99 from source produce to the output record being
+    visible to a read_committed consumer.
 
 Usage: python bench/bench_processor.py [--records 100000] [--partitions 8]
        [--keys 1000] [--rate 2000] [--bootstrap HOST:PORT]
@@ -305,6 +309,86 @@ def subscription_latency(bootstrap: str, partitions: int, keys: int, rate: int, 
     return samples
 
 
+def enrichment_app(name: str, bootstrap: str, partitions: int, state_dir: str, source: str,
+                   out: str) -> oncely.App:
+    app = oncely.App(name, partitions=partitions, bootstrap=bootstrap, state_dir=state_dir)
+    customers = app.keyed("customers")
+    app.sink(out)
+
+    @customers.handler
+    async def enrich(ctx: oncely.Context, order: dict) -> None:
+        total = ctx.get("total", 0) + order["amount"]
+        ctx.set("total", total)
+        ctx.emit(out, {**order, "running_total": total}, key=ctx.key)
+
+    app.subscribe(source, enrich, key=lambda rec: rec.value["customer"], idempotency="header:Idempotency-Key")
+    return app
+
+
+def enrichment(bootstrap: str, records: int, partitions: int, keys: int) -> float:
+    name = f"bench-enr-{uuid.uuid4().hex[:8]}"
+    source, out = f"{name}-src", f"{name}-out"
+    create_topic(bootstrap, source, partitions)
+    create_topic(bootstrap, out, partitions)
+    _produce_orders(bootstrap, source, records, keys)
+    state = tempfile.mkdtemp(prefix="oncely-bench-")
+    runner = Running(enrichment_app(name, bootstrap, partitions, state, source, out))
+    t0 = time.monotonic()
+    runner.start()
+    while runner.completed() < records:
+        time.sleep(0.005)
+    commits = runner.proc.commits
+    while runner.proc.commits == commits:
+        time.sleep(0.001)
+    elapsed = time.monotonic() - t0
+    runner.stop()
+    shutil.rmtree(state, ignore_errors=True)
+    return records / elapsed
+
+
+def enrichment_latency(bootstrap: str, partitions: int, keys: int, rate: int, seconds: float) -> list[float]:
+    """Source produce -> enriched record read by a read_committed consumer."""
+    import orjson
+
+    name = f"bench-enrlat-{uuid.uuid4().hex[:8]}"
+    source, out = f"{name}-src", f"{name}-out"
+    create_topic(bootstrap, source, partitions)
+    create_topic(bootstrap, out, partitions)
+    state = tempfile.mkdtemp(prefix="oncely-bench-")
+    runner = Running(enrichment_app(name, bootstrap, partitions, state, source, out)).start()
+    samples: list[float] = []
+    stop = threading.Event()
+    measure_from = [float("inf")]
+
+    def read() -> None:
+        c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{name}-reader", "auto.offset.reset": "earliest",
+                      "isolation.level": "read_committed", "fetch.wait.max.ms": 10})
+        c.subscribe([out])
+        while not stop.is_set():
+            for m in c.consume(500, 0.05):
+                if m.error() is None:
+                    sent = orjson.loads(m.value())["sent_at"]
+                    if sent >= measure_from[0]:
+                        samples.append(time.time() - sent)
+        c.close()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True})
+    _produce_orders(bootstrap, source, rate, keys, rate, first=10**9, producer=producer)  # warm-up
+    measure_from[0] = time.time()
+    n = int(rate * seconds)
+    _produce_orders(bootstrap, source, n, keys, rate, producer=producer)
+    deadline = time.monotonic() + 30
+    while len(samples) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    reader.join()
+    runner.stop()
+    shutil.rmtree(state, ignore_errors=True)
+    return samples
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
@@ -342,6 +426,11 @@ def main() -> None:
         slat = subscription_latency(bootstrap, args.partitions, args.keys, args.rate, args.latency_seconds)
         print(f"(f) source produce -> committed state at {args.rate}/s: p50 {pct(slat, 0.5) * 1000:.1f} ms, "
               f"p99 {pct(slat, 0.99) * 1000:.1f} ms ({len(slat)} samples)")
+        enr = enrichment(bootstrap, args.records, args.partitions, args.keys)
+        print(f"(g) enrichment source -> state -> emit {enr:10.0f} records/s   g/a {enr / raw:.2f}")
+        elat = enrichment_latency(bootstrap, args.partitions, args.keys, args.rate, args.latency_seconds)
+        print(f"(h) source produce -> output visible (read_committed) at {args.rate}/s: "
+              f"p50 {pct(elat, 0.5) * 1000:.1f} ms, p99 {pct(elat, 0.99) * 1000:.1f} ms ({len(elat)} samples)")
     finally:
         if broker:
             broker.stop()

@@ -124,7 +124,6 @@ class Sink:
     topic: str
     serializer: Serializer
     partitions: int | None = None
-    schema_registry: str | None = None
 
 
 class Sinks:

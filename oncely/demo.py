@@ -1,12 +1,14 @@
-"""`oncely demo`: a subscription, exactly once, shown by killing the processor.
+"""`oncely demo`: the order enrichment example, exactly once, shown by
+killing the processor.
 
-Orders arrive on a Kafka topic (10 % of them sent twice with the same
-Idempotency-Key, a few malformed). The app below subscribes a keyed
-`customers.add_order` handler to the topic, keyed by the customer, and keeps
-a running total per customer. The demo runs the app in a separate
-`oncely run` process, kills it with SIGKILL twice in the middle of the stream
-and restarts it, then reads the committed state and the dead letters back and
-checks every customer's total against the distinct orders sent.
+Orders arrive on a Kafka topic (about 10 % of them sent twice with the same
+Idempotency-Key, a few malformed). `oncely.examples.enrichment` subscribes a
+keyed `customers.add_order` handler to the topic; it keeps each customer's
+running total and emits every order, enriched with that total and a tier, to
+an output topic. The demo runs the app in a separate `oncely run` process,
+kills it with SIGKILL twice in the middle of the stream and restarts it, then
+reads the output topic (read_committed), the state and the dead letters, and
+checks them against a sequential computation over the distinct orders.
 """
 
 from __future__ import annotations
@@ -25,28 +27,7 @@ from typing import Callable
 
 import orjson
 
-import oncely
-
-app = oncely.App(os.environ.get("ONCELY_DEMO_APP", "oncely-demo"), partitions=8)
-customers = app.keyed("customers")
-
-
-@customers.handler
-async def add_order(ctx: oncely.Context, order: dict) -> int:
-    """Add an order to its customer's running total."""
-    total = ctx.get("total", 0) + order["amount"]
-    ctx.set("total", total)
-    ctx.set("orders", ctx.get("orders", 0) + 1)
-    return total
-
-
-app.subscribe(
-    os.environ.get("ONCELY_DEMO_TOPIC", "orders"),
-    add_order,
-    key=lambda rec: rec.value["customer"],
-    value="json",
-    idempotency="header:Idempotency-Key",
-)
+from oncely.examples.enrichment import tier
 
 
 def _sample(n: int, customers_n: int, rng: random.Random) -> tuple[list[tuple], dict, dict, int, int]:
@@ -54,14 +35,12 @@ def _sample(n: int, customers_n: int, rng: random.Random) -> tuple[list[tuple], 
     records: list[tuple] = []
     totals: dict[bytes, int] = defaultdict(int)
     counts: dict[bytes, int] = defaultdict(int)
-    sent: list[tuple] = []
     dups = bad = 0
     for i in range(n):
         cust = f"customer-{rng.randrange(customers_n)}"
         order = {"id": f"order-{i}", "customer": cust, "amount": rng.randint(1, 100)}
         rec = (cust.encode(), orjson.dumps(order), [("Idempotency-Key", order["id"].encode())])
         records.append(rec)
-        sent.append(rec)
         totals[cust.encode()] += order["amount"]
         counts[cust.encode()] += 1
         if rng.random() < 0.1:          # a retrying producer sends it again, now or later
@@ -72,6 +51,27 @@ def _sample(n: int, customers_n: int, rng: random.Random) -> tuple[list[tuple], 
             records.append((b"y", orjson.dumps({"id": f"nocust-{i}", "amount": 3}), []))
             bad += 2
     return records, totals, counts, dups, bad
+
+
+def _sequential(records: list[tuple]) -> dict[str, tuple[int, str]]:
+    """order id -> (running total, tier) as one process would compute them:
+    each customer's orders in the order sent (one customer's orders share a
+    source partition), the first copy of a duplicate counted, bad ones skipped."""
+    seen: set[str] = set()
+    running: dict[str, int] = defaultdict(int)
+    out = {}
+    for _key, value, headers in records:
+        try:
+            order = orjson.loads(value)
+            customer = order["customer"]
+        except (orjson.JSONDecodeError, KeyError):
+            continue
+        if order["id"] in seen:
+            continue
+        seen.add(order["id"])
+        running[customer] += order["amount"]
+        out[order["id"]] = (running[customer], tier(running[customer]))
+    return out
 
 
 def run_demo(bootstrap: str | None, records_n: int, customers_n: int, kills: int,
@@ -90,11 +90,12 @@ def run_demo(bootstrap: str | None, records_n: int, customers_n: int, kills: int
             broker = local
         bootstrap = local.start().bootstrap
     name = f"demo-{uuid.uuid4().hex[:8]}"
-    topic = f"{name}-orders"
+    topic, enriched = f"{name}-orders", f"{name}-enriched-orders"
     state_dir = tempfile.mkdtemp(prefix="oncely-demo-")
     log_path = os.path.join(tempfile.gettempdir(), f"oncely-{name}.log")
-    env = {**os.environ, "ONCELY_DEMO_APP": name, "ONCELY_DEMO_TOPIC": topic, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "oncely.cli", "run", "oncely.demo:app", "--bootstrap", bootstrap,
+    env = {**os.environ, "ENRICH_APP": name, "ORDERS_TOPIC": topic, "ENRICHED_TOPIC": enriched,
+           "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "oncely.cli", "run", "oncely.examples.enrichment:app", "--bootstrap", bootstrap,
            "--state-dir", state_dir]
 
     def start() -> subprocess.Popen:
@@ -104,7 +105,9 @@ def run_demo(bootstrap: str | None, records_n: int, customers_n: int, kills: int
     proc = None
     try:
         create_topic(bootstrap, topic, 3)
-        echo(f"app {name!r} subscribes customers/add_order to topic {topic!r} (3 partitions) on {bootstrap}")
+        create_topic(bootstrap, enriched, 3)
+        echo(f"app {name!r} (oncely.examples.enrichment): {topic!r} -> customers/add_order -> {enriched!r}, "
+             f"on {bootstrap}")
         echo(f"processor log: {log_path}")
         proc = start()
         rng = random.Random()
@@ -144,13 +147,31 @@ def run_demo(bootstrap: str | None, records_n: int, customers_n: int, kills: int
             if got_totals == totals and got_counts == counts:
                 break
             time.sleep(1.0)
+        expected = _sequential(records)
+        out = []
+        while time.monotonic() < deadline:
+            out = read_to_end(bootstrap, enriched)
+            if len(out) >= len(expected):
+                break
+            time.sleep(1.0)
         elapsed = time.monotonic() - t0
         dead = read_to_end(bootstrap, f"{name}.dlq")
+        aborted = len(read_to_end(bootstrap, enriched, isolation="read_uncommitted")) - len(out)
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
         missing = sum(max(0, counts[k] - got_counts.get(k, 0)) for k in counts)
         doubled = sum(max(0, got_counts.get(k, 0) - counts[k]) for k in counts)
         wrong = sum(1 for k in totals if got_totals.get(k) != totals[k])
+        enriched_orders = [orjson.loads(r.value) for r in out]
+        ids = Counter(o["id"] for o in enriched_orders)
+        twice = sum(n - 1 for n in ids.values() if n > 1)
+        absent = len(set(expected) - set(ids))
+        off = sum(1 for o in enriched_orders
+                  if expected.get(o["id"]) != (o["running_total"], o["tier"]))
+        echo("")
+        echo(f"a few of the {len(out)} enriched orders in {enriched!r} (read_committed):")
+        for o in enriched_orders[-4:]:
+            echo(f"  {orjson.dumps(o).decode()}")
         echo("")
         echo("customer        orders  total sent  total committed")
         for k in sorted(totals, key=lambda k: -counts[k])[:5]:
@@ -162,11 +183,13 @@ def run_demo(bootstrap: str | None, records_n: int, customers_n: int, kills: int
             d = dead[0]
             echo(f"  e.g. {d.header('oncely.source.topic').decode()}[{d.header('oncely.source.partition').decode()}]"
                  f"@{d.header('oncely.source.offset').decode()}: {d.header('oncely.error').decode()}")
-        echo(f"processor killed {kills} times; {len(records)} records in {elapsed:.1f} s")
-        ok = missing == doubled == wrong == 0 and len(dead) == bad
-        echo(f"exactly-once check (read_committed): orders missing {missing}, counted twice {doubled} "
-             f"(of {dups} duplicates sent), wrong totals {wrong} of {len(totals)} customers, dead letters "
-             f"{len(dead)} of {bad} malformed -> {'OK' if ok else 'FAILED'}")
+        echo(f"processor killed {kills} times; {len(records)} records in {elapsed:.1f} s; "
+             f"{aborted} enriched records of aborted transactions visible only to read_uncommitted")
+        ok = missing == doubled == wrong == 0 and len(dead) == bad and twice == absent == off == 0
+        echo(f"exactly-once check (read_committed): orders in {len(expected)}, enriched out {len(out)} "
+             f"(twice {twice}, missing {absent}, wrong running total or tier {off}); state: orders missing "
+             f"{missing}, counted twice {doubled} (of {dups} duplicates sent), wrong totals {wrong} of "
+             f"{len(totals)} customers; dead letters {len(dead)} of {bad} malformed -> {'OK' if ok else 'FAILED'}")
         if ok:
             os.unlink(log_path)
         return ok

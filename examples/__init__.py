@@ -1,0 +1,1 @@
+"""Example oncely apps (installed as oncely.examples)."""
