@@ -19,6 +19,10 @@ In one run, on one broker, with the same record count and partitions:
 (h) its latency p50/p99 from source produce to the output record being
     visible to a read_committed consumer.
 
+The raw copy runs first (it also warms up the broker's JVM), then the latency
+runs, on a quiet broker (after the oncely throughput runs it compacts their
+changelogs for a while, on the same cores), then the other throughput runs.
+
 Usage: python bench/bench_processor.py [--records 100000] [--partitions 8]
        [--keys 1000] [--rate 2000] [--bootstrap HOST:PORT]
 Without --bootstrap (or ONCELY_KAFKA_BOOTSTRAP) a local broker is started.
@@ -361,9 +365,10 @@ def enrichment_latency(bootstrap: str, partitions: int, keys: int, rate: int, se
     measure_from = [float("inf")]
 
     def read() -> None:
-        c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{name}-reader", "auto.offset.reset": "earliest",
+        # Assigned, not subscribed: no group join delays the first reads.
+        c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{name}-reader",
                       "isolation.level": "read_committed", "fetch.wait.max.ms": 10})
-        c.subscribe([out])
+        c.assign([TopicPartition(out, q, 0) for q in range(partitions)])
         while not stop.is_set():
             for m in c.consume(500, 0.05):
                 if m.error() is None:
@@ -411,24 +416,27 @@ def main() -> None:
         bootstrap = broker.start().bootstrap
     try:
         print(f"records={args.records} partitions={args.partitions} keys={args.keys} bootstrap={bootstrap}")
+        # The raw copy first: it also warms up the broker's JVM. Then the
+        # latencies, on a warm but quiet broker (after the oncely throughput
+        # runs it compacts their changelogs for a while, on the same cores).
         raw = raw_copy(bootstrap, args.records, args.partitions)
+        lat = latency(bootstrap, args.partitions, args.keys, args.rate, args.latency_seconds)
+        slat = subscription_latency(bootstrap, args.partitions, args.keys, args.rate, args.latency_seconds)
+        elat = enrichment_latency(bootstrap, args.partitions, args.keys, args.rate, args.latency_seconds)
         print(f"(a) raw transactional copy           {raw:10.0f} records/s")
         on, on_cl = oncely_counter(bootstrap, args.records, args.partitions, args.keys, net_effects=True)
         print(f"(b) oncely counter, net effects on   {on:10.0f} records/s   changelog records {on_cl}")
         off, off_cl = oncely_counter(bootstrap, args.records, args.partitions, args.keys, net_effects=False)
         print(f"    oncely counter, net effects off  {off:10.0f} records/s   changelog records {off_cl}")
         print(f"(c) ratio b/a                        {on / raw:10.2f}   (net effects off: {off / raw:.2f})")
-        lat = latency(bootstrap, args.partitions, args.keys, args.rate, args.latency_seconds)
         print(f"(d) produce -> committed state at {args.rate}/s: p50 {pct(lat, 0.5) * 1000:.1f} ms, "
               f"p99 {pct(lat, 0.99) * 1000:.1f} ms ({len(lat)} samples)")
         sub = subscription(bootstrap, args.records, args.partitions, args.keys)
         print(f"(e) subscription -> keyed counter      {sub:10.0f} records/s   e/a {sub / raw:.2f}")
-        slat = subscription_latency(bootstrap, args.partitions, args.keys, args.rate, args.latency_seconds)
         print(f"(f) source produce -> committed state at {args.rate}/s: p50 {pct(slat, 0.5) * 1000:.1f} ms, "
               f"p99 {pct(slat, 0.99) * 1000:.1f} ms ({len(slat)} samples)")
         enr = enrichment(bootstrap, args.records, args.partitions, args.keys)
         print(f"(g) enrichment source -> state -> emit {enr:10.0f} records/s   g/a {enr / raw:.2f}")
-        elat = enrichment_latency(bootstrap, args.partitions, args.keys, args.rate, args.latency_seconds)
         print(f"(h) source produce -> output visible (read_committed) at {args.rate}/s: "
               f"p50 {pct(elat, 0.5) * 1000:.1f} ms, p99 {pct(elat, 0.99) * 1000:.1f} ms ({len(elat)} samples)")
     finally:
