@@ -147,6 +147,20 @@ class Running:
     def completed(self) -> int:
         return sum(p.stats.completed for p in list(self.proc.partitions.values()))
 
+    def time_until_committed(self, records: int) -> float:
+        """Start, wait until `records` invocations completed and the commit
+        that makes the last one durable returned; the elapsed seconds."""
+        t0 = time.monotonic()
+        self.start()
+        while self.completed() < records:
+            time.sleep(0.005)
+        commits = self.proc.commits
+        while self.proc.commits == commits:
+            time.sleep(0.001)
+        elapsed = time.monotonic() - t0
+        self.stop()
+        return elapsed
+
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.stop_event.set)
         self.thread.join(60)
@@ -163,17 +177,7 @@ def oncely_counter(bootstrap: str, records: int, partitions: int, keys: int, net
     for i in range(records):
         client.send("counter", f"key-{i % keys}", "add", 1)
     client.flush()
-    runner = Running(counter_app(name, bootstrap, partitions, state, net_effects))
-    t0 = time.monotonic()
-    runner.start()
-    while runner.completed() < records:
-        time.sleep(0.005)
-    # Include the commit that makes the last state change durable.
-    commits = runner.proc.commits
-    while runner.proc.commits == commits:
-        time.sleep(0.001)
-    elapsed = time.monotonic() - t0
-    runner.stop()
+    elapsed = Running(counter_app(name, bootstrap, partitions, state, net_effects)).time_until_committed(records)
     changelog = len(read_to_end(bootstrap, f"{name}.changelog"))
     shutil.rmtree(state, ignore_errors=True)
     return records / elapsed, changelog
@@ -269,16 +273,7 @@ def subscription(bootstrap: str, records: int, partitions: int, keys: int) -> fl
     create_topic(bootstrap, source, partitions)
     _produce_orders(bootstrap, source, records, keys)
     state = tempfile.mkdtemp(prefix="oncely-bench-")
-    runner = Running(subscription_app(name, bootstrap, partitions, state, source))
-    t0 = time.monotonic()
-    runner.start()
-    while runner.completed() < records:
-        time.sleep(0.005)
-    commits = runner.proc.commits
-    while runner.proc.commits == commits:
-        time.sleep(0.001)
-    elapsed = time.monotonic() - t0
-    runner.stop()
+    elapsed = Running(subscription_app(name, bootstrap, partitions, state, source)).time_until_committed(records)
     shutil.rmtree(state, ignore_errors=True)
     return records / elapsed
 
@@ -336,16 +331,7 @@ def enrichment(bootstrap: str, records: int, partitions: int, keys: int) -> floa
     create_topic(bootstrap, out, partitions)
     _produce_orders(bootstrap, source, records, keys)
     state = tempfile.mkdtemp(prefix="oncely-bench-")
-    runner = Running(enrichment_app(name, bootstrap, partitions, state, source, out))
-    t0 = time.monotonic()
-    runner.start()
-    while runner.completed() < records:
-        time.sleep(0.005)
-    commits = runner.proc.commits
-    while runner.proc.commits == commits:
-        time.sleep(0.001)
-    elapsed = time.monotonic() - t0
-    runner.stop()
+    elapsed = Running(enrichment_app(name, bootstrap, partitions, state, source, out)).time_until_committed(records)
     shutil.rmtree(state, ignore_errors=True)
     return records / elapsed
 

@@ -71,6 +71,18 @@ def kafka_stop(data_dir: str | None, cache_dir: str | None) -> None:
         click.echo("not running")
 
 
+def _load(app_spec: str, bootstrap: str | None = None, state_dir: str | None = None):
+    """The App of MODULE:APP with command-line overrides applied."""
+    from oncely.runtime import load_app
+
+    app = load_app(app_spec)
+    if bootstrap:
+        app.config.bootstrap = bootstrap
+    if state_dir:
+        app.config.state_dir = state_dir
+    return app
+
+
 @main.command("run")
 @click.argument("app_spec", metavar="MODULE:APP")
 @click.option("--bootstrap", default=None, help="Kafka bootstrap servers (default: $ONCELY_KAFKA_BOOTSTRAP).")
@@ -82,16 +94,11 @@ def run_cmd(app_spec: str, bootstrap: str | None, state_dir: str | None, log_lev
     import logging
 
     from oncely.errors import ConfigError
-    from oncely.runtime import load_app, run
+    from oncely.runtime import run
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        app = load_app(app_spec)
-        if bootstrap:
-            app.config.bootstrap = bootstrap
-        if state_dir:
-            app.config.state_dir = state_dir
-        run(app)
+        run(_load(app_spec, bootstrap, state_dir))
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
 
@@ -162,14 +169,9 @@ def restore_cmd(app_spec: str, partitions: tuple[int, ...], all_partitions: bool
     """Rebuild local partition stores from the changelog (the processor must be stopped)."""
     from oncely.admin import restore_partitions
     from oncely.errors import ConfigError
-    from oncely.runtime import load_app
 
     try:
-        app = load_app(app_spec)
-        if bootstrap:
-            app.config.bootstrap = bootstrap
-        if state_dir:
-            app.config.state_dir = state_dir
+        app = _load(app_spec, bootstrap, state_dir)
         if not app.config.bootstrap:
             raise ConfigError("no Kafka bootstrap address: pass --bootstrap or set ONCELY_KAFKA_BOOTSTRAP")
         chosen = list(range(app.partitions)) if all_partitions else list(partitions)
@@ -206,12 +208,9 @@ def replay_cmd(app_spec: str, topic: str, partitions: tuple[int, ...], from_offs
 
     from oncely.errors import ConfigError
     from oncely.ingest.replay import replay
-    from oncely.runtime import load_app
 
     try:
-        app = load_app(app_spec)
-        if bootstrap:
-            app.config.bootstrap = bootstrap
+        app = _load(app_spec, bootstrap)
         bar = tqdm(unit="rec", desc=f"replay {topic}", disable=None)
         try:
             summary = replay(app, topic, list(partitions) or None, from_offset, from_time, to_offset, to_time,
