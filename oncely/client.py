@@ -6,7 +6,6 @@ import os
 import time
 from typing import Any
 
-import orjson
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
@@ -15,20 +14,7 @@ from oncely.app import App, Handler
 from oncely.errors import ConfigError
 from oncely.shuffle.ids import format_id, idempotent_id, random_id
 from oncely.shuffle.routing import partition_for
-
-
-def encode_payload(payload: Any) -> tuple[bytes, str]:
-    if isinstance(payload, (bytes, bytearray, memoryview)):
-        return bytes(payload), "BYTES"
-    return orjson.dumps(payload), "JSON"
-
-
-def _key_bytes(key: Any) -> bytes | None:
-    if key is None or isinstance(key, bytes):
-        return key
-    if isinstance(key, str):
-        return key.encode()
-    raise TypeError(f"a key is str or bytes, got {type(key).__name__}")
+from oncely.shuffle.targets import resolve
 
 
 class Client:
@@ -76,23 +62,15 @@ class Client:
         is recognised and dropped by the processor.
         """
         if isinstance(target, Handler):
-            service, handler, app = target.service.name, target.name, target.service.app.name
-            if target.service.keyed:
-                if not args:
-                    raise TypeError(f"{service} is keyed: send({handler}, key, payload)")
-                key, payload = args[0], (args[1] if len(args) > 1 else None)
-            else:
-                key, payload = None, (args[0] if args else None)
+            app = target.service.app.name
         else:
-            if len(args) < 2:
-                raise TypeError('send("service", key, "handler", payload)')
-            service, key, handler, payload = target, args[0], args[1], (args[2] if len(args) > 2 else None)
             app = self.app_name
             if app is None:
                 raise ConfigError("Client(app=...) is needed to send by service name")
-        kb = _key_bytes(key)
+        t = resolve(target, args)
+        service, handler, kb = t.service, t.handler, t.key
         inv_id = idempotent_id(service, handler, kb, idempotency_key) if idempotency_key else random_id()
-        body, fmt = encode_payload(payload)
+        body, fmt = t.payload, t.payload_format
         record = schemas.encode("log_record", {"body": ("oncely.Invoke", {
             "invocation_id": inv_id, "service": service, "handler": handler, "key": kb, "payload": body,
             "payload_format": fmt, "idempotency_key": idempotency_key,

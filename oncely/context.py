@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import random as _random
 import uuid as _uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 import orjson
@@ -257,7 +257,60 @@ class Context:
             self._record(Entry("emit", topic))
         self._emits.append(record)
 
+    # -- messaging and time ---------------------------------------------------------
+
+    def send(self, target: Any, *args: Any, delay: timedelta | float | None = None) -> str:
+        """Invoke another handler one-way, exactly once: `send(handler, key,
+        payload)`, `send(handler, payload)` for a stateless service, or
+        `send("service", key, "handler", payload)`. The Invoke is produced in
+        this invocation's transaction (or, with `delay`, by a durable timer of
+        this partition); a replay does not send again. Returns the callee's
+        invocation id."""
+        from oncely.shuffle.ids import child_id
+
+        delay_ms = _millis(delay) if delay is not None else None
+        name = _target_name(target, args)
+        entry = self._step("send", name)
+        if entry is not None:
+            return format_id(entry.value) if entry.value else ""
+        index = self._index - 1
+        callee = self._call.effects.send(target, args, index, delay_ms)
+        assert callee == child_id(self._call.invocation_id, index)
+        self._record(Entry("send", name, value=callee))
+        return format_id(callee)
+
+    async def sleep(self, duration: timedelta | float) -> None:
+        """A durable sleep: a timer of this partition wakes the invocation,
+        also after a restart or on another process."""
+        entry = self._step("sleep")
+        index = self._index - 1
+        if entry is None:
+            fire_ms = int(datetime.now(timezone.utc).timestamp() * 1000) + _millis(duration)
+            entry = Entry("sleep", value=orjson.dumps(fire_ms), completed=False)
+            self._record(entry)
+            self._call.effects.sleep_until(fire_ms, index)
+        if not entry.completed:
+            await self._call.effects.wait(index)
+
     # -- for the executor ---------------------------------------------------------
 
     def _state_changes(self) -> tuple[dict[str, bytes | None], bool]:
         return self._writes, self._cleared_all
+
+
+def _millis(d: "timedelta | float") -> int:
+    seconds = d.total_seconds() if isinstance(d, timedelta) else float(d)
+    if seconds < 0:
+        raise ValueError("a duration must not be negative")
+    return int(seconds * 1000)
+
+
+def _target_name(target: Any, args: tuple) -> str:
+    """service/handler of a send or call target, for the journal."""
+    from oncely.app import Handler
+
+    if isinstance(target, Handler):
+        return f"{target.service.name}/{target.name}"
+    if isinstance(target, str) and len(args) >= 2 and isinstance(args[1], str):
+        return f"{target}/{args[1]}"
+    raise TypeError('a target is a handler (e.g. cart.expire) or ("service", key, "handler", payload)')

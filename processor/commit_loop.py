@@ -619,8 +619,10 @@ class CommitLoop:
         self._stopping = True
         deadline = time.monotonic() + grace
         try:
+            # Sleeping invocations are not waited for: their timers are
+            # durable and wake them after the restart.
             while self.producer is not None and time.monotonic() < deadline and any(
-                    p.active for p in self.partitions.values()):
+                    not inv.waiting for p in self.partitions.values() for inv in p.active):
                 await asyncio.sleep(0.01)
                 now = int(time.time() * 1000)
                 for part in self.partitions.values():

@@ -87,6 +87,10 @@ def timer(fire_ms: int, inv_id: bytes, index: int) -> bytes:
     return TIMER + _U64.pack(fire_ms) + inv_id + _U32.pack(index)
 
 
+def parse_timer(key: bytes) -> tuple[int, bytes, int]:
+    return _U64.unpack_from(key, 1)[0], key[9:25], _U32.unpack_from(key, 25)[0]
+
+
 def dedup(inv_id: bytes) -> bytes:
     return DEDUP + inv_id
 

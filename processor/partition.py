@@ -15,6 +15,7 @@ records are written as it goes (for measuring the difference).
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import logging
 import time
@@ -27,7 +28,9 @@ from oncely.egress.dead_letters import dead_letter
 from oncely.processor import keys
 from oncely.processor.protocol import Entry, Executor, HandlerCall, Outcome, Running
 from oncely.processor.store import PartitionStore
-from oncely.shuffle.ids import format_id
+from oncely.shuffle.ids import child_id, format_id
+from oncely.shuffle.routing import partition_for
+from oncely.shuffle.targets import resolve
 
 if TYPE_CHECKING:
     from oncely.app import App
@@ -65,8 +68,10 @@ class Invocation:
     status_written: bool = False
     status_dirty: bool = True
     journal_written: int = 0
+    journal_dirty: set[int] = field(default_factory=set)  # written entries completed since
     lock_written: bool = False
     inbox_written: bool = False
+    waiting: bool = False  # awaiting a timer (or, later, a response)
 
     @property
     def target(self) -> str:
@@ -107,6 +112,7 @@ class PartitionStats:
     retries: int = 0
     paused: int = 0
     resumed: int = 0
+    timers_fired: int = 0
 
 
 class PartitionProcessor:
@@ -131,7 +137,10 @@ class PartitionProcessor:
         self.queues: dict[bytes, _KeyQueue] = {}
         self.active: set[Invocation] = set()
         self.dirty: set[Invocation] = set()
-        self.timers: list[tuple[int, bytes]] = []
+        # (fire ms, invocation id, journal index); index -1 is a retry timer
+        # (derived from the status), others are TIMER records in the store.
+        self.timers: list[tuple[int, bytes, int]] = []
+        self.waiters: dict[tuple[bytes, int], asyncio.Future] = {}
         self.stats = PartitionStats()
         self.closed = False
         self.paused = False  # consumption paused for backpressure
@@ -147,6 +156,9 @@ class PartitionProcessor:
         the ones that were running: recovery after a crash and a rewind after
         an abort are this same path."""
         store = self.store
+        for k, _ in store.scan(keys.TIMER):
+            fire_ms, inv_id, index = keys.parse_timer(k)
+            heapq.heappush(self.timers, (fire_ms, inv_id, index))
         for k, v in store.scan(keys.STATUS):
             st = schemas.decode("invocation_status", v)
             inv_id = k[1:]
@@ -189,7 +201,7 @@ class PartitionProcessor:
                     q.holder = inv
                     self.dirty.add(inv)
             if inv.phase == BACKING_OFF:
-                heapq.heappush(self.timers, (inv.retry_at_ms, inv.id))
+                heapq.heappush(self.timers, (inv.retry_at_ms, inv.id, -1))
             else:
                 # RUNNING resumes by replaying its journal; PAUSED invocations
                 # are retried once per (re)start, so a fixed handler resumes them.
@@ -220,6 +232,7 @@ class PartitionProcessor:
         self.queues.clear()
         self.dirty.clear()
         self.timers.clear()
+        self.waiters.clear()
 
     # -- input ----------------------------------------------------------------------
 
@@ -290,7 +303,7 @@ class PartitionProcessor:
             invocation_id=inv.id, service=invoke["service"], handler=invoke["handler"], key=invoke["key"],
             payload=invoke["payload"], payload_format=invoke["payload_format"], attempt=inv.attempt,
             journal=inv.journal, state=state, source=invoke.get("source"), subscription=invoke.get("subscription"),
-            effects=self.effects,
+            effects=InvocationEffects(self, inv),
         )
         self.active.add(inv)
         inv.running = self.executor.start(call, lambda outcome: self._on_outcome(inv, outcome))
@@ -318,7 +331,7 @@ class PartitionProcessor:
             self.stats.retries += 1
             inv.phase = BACKING_OFF
             inv.retry_at_ms = now_ms() + int(policy.delay(inv.attempt) * 1000)
-            heapq.heappush(self.timers, (inv.retry_at_ms, inv.id))
+            heapq.heappush(self.timers, (inv.retry_at_ms, inv.id, -1))
             self._mark(inv)
             log.info("%s %s attempt %d failed, retrying in %d ms: %s", format_id(inv.id), inv.target,
                      inv.attempt, inv.retry_at_ms - now_ms(), outcome.error)
@@ -410,13 +423,58 @@ class PartitionProcessor:
     def fire_timers(self, now: int) -> None:
         timers = self.timers
         while timers and timers[0][0] <= now:
-            at, inv_id = heapq.heappop(timers)
-            inv = self.invocations.get(inv_id)
-            if inv is not None and inv.phase == BACKING_OFF and inv.retry_at_ms == at:
-                self._start(inv)
+            at, inv_id, index = heapq.heappop(timers)
+            if index < 0:
+                inv = self.invocations.get(inv_id)
+                if inv is not None and inv.phase == BACKING_OFF and inv.retry_at_ms == at:
+                    self._start(inv)
+                continue
+            key = keys.timer(at, inv_id, index)
+            raw = self.store.get(key)
+            if raw is None:
+                continue  # fired already (a duplicate heap entry) or dropped
+            self.store.delete(key)
+            timer = schemas.decode("timer", raw)
+            if timer["kind"] == "SEND":
+                self.out.produce(self.app.log_topic, timer["routing_key"], timer["record"],
+                                 partition=timer["partition"])
+                self.stats.timers_fired += 1
+            else:
+                self.stats.timers_fired += 1
+                self._complete_entry(inv_id, index, None, None)
         if now >= self._next_expiry_sweep:
             self._next_expiry_sweep = now + 1000
             self._expire(now)
+
+    def _complete_entry(self, inv_id: bytes, index: int, value: bytes | None, error: str | None) -> None:
+        """A journal entry that waited (sleep, later call/awakeable) completed:
+        record it and wake the waiting coroutine, if there is one."""
+        inv = self.invocations.get(inv_id)
+        if inv is None or index >= len(inv.journal):
+            return  # the invocation finished or was dropped; nothing waits
+        entry = inv.journal[index]
+        if entry.completed:
+            return
+        entry.completed = True
+        if value is not None:
+            entry.value = value
+        entry.error = error
+        if index < inv.journal_written:
+            inv.journal_dirty.add(index)
+            self.dirty.add(inv)
+        fut = self.waiters.pop((inv_id, index), None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def add_timer(self, fire_ms: int, inv_id: bytes, index: int, record: dict[str, Any]) -> None:
+        self.store.put_fresh(keys.timer(fire_ms, inv_id, index), schemas.encode("timer", record))
+        heapq.heappush(self.timers, (fire_ms, inv_id, index))
+
+    def waiter(self, inv: Invocation, index: int) -> asyncio.Future:
+        fut = self.waiters.get((inv.id, index))
+        if fut is None:
+            fut = self.waiters[(inv.id, index)] = asyncio.get_running_loop().create_future()
+        return fut
 
     def next_timer_ms(self) -> int | None:
         return self.timers[0][0] if self.timers else None
@@ -451,6 +509,11 @@ class PartitionProcessor:
             self._put_new(keys.journal(inv.id, i), schemas.encode("journal_entry", {
                 "kind": e.kind, "name": e.name, "completed": e.completed, "value": e.value, "error": e.error}))
         inv.journal_written = len(journal)
+        for i in inv.journal_dirty:
+            e = journal[i]
+            store.put(keys.journal(inv.id, i), schemas.encode("journal_entry", {
+                "kind": e.kind, "name": e.name, "completed": e.completed, "value": e.value, "error": e.error}))
+        inv.journal_dirty.clear()
         if inv.sk is not None:
             q = self.queues.get(inv.sk)
             if q is not None and q.holder is inv and not inv.lock_written:
@@ -474,3 +537,57 @@ class PartitionProcessor:
 
     def in_flight(self) -> int:
         return len(self.invocations)
+
+
+class InvocationEffects:
+    """What a running invocation's Context may do beyond its own state: the
+    effects that must join the partition's transaction or its timers."""
+
+    __slots__ = ("part", "inv")
+
+    def __init__(self, part: PartitionProcessor, inv: Invocation) -> None:
+        self.part = part
+        self.inv = inv
+
+    def record(self, topic: str, value: Any, key: Any, headers: Any) -> tuple:
+        """An emitted record, complete (egress.sinks)."""
+        if self.part.effects is None:
+            raise RuntimeError("ctx.emit: no sinks are configured")
+        return self.part.effects.record(topic, value, key, headers)
+
+    def send(self, target: Any, args: tuple, index: int, delay_ms: int | None) -> bytes:
+        """Produce (or schedule) an Invoke of `target` in the open
+        transaction; returns the callee's invocation id."""
+        part = self.part
+        app = part.app
+        keyed = {name: svc.keyed for name, svc in app.services.items()}
+        t = resolve(target, args, keyed)
+        callee = child_id(self.inv.id, index)
+        record = schemas.encode("log_record", {"body": ("oncely.Invoke", {
+            "invocation_id": callee, "service": t.service, "handler": t.handler, "key": t.key,
+            "payload": t.payload, "payload_format": t.payload_format,
+            # A delivery seen twice is recognised by the callee's partition.
+            "idempotency_key": f"child:{format_id(self.inv.id)}:{index}", "idempotency_retention_ms": None,
+            "caller": None, "source": None, "subscription": None, "created_at_ms": now_ms(),
+        })})
+        routing = t.key if t.key is not None else callee
+        partition = partition_for(routing, app.partitions)
+        if delay_ms:
+            part.add_timer(now_ms() + delay_ms, self.inv.id, index, {
+                "kind": "SEND", "partition": partition, "routing_key": routing, "record": record})
+        else:
+            part.out.produce(app.log_topic, routing, record, partition=partition)
+        return callee
+
+    def sleep_until(self, fire_ms: int, index: int) -> None:
+        self.part.add_timer(fire_ms, self.inv.id, index, {
+            "kind": "WAKE", "partition": -1, "routing_key": None, "record": None})
+
+    async def wait(self, index: int) -> None:
+        """Wait until the journal entry at `index` completes."""
+        fut = self.part.waiter(self.inv, index)
+        self.inv.waiting = True
+        try:
+            await fut
+        finally:
+            self.inv.waiting = False

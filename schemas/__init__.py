@@ -17,7 +17,7 @@ import fastavro
 FORMAT_V1 = b"\x01"
 _DIR = Path(__file__).parent
 # Files in dependency order: later ones refer to names defined earlier.
-_FILES = ("log_record", "invocation_status", "journal_entry", "dedup_entry", "checkpoint")
+_FILES = ("log_record", "invocation_status", "journal_entry", "dedup_entry", "checkpoint", "timer")
 
 
 class SchemaError(ValueError):

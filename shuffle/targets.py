@@ -1,0 +1,59 @@
+"""Resolving a send/call target: a handler reference or service/handler names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+
+@dataclass(frozen=True)
+class Target:
+    service: str
+    handler: str
+    key: bytes | None
+    payload: bytes
+    payload_format: str
+
+
+def encode_payload(payload: Any) -> tuple[bytes, str]:
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return bytes(payload), "BYTES"
+    return orjson.dumps(payload), "JSON"
+
+
+def key_bytes(key: Any) -> bytes | None:
+    if key is None or isinstance(key, bytes):
+        return key
+    if isinstance(key, str):
+        return key.encode()
+    raise TypeError(f"a key is str or bytes, got {type(key).__name__}")
+
+
+def resolve(target: Any, args: tuple, keyed_services: dict[str, bool] | None = None) -> Target:
+    """`(handler, key, payload)` for keyed services, `(handler, payload)` for
+    stateless ones, or by name `("service", key, "handler", payload)` (key
+    None for a stateless service)."""
+    from oncely.app import Handler
+
+    if isinstance(target, Handler):
+        service, handler = target.service.name, target.name
+        if target.service.keyed:
+            if not args:
+                raise TypeError(f"{service} is keyed: give (handler, key, payload)")
+            key, payload = args[0], (args[1] if len(args) > 1 else None)
+            if key is None:
+                raise TypeError(f"{service} is keyed: the key must not be None")
+        else:
+            key, payload = None, (args[0] if args else None)
+    elif isinstance(target, str):
+        if len(args) < 2:
+            raise TypeError('by name: ("service", key, "handler", payload)')
+        service, key, handler, payload = target, args[0], args[1], (args[2] if len(args) > 2 else None)
+        if keyed_services is not None and service in keyed_services and keyed_services[service] and key is None:
+            raise TypeError(f"{service} is keyed: the key must not be None")
+    else:
+        raise TypeError(f"a target is a handler (e.g. counter.add) or a service name, not {type(target).__name__}")
+    body, fmt = encode_payload(payload)
+    return Target(service, handler, key_bytes(key), body, fmt)
