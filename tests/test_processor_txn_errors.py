@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -38,6 +37,11 @@ def _counter_app(name: str, bootstrap: str, state_dir: Path, **config) -> oncely
         n = ctx.get("n", 0) + amount
         ctx.set("n", n)
         return n
+
+    @counter.handler
+    async def nap(ctx: oncely.Context, seconds: float) -> None:
+        await ctx.sleep(seconds)
+        ctx.set("woke", 1)
 
     return app
 
@@ -125,29 +129,24 @@ def test_retriable_timeouts_are_retried_not_aborted(tmp_path: Path) -> None:
         stream = Stream(bootstrap, name)
         stream.send(500)
         wait_until(lambda: stream.exact(bootstrap, name), 60, 0.5, "the first sums")
-        # Keep records flowing so that commits are under way when the broker
-        # freezes; the client's producer buffers and retries across it.
-        def trickle() -> None:
-            for i in range(1500):
-                stream.client.send("counter", f"t{i % 50}", "add", 1)
-                stream.sums[f"t{i % 50}".encode()] += 1
-                time.sleep(0.004)
-
-        sender = threading.Thread(target=trickle)
-        sender.start()
-        time.sleep(0.5)
-        # Freeze while the processor holds consumed, uncommitted records: its
-        # next commit must then reach the frozen broker and time out.
-        wait_until(lambda: bool(runner.processor.consumed), 10, 0.0005, "uncommitted progress")
+        # Invocations whose timers fire while the broker is frozen: each
+        # firing changes state that must be committed, so commits are bound
+        # to reach the frozen broker and time out.
+        for i in range(10):
+            stream.client.send("counter", f"nap{i}", "nap", 1.0 + i * 0.25)
+        stream.client.flush()
+        wait_until(lambda: sum(inv.waiting for part in runner.processor.partitions.values()
+                               for inv in part.active) == 10, 30, 0.01, "ten sleeping invocations")
         os.kill(info.pid, signal.SIGSTOP)
         try:
             time.sleep(4)
         finally:
             os.kill(info.pid, signal.SIGCONT)
-        sender.join()
-        stream.client.flush()
         stream.send(500)
         wait_until(lambda: stream.exact(bootstrap, name), 90, 1.0, "exact sums after the freeze")
+        woke = wait_until(lambda: sum(1 for (_, k, n), v in changelog_state(bootstrap, name).items()
+                                      if n == "woke" and v == 1) == 10, 60, 0.5, "every nap to wake")
+        assert woke
     finally:
         runner.stop()
         broker.stop()
