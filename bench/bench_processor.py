@@ -31,22 +31,20 @@ Without --bootstrap (or ONCELY_KAFKA_BOOTSTRAP) a local broker is started.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import shutil
-import statistics
 import tempfile
 import threading
 import time
 import uuid
 
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 import oncely
 from oncely.local_kafka import LocalKafka
-from oncely.runtime import serve
-from oncely.testing import create_topic, read_to_end
+from oncely.runtime import ProcessorThread
+from oncely.kafka_io import create_topic, read_to_end
 
 
 def raw_copy(bootstrap: str, records: int, partitions: int) -> float:
@@ -119,33 +117,17 @@ def counter_app(name: str, bootstrap: str, partitions: int, state_dir: str, net_
     return app
 
 
-class Running:
-    """An in-process processor on its own event loop thread."""
+class Running(ProcessorThread):
+    """A processor thread that has its partitions, with benchmark timings."""
 
-    def __init__(self, app: oncely.App) -> None:
-        self.app = app
-        self.loop = asyncio.new_event_loop()
-        self.proc = None
-        self.stop_event: asyncio.Event | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-
-        async def main() -> None:
-            self.stop_event = asyncio.Event()
-            await serve(self.app, self.stop_event, on_created=lambda p: setattr(self, "proc", p))
-
-        self.loop.run_until_complete(main())
-
-    def start(self) -> "Running":
-        self.thread.start()
-        while self.proc is None or not self.proc.partitions:
+    def start(self, timeout: float = 60.0) -> "Running":
+        super().start(timeout)
+        while not self.processor.partitions:
             time.sleep(0.01)
         return self
 
     def completed(self) -> int:
-        return sum(p.stats.completed for p in list(self.proc.partitions.values()))
+        return sum(p.stats.completed for p in list(self.processor.partitions.values()))
 
     def time_until_committed(self, records: int) -> float:
         """Start, wait until `records` invocations completed and the commit
@@ -154,16 +136,12 @@ class Running:
         self.start()
         while self.completed() < records:
             time.sleep(0.005)
-        commits = self.proc.commits
-        while self.proc.commits == commits:
+        commits = self.processor.commits
+        while self.processor.commits == commits:
             time.sleep(0.001)
         elapsed = time.monotonic() - t0
         self.stop()
         return elapsed
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.stop_event.set)
-        self.thread.join(60)
 
 
 def oncely_counter(bootstrap: str, records: int, partitions: int, keys: int, net_effects: bool) -> tuple[float, int]:
@@ -206,7 +184,7 @@ def latency(bootstrap: str, partitions: int, keys: int, rate: int, seconds: floa
         samples.extend(now - t for t in done_since_commit if t >= measure_from[0])
         done_since_commit.clear()
 
-    runner.proc.on_commit = committed
+    runner.processor.on_commit = committed
     client = oncely.Client(bootstrap, app=name)
     for i in range(rate):  # one second of warm-up, not measured
         client.send("counter", f"key-{i % keys}", "add", time.time())
@@ -294,7 +272,7 @@ def subscription_latency(bootstrap: str, partitions: int, keys: int, rate: int, 
         samples.extend(now - t for t in done if t >= measure_from[0])
         done.clear()
 
-    runner.proc.on_commit = committed
+    runner.processor.on_commit = committed
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True})
     _produce_orders(bootstrap, source, rate, keys, rate, first=10**9, producer=producer)  # warm-up
     measure_from[0] = time.time()

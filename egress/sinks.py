@@ -21,6 +21,7 @@ import fastavro.validation
 import orjson
 
 from oncely.errors import ConfigError
+from oncely.shuffle.targets import key_bytes
 
 Headers = list[tuple[str, bytes]]
 
@@ -93,14 +94,12 @@ def make_serializer(value: str | Serializer) -> Serializer:
     raise ConfigError(f"sink value={value!r}: use 'json', 'bytes' or 'avro:<path to .avsc>'")
 
 
-def key_bytes(key: Any) -> bytes | None:
-    """Record keys: bytes as is, str as UTF-8, ints as decimal text, else JSON."""
-    if key is None or isinstance(key, bytes):
-        return key
-    if isinstance(key, str):
-        return key.encode()
-    if isinstance(key, int) and not isinstance(key, bool):
-        return str(key).encode()
+def record_key(key: Any) -> bytes | None:
+    """Emitted record keys: as log keys (bytes, str, int), else JSON."""
+    try:
+        return key_bytes(key)
+    except TypeError:
+        pass
     try:
         return orjson.dumps(key)
     except TypeError:
@@ -144,7 +143,7 @@ class Sinks:
             serializer: Serializer = self._json
         else:
             serializer = sink.serializer
-        return topic, key_bytes(key), serializer.serialize(value), headers_of(headers)
+        return topic, record_key(key), serializer.serialize(value), headers_of(headers)
 
     def _require(self, topic: str) -> None:
         if topic in self._known:

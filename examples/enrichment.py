@@ -30,7 +30,8 @@ async def add_order(ctx: oncely.Context, order: dict) -> int:
     total = ctx.get("total", 0) + order["amount"]
     ctx.set("total", total)
     ctx.set("orders", ctx.get("orders", 0) + 1)
-    ctx.emit(ENRICHED, {**order, "running_total": total, "tier": tier(total)}, key=ctx.key)
+    ctx.emit(ENRICHED, {**order, "running_total": total, "tier": tier(total)}, key=ctx.key,
+             headers={"source": "oncely"})
     return total
 
 

@@ -26,7 +26,7 @@ from oncely import schemas
 from oncely.errors import ConfigError
 from oncely.ingest.router import Routed, route
 from oncely.processor import keys
-from oncely.processor.restore import watermarks
+from oncely.kafka_io import watermarks
 
 if TYPE_CHECKING:
     from oncely.app import App
@@ -55,13 +55,13 @@ def parse_time(text: str) -> int:
     return int(t.timestamp() * 1000)
 
 
-def remembered_ids(bootstrap: str, app: "App", kafka: dict) -> set[bytes]:
+def remembered_ids(bootstrap: str, app: "App", config: dict) -> set[bytes]:
     """Invocation ids the app's changelog remembers as finished (not expired)."""
     from oncely.admin import changelog_latest
 
     now = time.time() * 1000
     known = set()
-    for k, v in changelog_latest(bootstrap, app.name).items():
+    for k, v in changelog_latest(bootstrap, app.name, config=config).items():
         if k[:1] == keys.DEDUP:
             if schemas.decode("dedup_entry", v)["expires_at_ms"] > now:
                 known.add(k[1:])

@@ -4,15 +4,15 @@ transaction (the processor) or with its own producer (replay)."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
-from oncely import schemas
 from oncely.egress.dead_letters import dead_letter
-from oncely.ingest.subscription import SourceRecord, Subscription, idempotency_text, key_bytes
+from oncely.ingest.subscription import SourceRecord, Subscription, idempotency_text
+from oncely.shuffle.envelope import invoke_record
 from oncely.shuffle.ids import idempotent_id, source_record_id
 from oncely.shuffle.routing import partition_for
+from oncely.shuffle.targets import key_bytes
 
 H_SUBSCRIPTION = "oncely.subscription"
 
@@ -92,16 +92,12 @@ def route(app: str, partitions: int, sub: Subscription, msg: Any, id_salt: str |
     if id_salt is not None:
         idem = f"{idem}#{id_salt}"
         inv_id = idempotent_id(service, handler, kb, idem)
-    reencode = sub.decoder.reencode
-    record = schemas.encode("log_record", {"body": ("oncely.Invoke", {
-        "invocation_id": inv_id, "service": service, "handler": handler, "key": kb,
-        "payload": raw if raw is not None else b"", "payload_format": sub.decoder.payload_format,
-        "idempotency_key": idem, "idempotency_retention_ms": int(sub.retention.total_seconds() * 1000),
-        "caller": None,
-        "source": {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset, "timestamp_ms": ts,
-                   "key": rkey, "headers": [{"name": n, "value": v} for n, v in headers]},
-        "subscription": sub.name if reencode else None,
-        "created_at_ms": int(time.time() * 1000),
-    })})
+    record = invoke_record(
+        inv_id, service, handler, kb, raw if raw is not None else b"", sub.decoder.payload_format,
+        idempotency_key=idem, idempotency_retention_ms=int(sub.retention.total_seconds() * 1000),
+        source={"topic": rec.topic, "partition": rec.partition, "offset": rec.offset, "timestamp_ms": ts,
+                "key": rkey, "headers": [{"name": n, "value": v} for n, v in headers]},
+        subscription=sub.name if sub.decoder.reencode else None,
+    )
     routing = kb if kb is not None else inv_id
     return Routed(partition_for(routing, partitions), routing, record, inv_id)

@@ -155,17 +155,6 @@ def idempotency_text(value: str | bytes) -> str:
         return "b64:" + base64.b64encode(value).decode()
 
 
-def key_bytes(value: Any) -> bytes | None:
-    """A routing key: bytes as is, str as UTF-8, ints as their decimal text."""
-    if value is None or isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return value.encode()
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value).encode()
-    raise TypeError(f"a routing key must be str, bytes or int, not {type(value).__name__}")
-
-
 @dataclass
 class Subscription:
     name: str

@@ -14,16 +14,18 @@ from oncely import schemas
 from oncely.context import decode_value
 from oncely.processor import keys
 from oncely.shuffle.ids import format_id
-from oncely.testing import read_to_end
+from oncely.kafka_io import read_to_end
 
 if TYPE_CHECKING:
     from oncely.app import App
 
 
-def changelog_latest(bootstrap: str, app: str, timeout: float = 120.0) -> dict[bytes, bytes]:
-    """Latest committed value per changelog key (tombstoned keys removed)."""
+def changelog_latest(bootstrap: str, app: str, timeout: float = 120.0,
+                     config: dict[str, Any] | None = None) -> dict[bytes, bytes]:
+    """Latest committed value per changelog key (tombstoned keys removed);
+    `config`: extra librdkafka settings (SASL, SSL, ...)."""
     latest: dict[bytes, bytes | None] = {}
-    for r in read_to_end(bootstrap, f"{app}.changelog", timeout=timeout):
+    for r in read_to_end(bootstrap, f"{app}.changelog", timeout=timeout, config=config):
         latest[r.key] = r.value  # type: ignore[index]
     return {k: v for k, v in latest.items() if v is not None}
 

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
-from oncely import schemas
 from oncely.app import App, Handler
 from oncely.errors import ConfigError
+from oncely.shuffle.envelope import invoke_record
 from oncely.shuffle.ids import format_id, idempotent_id, random_id
 from oncely.shuffle.routing import partition_for
 from oncely.shuffle.targets import resolve
@@ -70,13 +69,10 @@ class Client:
         t = resolve(target, args)
         service, handler, kb = t.service, t.handler, t.key
         inv_id = idempotent_id(service, handler, kb, idempotency_key) if idempotency_key else random_id()
-        body, fmt = t.payload, t.payload_format
-        record = schemas.encode("log_record", {"body": ("oncely.Invoke", {
-            "invocation_id": inv_id, "service": service, "handler": handler, "key": kb, "payload": body,
-            "payload_format": fmt, "idempotency_key": idempotency_key,
-            "idempotency_retention_ms": int(idempotency_retention * 1000) if idempotency_retention else None,
-            "caller": None, "source": None, "subscription": None, "created_at_ms": int(time.time() * 1000),
-        })})
+        record = invoke_record(
+            inv_id, service, handler, kb, t.payload, t.payload_format, idempotency_key=idempotency_key,
+            idempotency_retention_ms=int(idempotency_retention * 1000) if idempotency_retention else None,
+        )
         routing = kb if kb is not None else inv_id
         partition = partition_for(routing, self._partition_count(app))
         while True:

@@ -80,7 +80,7 @@ def run_demo(bootstrap: str | None, records_n: int, customers_n: int, kills: int
 
     from oncely.admin import read_state
     from oncely.local_kafka import LocalKafka
-    from oncely.testing import create_topic, read_to_end
+    from oncely.kafka_io import create_topic, read_to_end
 
     broker = None
     if not bootstrap:

@@ -19,13 +19,11 @@ import os
 import re
 import shutil
 import tempfile
-import time
-import uuid
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import pytest
 
+from oncely.kafka_io import Record, create_topic, produce, read_to_end, unique_name
 from oncely.local_kafka import KAFKA_VERSION, LocalKafka, free_port
 
 KafkaSource = Literal["env", "testcontainers", "local"]
@@ -124,26 +122,6 @@ def kafka() -> Iterator[str]:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def unique_name(prefix: str = "t") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def create_topic(bootstrap: str, name: str, partitions: int = 1, config: dict[str, str] | None = None) -> str:
-    """Create a topic and wait until its metadata is visible."""
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    admin.create_topics([NewTopic(name, partitions, 1, config=config or {})])[name].result(30)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        md = admin.list_topics(name, timeout=5)
-        t = md.topics.get(name)
-        if t is not None and t.error is None and len(t.partitions) == partitions:
-            return name
-        time.sleep(0.1)
-    raise TimeoutError(f"topic {name} did not appear")
-
-
 @pytest.fixture
 def kafka_topic(kafka: str, request: pytest.FixtureRequest) -> Callable[..., str]:
     """Factory: `kafka_topic(partitions=1, config=None, prefix=<test name>)`
@@ -156,135 +134,8 @@ def kafka_topic(kafka: str, request: pytest.FixtureRequest) -> Callable[..., str
     return make
 
 
-@dataclass
-class Record:
-    key: bytes | None
-    value: bytes | None
-    headers: list[tuple[str, bytes]] = field(default_factory=list)
-    partition: int = 0
-    offset: int = 0
-    topic: str = ""
 
-    def header(self, name: str) -> bytes | None:
-        for k, v in self.headers:
-            if k == name:
-                return v
-        return None
-
-
-def _bytes(x: Any) -> bytes | None:
-    if x is None or isinstance(x, bytes):
-        return x
-    if isinstance(x, str):
-        return x.encode()
-    import orjson
-
-    return orjson.dumps(x)
-
-
-def produce(
-    bootstrap: str,
-    topic: str,
-    records: Iterable[Any],
-    partition: int | None = None,
-) -> int:
-    """Produce records (idempotently) and wait for all acknowledgements.
-
-    Each record is a value, or a (key, value) or (key, value, headers) tuple;
-    str is UTF-8 encoded, bytes kept, anything else JSON-encoded.
-    Returns the number of records produced.
-    """
-    from confluent_kafka import Producer
-
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
-    errors: list[str] = []
-
-    def on_delivery(err, _msg):
-        if err is not None:
-            errors.append(str(err))
-
-    n = 0
-    for rec in records:
-        key, headers = None, None
-        if isinstance(rec, tuple):
-            key, value, *rest = rec
-            headers = rest[0] if rest else None
-        else:
-            value = rec
-        kwargs: dict[str, Any] = {"key": _bytes(key), "value": _bytes(value), "on_delivery": on_delivery}
-        if headers:
-            kwargs["headers"] = [(k, _bytes(v)) for k, v in (headers.items() if isinstance(headers, dict) else headers)]
-        if partition is not None:
-            kwargs["partition"] = partition
-        while True:
-            try:
-                producer.produce(topic, **kwargs)
-                break
-            except BufferError:
-                producer.poll(0.1)
-        producer.poll(0)
-        n += 1
-    remaining = producer.flush(60)
-    if remaining or errors:
-        raise RuntimeError(f"produce to {topic} failed: {remaining} undelivered, errors: {errors[:5]}")
-    return n
-
-
-def read_to_end(
-    bootstrap: str,
-    topic: str,
-    isolation: Literal["read_committed", "read_uncommitted"] = "read_committed",
-    timeout: float = 60.0,
-) -> list[Record]:
-    """Read every partition of `topic` from the beginning to its current end.
-
-    Under read_committed the end is the last stable offset, so records of open
-    transactions are not waited for and aborted ones are never returned.
-    """
-    from confluent_kafka import Consumer, KafkaError, TopicPartition
-
-    from oncely.processor.restore import watermarks
-
-    consumer = Consumer({
-        "bootstrap.servers": bootstrap,
-        "group.id": unique_name("oncely-read"),
-        "enable.auto.commit": False,
-        "isolation.level": isolation,
-        "enable.partition.eof": True,
-        "auto.offset.reset": "earliest",
-        # The end is seen only after an empty fetch, which the broker holds
-        # this long; keep it short so reading a quiet topic is quick.
-        "fetch.wait.max.ms": 10,
-    })
-    try:
-        md = consumer.list_topics(topic, timeout=10)
-        tmeta = md.topics.get(topic)
-        if tmeta is None or tmeta.error is not None:
-            raise ValueError(f"topic {topic} does not exist")
-        parts = sorted(tmeta.partitions)
-        pending = set()
-        assignment = []
-        for p in parts:
-            lo, hi = watermarks(consumer, TopicPartition(topic, p))
-            if hi > lo:
-                pending.add(p)
-                assignment.append(TopicPartition(topic, p, lo))
-        out: list[Record] = []
-        if not pending:
-            return out
-        consumer.assign(assignment)
-        deadline = time.monotonic() + timeout
-        while pending:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"reading {topic}: partitions {sorted(pending)} did not reach their end")
-            for m in consumer.consume(1000, timeout=0.5):
-                err = m.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        pending.discard(m.partition())
-                        continue
-                    raise RuntimeError(f"reading {topic}: {err}")
-                out.append(Record(m.key(), m.value(), list(m.headers() or []), m.partition(), m.offset(), topic))
-        return out
-    finally:
-        consumer.close()
+__all__ = [
+    "Record", "apache_kafka_container", "choose_kafka_source", "create_topic", "docker_engine_answers", "kafka",
+    "kafka_topic", "produce", "read_to_end", "unique_name",
+]

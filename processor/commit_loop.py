@@ -355,16 +355,17 @@ class CommitLoop:
                 overlay = part.store.overlay
                 if not overlay:
                     continue
-                n = len(overlay)
                 box: list[int] = []
                 last_record[p] = box
+
+                def checkpoint(err: Any, msg: Any, box: list[int] = box) -> None:
+                    """The offset of the partition's last record is its checkpoint."""
+                    if err is None:
+                        box.append(msg.offset())
+
+                last = len(overlay) - 1
                 for i, (k, v) in enumerate(overlay.items()):
-                    cb = None
-                    if i == n - 1:
-                        def cb(err, msg, box=box):  # noqa: E306 - the last record's offset is the checkpoint
-                            if err is None:
-                                box.append(msg.offset())
-                    self.produce(changelog, k, v, partition=p, on_delivery=cb)
+                    self.produce(changelog, k, v, partition=p, on_delivery=checkpoint if i == last else None)
                 if self.txn_error is not None:
                     raise self.txn_error
             if not self.consumed and self.produced == 0:

@@ -28,6 +28,7 @@ from oncely.egress.dead_letters import dead_letter
 from oncely.processor import keys
 from oncely.processor.protocol import Entry, Executor, HandlerCall, Outcome, Running
 from oncely.processor.store import PartitionStore
+from oncely.shuffle.envelope import invoke_record
 from oncely.shuffle.ids import child_id, format_id
 from oncely.shuffle.routing import partition_for
 from oncely.shuffle.targets import resolve
@@ -555,21 +556,26 @@ class InvocationEffects:
             raise RuntimeError("ctx.emit: no sinks are configured")
         return self.part.effects.record(topic, value, key, headers)
 
+    def _live(self, op: str) -> PartitionProcessor:
+        """The partition, while this invocation is still its live one. A
+        coroutine that outlives a rewind or a revocation (a handler that
+        catches CancelledError) must not add effects to a transaction or a
+        store that now belong to what Kafka says is committed."""
+        part = self.part
+        if part.closed or part.invocations.get(self.inv.id) is not self.inv:
+            raise asyncio.CancelledError(f"ctx.{op}: the invocation was rewound or moved; dropped")
+        return part
+
     def send(self, target: Any, args: tuple, index: int, delay_ms: int | None) -> bytes:
         """Produce (or schedule) an Invoke of `target` in the open
         transaction; returns the callee's invocation id."""
-        part = self.part
+        part = self._live("send")
         app = part.app
-        keyed = {name: svc.keyed for name, svc in app.services.items()}
-        t = resolve(target, args, keyed)
+        t = resolve(target, args, app.services)
         callee = child_id(self.inv.id, index)
-        record = schemas.encode("log_record", {"body": ("oncely.Invoke", {
-            "invocation_id": callee, "service": t.service, "handler": t.handler, "key": t.key,
-            "payload": t.payload, "payload_format": t.payload_format,
-            # A delivery seen twice is recognised by the callee's partition.
-            "idempotency_key": f"child:{format_id(self.inv.id)}:{index}", "idempotency_retention_ms": None,
-            "caller": None, "source": None, "subscription": None, "created_at_ms": now_ms(),
-        })})
+        # A delivery seen twice is recognised by the callee's partition.
+        record = invoke_record(callee, t.service, t.handler, t.key, t.payload, t.payload_format,
+                               idempotency_key=f"child:{format_id(self.inv.id)}:{index}")
         routing = t.key if t.key is not None else callee
         partition = partition_for(routing, app.partitions)
         if delay_ms:
@@ -580,12 +586,12 @@ class InvocationEffects:
         return callee
 
     def sleep_until(self, fire_ms: int, index: int) -> None:
-        self.part.add_timer(fire_ms, self.inv.id, index, {
+        self._live("sleep").add_timer(fire_ms, self.inv.id, index, {
             "kind": "WAKE", "partition": -1, "routing_key": None, "record": None})
 
     async def wait(self, index: int) -> None:
         """Wait until the journal entry at `index` completes."""
-        fut = self.part.waiter(self.inv, index)
+        fut = self._live("sleep").waiter(self.inv, index)
         self.inv.waiting = True
         try:
             await fut

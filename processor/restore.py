@@ -17,26 +17,12 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
+from oncely.kafka_io import watermarks
 from oncely.processor.store import PartitionStore
 
 log = logging.getLogger("oncely.restore")
 
 BATCH = 5000
-
-
-def watermarks(consumer: Consumer, tp: TopicPartition, timeout: float = 60.0) -> tuple[int, int]:
-    """(low, high) offsets (high is the LSO for a read_committed consumer),
-    retrying what Kafka calls retriable: a topic created a moment ago may not
-    have a leader yet."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return consumer.get_watermark_offsets(tp, timeout=min(10.0, timeout))
-        except KafkaException as e:
-            err = e.args[0]
-            if not err.retriable() or time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 class Restorer:

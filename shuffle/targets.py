@@ -24,14 +24,17 @@ def encode_payload(payload: Any) -> tuple[bytes, str]:
 
 
 def key_bytes(key: Any) -> bytes | None:
+    """A key: bytes as is, str as UTF-8, ints as their decimal text."""
     if key is None or isinstance(key, bytes):
         return key
     if isinstance(key, str):
         return key.encode()
-    raise TypeError(f"a key is str or bytes, got {type(key).__name__}")
+    if isinstance(key, int) and not isinstance(key, bool):
+        return str(key).encode()
+    raise TypeError(f"a key must be str, bytes or int, not {type(key).__name__}")
 
 
-def resolve(target: Any, args: tuple, keyed_services: dict[str, bool] | None = None) -> Target:
+def resolve(target: Any, args: tuple, services: dict[str, Any] | None = None) -> Target:
     """`(handler, key, payload)` for keyed services, `(handler, payload)` for
     stateless ones, or by name `("service", key, "handler", payload)` (key
     None for a stateless service)."""
@@ -51,7 +54,8 @@ def resolve(target: Any, args: tuple, keyed_services: dict[str, bool] | None = N
         if len(args) < 2:
             raise TypeError('by name: ("service", key, "handler", payload)')
         service, key, handler, payload = target, args[0], args[1], (args[2] if len(args) > 2 else None)
-        if keyed_services is not None and service in keyed_services and keyed_services[service] and key is None:
+        svc = services.get(service) if services is not None else None
+        if svc is not None and svc.keyed and key is None:
             raise TypeError(f"{service} is keyed: the key must not be None")
     else:
         raise TypeError(f"a target is a handler (e.g. counter.add) or a service name, not {type(target).__name__}")

@@ -7,17 +7,19 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-import asyncio
 from pathlib import Path
 from typing import Any, Callable
 
-from oncely.admin import changelog_latest, read_state
-from oncely.admin import state_of as state_from
+from oncely.admin import changelog_latest, read_state as changelog_state, state_of as state_from
+from oncely.runtime import ProcessorThread as InProcessProcessor
 from oncely.processor.store import PartitionStore
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Read-back helpers the tests take from here.
+__all__ = ["REPO", "InProcessProcessor", "ProcessorProcess", "changelog_latest", "changelog_state", "state_from",
+           "store_kv", "wait_for_app_topics", "wait_until"]
 
 
 class ProcessorProcess:
@@ -90,10 +92,6 @@ def wait_for_app_topics(bootstrap: str, app: str, timeout: float = 60) -> None:
                f"the topics of {app}")
 
 
-def changelog_state(bootstrap: str, app: str) -> dict[tuple[str, bytes, str], Any]:
-    return read_state(bootstrap, app)
-
-
 def store_kv(state_dir: Path, app: str, partitions: int) -> dict[bytes, bytes]:
     """Everything the (stopped) processor's RocksDB stores hold."""
     out: dict[bytes, bytes] = {}
@@ -109,49 +107,3 @@ def store_kv(state_dir: Path, app: str, partitions: int) -> dict[bytes, bytes]:
         finally:
             store.close()
     return out
-
-
-class InProcessProcessor:
-    """Runs `oncely.runtime.serve(app)` on an event loop in a thread, for
-    tests that need the CommitLoop object (its counters) rather than a kill."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.loop = asyncio.new_event_loop()
-        self.stop_event: asyncio.Event | None = None
-        self.processor = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        from oncely.runtime import serve
-
-        asyncio.set_event_loop(self.loop)
-
-        def created(cl: Any) -> None:
-            self.processor = cl
-
-        async def main() -> None:
-            self.stop_event = asyncio.Event()
-            await serve(self.app, self.stop_event, on_created=created)
-
-        try:
-            self.loop.run_until_complete(main())
-        except BaseException as e:  # surfaced by start()/stop()
-            self.error = e
-
-    def start(self) -> "InProcessProcessor":
-        self.thread.start()
-        wait_until(lambda: self.error or (self.processor is not None and self.processor.consumer is not None),
-                   60, 0.05, "the in-process processor to start")
-        if self.error:
-            raise self.error
-        return self
-
-    def stop(self, timeout: float = 60) -> None:
-        if self.stop_event is not None:
-            self.loop.call_soon_threadsafe(self.stop_event.set)
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "in-process processor did not stop"
-        if self.error:
-            raise self.error

@@ -52,8 +52,8 @@ def test_enriched_orders_exactly_once_under_kill9(kafka: str, tmp_path: Path) ->
         expected[o["id"]] = running[o["customer"]]
     records = [(o["customer"].encode(), orjson.dumps(o), [("Idempotency-Key", o["id"].encode())]) for o in orders]
 
-    env = {"ONCELY_TEST_APP": app, "ONCELY_TEST_SOURCE": source, "ONCELY_TEST_OUT": out}
-    proc = ProcessorProcess("tests.apps.enrich:app", kafka, tmp_path / "state", env, tmp_path / "p.log").start()
+    env = {"ENRICH_APP": app, "ORDERS_TOPIC": source, "ENRICHED_TOPIC": out}
+    proc = ProcessorProcess("oncely.examples.enrichment:app", kafka, tmp_path / "state", env, tmp_path / "p.log").start()
     try:
         wait_for_app_topics(kafka, app)
         batches, size = 10, len(records) // 10

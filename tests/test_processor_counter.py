@@ -22,7 +22,7 @@ import pytest
 import oncely
 from oncely.processor import keys
 from oncely.testing import read_to_end, unique_name
-from support import (REPO, ProcessorProcess, changelog_latest, changelog_state, state_from, store_kv,
+from support import (REPO, ProcessorProcess, changelog_state, state_from, store_kv,
                      wait_until)
 
 N_INVOCATIONS = 20_000

@@ -1,0 +1,32 @@
+"""The log record envelope: every Invoke is encoded here, whoever sends it
+(the Client, a subscription, a handler's send or call)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from oncely import schemas
+
+
+def invoke_record(
+    invocation_id: bytes,
+    service: str,
+    handler: str,
+    key: bytes | None,
+    payload: bytes,
+    payload_format: str,
+    *,
+    idempotency_key: str | None = None,
+    idempotency_retention_ms: int | None = None,
+    caller: dict[str, Any] | None = None,
+    source: dict[str, Any] | None = None,
+    subscription: str | None = None,
+) -> bytes:
+    """An encoded LogRecord holding one Invoke."""
+    return schemas.encode("log_record", {"body": ("oncely.Invoke", {
+        "invocation_id": invocation_id, "service": service, "handler": handler, "key": key,
+        "payload": payload, "payload_format": payload_format, "idempotency_key": idempotency_key,
+        "idempotency_retention_ms": idempotency_retention_ms, "caller": caller, "source": source,
+        "subscription": subscription, "created_at_ms": int(time.time() * 1000),
+    })})
