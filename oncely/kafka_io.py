@@ -17,17 +17,24 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from confluent_kafka.admin import AdminClient, NewTopic
 
 
+# Metadata races of a topic created a moment ago (no leader elected yet, or
+# not yet known to the broker answering). librdkafka raises them from
+# get_watermark_offsets without setting the retriable flag.
+_TRANSIENT = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+              KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_PARTITION, KafkaError._TIMED_OUT,
+              KafkaError._TRANSPORT}
+
+
 def watermarks(consumer: Consumer, tp: TopicPartition, timeout: float = 60.0) -> tuple[int, int]:
     """(low, high) offsets (high is the LSO for a read_committed consumer),
-    retrying what Kafka calls retriable: a topic created a moment ago may not
-    have a leader yet."""
+    retrying transient errors until `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             return consumer.get_watermark_offsets(tp, timeout=min(10.0, timeout))
         except KafkaException as e:
             err = e.args[0]
-            if not err.retriable() or time.monotonic() > deadline:
+            if not (err.retriable() or err.code() in _TRANSIENT) or time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
 

@@ -251,3 +251,17 @@ def test_cluster_ids_never_look_like_options() -> None:
 
     ids = [new_cluster_id() for _ in range(2000)]
     assert all(len(i) == 22 and not i.startswith("-") for i in ids)
+
+
+def test_a_topic_is_readable_right_after_it_is_created(kafka: str) -> None:
+    """No leader yet is a transient error (librdkafka does not flag it
+    retriable); the restore and read_to_end must wait it out, not crash."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from oncely.kafka_io import read_to_end, unique_name
+
+    admin = AdminClient({"bootstrap.servers": kafka})
+    for _ in range(10):
+        name = unique_name("fresh")
+        admin.create_topics([NewTopic(name, 8, 1)])[name].result(30)
+        assert read_to_end(kafka, name) == []
