@@ -7,12 +7,12 @@ produced records and consumer offsets.
 
 from oncely.app import App, Handler, RetryPolicy, Service
 from oncely.client import Client
-from oncely.context import Context
-from oncely.errors import ConfigError, NonDeterminismError, OncelyError, TerminalError
+from oncely.context import Context, DurableFuture, gather
+from oncely.errors import AwakeableError, ConfigError, NonDeterminismError, OncelyError, TerminalError
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "App", "Client", "ConfigError", "Context", "Handler", "NonDeterminismError", "OncelyError",
-    "RetryPolicy", "Service", "TerminalError",
+    "App", "AwakeableError", "Client", "ConfigError", "Context", "DurableFuture", "Handler", "NonDeterminismError",
+    "OncelyError", "RetryPolicy", "Service", "TerminalError", "gather",
 ]

@@ -121,6 +121,11 @@ class AppConfig:
     # interval and let runnable invocations finish, so only invocations that
     # really wait on something are persisted (net effects).
     commit_drain_share: float = 0.3
+    # An invocation waiting (on a call, sleep or awakeable) without progress
+    # for this many seconds is suspended: its coroutine is dropped and it
+    # lives only in the store until its completion arrives, then it resumes
+    # by journal replay. Memory then does not grow with waiting invocations.
+    suspend_after: float = 60.0
     # Create declared sink topics that do not exist (else: refuse to start).
     create_sink_topics: bool = False
     kafka: dict[str, str] = field(default_factory=dict)
@@ -210,6 +215,15 @@ class App:
     def dlq_topic(self) -> str:
         return f"{self.name}.dlq"
 
+    @property
+    def replies_topic(self) -> str:
+        """Answers to requests from outside (awakeable resolutions)."""
+        return f"{self.name}.replies"
+
+    @property
+    def internal_topics(self) -> set[str]:
+        return {self.log_topic, self.changelog_topic, self.dlq_topic, self.replies_topic}
+
     def _add(self, name: str, keyed: bool, retry: RetryPolicy | None) -> Service:
         if not _NAME.match(name):
             raise ConfigError(f"service name {name!r} may use only letters, digits, '_' and '-'")
@@ -254,7 +268,7 @@ class App:
         names = [topics] if isinstance(topics, str) else list(topics)
         if not names or not all(isinstance(t, str) and t for t in names):
             raise ConfigError("subscribe: give a topic name or a non-empty list of them")
-        internal = {self.log_topic, self.changelog_topic, self.dlq_topic}
+        internal = self.internal_topics
         if internal & set(names):
             raise ConfigError(f"subscribe: {sorted(internal & set(names))} is one of the app's own topics")
         if not isinstance(target, Handler) or target.service.app is not self:
@@ -282,7 +296,7 @@ class App:
 
         if not isinstance(topic, str) or not topic:
             raise ConfigError("sink: give the topic name")
-        if topic in (self.log_topic, self.changelog_topic, self.dlq_topic):
+        if topic in self.internal_topics:
             raise ConfigError(f"sink: {topic!r} is one of the app's own topics")
         if topic in self.sinks:
             raise ConfigError(f"sink: topic {topic!r} is already declared")

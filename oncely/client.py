@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
-from confluent_kafka import Producer
+import orjson
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from oncely import schemas
 from oncely.app import App, Handler
-from oncely.errors import ConfigError
+from oncely.context import encode_value
+from oncely.errors import AwakeableError, ConfigError
 from oncely.shuffle.envelope import invoke_record
-from oncely.shuffle.ids import format_id, idempotent_id, random_id
+from oncely.shuffle.ids import format_id, idempotent_id, parse_awakeable, random_id
 from oncely.shuffle.routing import partition_for
 from oncely.shuffle.targets import resolve
 
@@ -35,6 +39,7 @@ class Client:
         self._admin_conf = {"bootstrap.servers": self.bootstrap, **(kafka or {})}
         self._partitions: dict[str, int] = {}
         self._errors: list[str] = []
+        self._consumer: Consumer | None = None
 
     def _partition_count(self, app: str) -> int:
         n = self._partitions.get(app)
@@ -85,6 +90,73 @@ class Client:
         self._producer.poll(0)
         return format_id(inv_id)
 
+    def resolve_awakeable(self, awakeable_id: str, value: Any = None, *, wait: bool = True,
+                          timeout: float = 30.0) -> None:
+        """Complete an awakeable with `value` (JSON or bytes). With `wait`,
+        block until the app answers: AwakeableError when the awakeable was
+        already completed or its invocation is not in flight, TimeoutError
+        when no processor answered in `timeout` seconds (the resolution stays
+        on the log and is applied when one runs)."""
+        self._complete_awakeable(awakeable_id, encode_value(value), None, wait, timeout)
+
+    def reject_awakeable(self, awakeable_id: str, reason: str, *, wait: bool = True,
+                         timeout: float = 30.0) -> None:
+        """Fail an awakeable: the waiting handler gets TerminalError(reason)."""
+        if not isinstance(reason, str) or not reason:
+            raise ValueError("reject_awakeable: the reason must be a non-empty str")
+        self._complete_awakeable(awakeable_id, None, reason, wait, timeout)
+
+    def _complete_awakeable(self, awakeable_id: str, value: bytes | None, failure: str | None, wait: bool,
+                            timeout: float) -> None:
+        try:
+            app, partition, inv_id, index = parse_awakeable(awakeable_id)
+        except ValueError as e:
+            raise AwakeableError(str(e)) from None
+        n = self._partition_count(app)
+        if partition >= n:
+            raise AwakeableError(f"awakeable {awakeable_id}: app {app!r} has no log partition {partition}")
+        request = random_id()
+        record = schemas.encode("log_record", {"body": ("oncely.AwakeableResult", {
+            "invocation_id": inv_id, "journal_index": index, "value": value, "failure": failure,
+            "request_id": request if wait else None})})
+        reply_tp = TopicPartition(f"{app}.replies", partition_for(request, n))
+        start = self._reply_start(reply_tp) if wait else None
+        self._producer.produce(f"{app}.log", key=inv_id, value=record, partition=partition,
+                               on_delivery=self._on_delivery)
+        self.flush()
+        if start is not None:
+            answer = self._await_reply(reply_tp, start, request, timeout)
+            if not answer["ok"]:
+                raise AwakeableError(f"awakeable {awakeable_id} was not completed: {answer['error']}")
+
+    def _replies_consumer(self) -> Consumer:
+        if self._consumer is None:
+            self._consumer = Consumer({**self._admin_conf, "group.id": "oncely-client", "enable.auto.commit": False,
+                                       "isolation.level": "read_committed", "enable.partition.eof": False})
+        return self._consumer
+
+    def _reply_start(self, tp: TopicPartition) -> int:
+        try:
+            _, high = self._replies_consumer().get_watermark_offsets(tp, timeout=10)
+        except KafkaException as e:
+            raise ConfigError(f"cannot read topic {tp.topic}: {e} (start the app once with oncely run "
+                              "to create it)") from None
+        return high
+
+    def _await_reply(self, tp: TopicPartition, start: int, request: bytes, timeout: float) -> dict[str, Any]:
+        consumer = self._replies_consumer()
+        consumer.assign([TopicPartition(tp.topic, tp.partition, start)])
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                for m in consumer.consume(100, timeout=min(0.5, max(0.0, deadline - time.monotonic()))):
+                    if m.error() is None and m.key() == request:
+                        return orjson.loads(m.value())
+        finally:
+            consumer.unassign()
+        raise TimeoutError(f"no answer from app {tp.topic.rsplit('.', 1)[0]!r} in {timeout} s: is a processor "
+                           "running? The completion is on the log and is applied when one runs")
+
     def flush(self, timeout: float = 60.0) -> None:
         left = self._producer.flush(timeout)
         errors, self._errors = self._errors, []
@@ -93,6 +165,9 @@ class Client:
 
     def close(self) -> None:
         self.flush()
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
 
     def __enter__(self) -> "Client":
         return self

@@ -8,6 +8,7 @@ anything again; a different operation pauses the invocation.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import random as _random
 import uuid as _uuid
@@ -276,9 +277,26 @@ class Context:
         self._record(Entry("send", name, value=callee))
         return format_id(callee)
 
-    async def sleep(self, duration: timedelta | float) -> None:
+    def call(self, target: Any, *args: Any) -> "DurableFuture":
+        """Invoke another handler and get its result: `await ctx.call(handler,
+        key, payload)` (or by name, like `send`). The Invoke is produced in
+        this invocation's transaction; the callee's result (or its
+        TerminalError) comes back as a Response on this partition and is
+        journaled, so a replay gets it without calling again. The call is
+        issued at once; await the returned future when the result is needed
+        (or pass several to `oncely.gather`)."""
+        name = _target_name(target, args)
+        entry = self._step("call", name)
+        index = self._index - 1
+        if entry is None:
+            entry = Entry("call", name, completed=False)
+            self._call.effects.call(target, args, index)
+            self._record(entry)
+        return DurableFuture(self, index, entry)
+
+    def sleep(self, duration: timedelta | float) -> "DurableFuture":
         """A durable sleep: a timer of this partition wakes the invocation,
-        also after a restart or on another process."""
+        also after a restart or on another process. Await the result."""
         entry = self._step("sleep")
         index = self._index - 1
         if entry is None:
@@ -286,13 +304,70 @@ class Context:
             entry = Entry("sleep", value=orjson.dumps(fire_ms), completed=False)
             self._record(entry)
             self._call.effects.sleep_until(fire_ms, index)
-        if not entry.completed:
-            await self._call.effects.wait(index)
+        return DurableFuture(self, index, entry, has_value=False)
+
+    def awakeable(self) -> tuple[str, "DurableFuture"]:
+        """An id that something outside completes, with
+        `Client.resolve_awakeable(id, value)` or `.reject_awakeable(id,
+        reason)`, and the future that yields the value (or raises the
+        rejection as TerminalError). The id is stable across replays."""
+        entry = self._step("awakeable")
+        index = self._index - 1
+        effects = self._call.effects
+        if entry is None:
+            entry = Entry("awakeable", completed=False)
+            effects.early_completion(index, entry)
+            self._record(entry)
+        return effects.awakeable_id(index), DurableFuture(self, index, entry)
 
     # -- for the executor ---------------------------------------------------------
 
     def _state_changes(self) -> tuple[dict[str, bytes | None], bool]:
         return self._writes, self._cleared_all
+
+
+class DurableFuture:
+    """The result of a journaled wait (call, sleep, awakeable). Its journal
+    index is taken when it is created, so creating several and awaiting
+    them in any order (or with `oncely.gather`) replays deterministically."""
+
+    __slots__ = ("_ctx", "_index", "_entry", "_has_value")
+
+    def __init__(self, ctx: Context, index: int, entry: Entry, has_value: bool = True) -> None:
+        self._ctx = ctx
+        self._index = index
+        self._entry = entry
+        self._has_value = has_value
+
+    @property
+    def done(self) -> bool:
+        return self._entry.completed
+
+    def __await__(self) -> Any:
+        entry = self._entry
+        if not entry.completed:
+            yield from self._ctx._call.effects.wait(self._index).__await__()
+        if entry.error is not None:
+            raise TerminalError(entry.error)
+        if not self._has_value or entry.value is None:
+            return None
+        return decode_value(entry.value)
+
+
+async def gather(*futures: Awaitable[Any]) -> list[Any]:
+    """Await several calls, sleeps and awakeables concurrently and return
+    their results in argument order. Every one of them settles first; then
+    the first failure in argument order (a TerminalError of a callee or a
+    rejected awakeable) is raised. Pass ctx futures: coroutines that issue
+    ctx operations themselves would journal in scheduling order."""
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException) and not isinstance(r, Exception):
+            raise r  # non-determinism or cancellation wins over failures
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return list(results)
 
 
 def _millis(d: "timedelta | float") -> int:

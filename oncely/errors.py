@@ -11,6 +11,11 @@ class ConfigError(OncelyError):
     """The app or its environment is configured wrongly; the message says what to fix."""
 
 
+class AwakeableError(OncelyError):
+    """Resolving or rejecting an awakeable failed: a malformed id, an
+    awakeable already completed, or no invocation in flight waiting on it."""
+
+
 class TerminalError(OncelyError):
     """Raise from a handler (or a `ctx.run` step) to fail the invocation at
     once, without retries. A caller awaiting it gets the same error."""

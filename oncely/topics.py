@@ -29,6 +29,7 @@ def topic_specs(app: "App") -> dict[str, tuple[int, dict[str, str]]]:
             "min.compaction.lag.ms": "0",
         }),
         app.dlq_topic: (1, {"cleanup.policy": "delete", "retention.ms": str(2 * WEEK_MS)}),
+        app.replies_topic: (app.partitions, {"cleanup.policy": "delete", "retention.ms": str(DAY_MS)}),
     }
 
 

@@ -509,6 +509,10 @@ class CommitLoop:
             else:
                 if kind == "oncely.Invoke":
                     part.on_invoke(body, offset)
+                elif kind == "oncely.Response":
+                    part.on_response(body)
+                elif kind == "oncely.AwakeableResult":
+                    part.on_awakeable_result(body)
                 else:
                     k, v, h = dead_letter(self.app.name, "unsupported-log-record",
                                           f"{kind} records are not handled by this version", m.key(), m.value(),
@@ -629,6 +633,8 @@ class CommitLoop:
                 for part in self.partitions.values():
                     part.fire_timers(now)
             if self.producer is not None and self.consumer is not None:
+                for part in self.partitions.values():
+                    part.suspend_waiting()
                 self.commit()
         finally:
             for p in list(self.partitions):

@@ -19,6 +19,7 @@ TIMER = b"t"         # t | fire ms u64 | invocation id | index u32 -> timer payl
 DEDUP = b"d"         # d | invocation id                  -> DedupEntry
 FAILED = b"f"        # f | invocation id                  -> InvocationStatus (retained failure)
 EXPIRY = b"x"        # x | expiry ms u64 | space tag | invocation id -> b""
+EARLY = b"c"         # c | invocation id | index u32      -> JournalEntry (a completion that came first)
 
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
@@ -89,6 +90,14 @@ def timer(fire_ms: int, inv_id: bytes, index: int) -> bytes:
 
 def parse_timer(key: bytes) -> tuple[int, bytes, int]:
     return _U64.unpack_from(key, 1)[0], key[9:25], _U32.unpack_from(key, 25)[0]
+
+
+def early(inv_id: bytes, index: int) -> bytes:
+    return EARLY + inv_id + _U32.pack(index)
+
+
+def early_prefix(inv_id: bytes) -> bytes:
+    return EARLY + inv_id
 
 
 def dedup(inv_id: bytes) -> bytes:

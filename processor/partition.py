@@ -23,13 +23,16 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+import orjson
+
 from oncely import schemas
 from oncely.egress.dead_letters import dead_letter
 from oncely.processor import keys
 from oncely.processor.protocol import Entry, Executor, HandlerCall, Outcome, Running
 from oncely.processor.store import PartitionStore
 from oncely.shuffle.envelope import invoke_record
-from oncely.shuffle.ids import child_id, format_id
+from oncely.errors import TerminalError
+from oncely.shuffle.ids import child_id, format_awakeable, format_id
 from oncely.shuffle.routing import partition_for
 from oncely.shuffle.targets import resolve
 
@@ -39,6 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("oncely.partition")
 
 INBOXED, RUNNING, BACKING_OFF, PAUSED = "INBOXED", "RUNNING", "BACKING_OFF", "PAUSED"
+SUSPENDED = "SUSPENDED"
+TIMER_BATCH = 256
 DEFAULT_RETENTION_MS = 24 * 3600 * 1000
 
 
@@ -72,7 +77,12 @@ class Invocation:
     journal_dirty: set[int] = field(default_factory=set)  # written entries completed since
     lock_written: bool = False
     inbox_written: bool = False
-    waiting: bool = False  # awaiting a timer (or, later, a response)
+    waits: int = 0  # journal entries its coroutine awaits right now
+    has_early: bool = False  # completions that arrived before their entry
+
+    @property
+    def waiting(self) -> bool:
+        return self.waits > 0
 
     @property
     def target(self) -> str:
@@ -83,7 +93,9 @@ class _KeyQueue:
     __slots__ = ("holder", "waiting")
 
     def __init__(self) -> None:
-        self.holder: Invocation | None = None
+        # The invocation holding the key's lock; its id (bytes) while it is
+        # suspended and lives only in the store.
+        self.holder: Invocation | bytes | None = None
         self.waiting: deque[Invocation] = deque()
 
 
@@ -114,6 +126,8 @@ class PartitionStats:
     paused: int = 0
     resumed: int = 0
     timers_fired: int = 0
+    suspensions: int = 0
+    responses: int = 0
 
 
 class PartitionProcessor:
@@ -138,10 +152,17 @@ class PartitionProcessor:
         self.queues: dict[bytes, _KeyQueue] = {}
         self.active: set[Invocation] = set()
         self.dirty: set[Invocation] = set()
-        # (fire ms, invocation id, journal index); index -1 is a retry timer
-        # (derived from the status), others are TIMER records in the store.
+        # Retry timers of backing-off invocations (in memory, like them):
+        # (fire ms, invocation id, -1). Sleeps and delayed sends are TIMER
+        # records in the store, read in fire-time order from `next_timer`.
         self.timers: list[tuple[int, bytes, int]] = []
+        self.next_timer: int | None = None
         self.waiters: dict[tuple[bytes, int], asyncio.Future] = {}
+        # Waiting invocations by when they last made progress (ms), oldest
+        # first: the ones idle past `suspend_after` are suspended.
+        self.idle: dict[Invocation, int] = {}
+        self.suspend_after_ms = int(app.config.suspend_after * 1000)
+        self.suspended = 0  # SUSPENDED invocations in the store
         self.stats = PartitionStats()
         self.closed = False
         self.paused = False  # consumption paused for backpressure
@@ -157,12 +178,15 @@ class PartitionProcessor:
         the ones that were running: recovery after a crash and a rewind after
         an abort are this same path."""
         store = self.store
-        for k, _ in store.scan(keys.TIMER):
-            fire_ms, inv_id, index = keys.parse_timer(k)
-            heapq.heappush(self.timers, (fire_ms, inv_id, index))
+        first = store.scan(keys.TIMER, limit=1)
+        self.next_timer = keys.parse_timer(first[0][0])[0] if first else None
+        suspended: set[bytes] = set()
         for k, v in store.scan(keys.STATUS):
             st = schemas.decode("invocation_status", v)
             inv_id = k[1:]
+            if st["phase"] == SUSPENDED:
+                suspended.add(inv_id)  # stays in the store until its completion arrives
+                continue
             invoke = st["invoke"]
             inv = Invocation(
                 id=inv_id, invoke=invoke, sk=self._sk(invoke), seq=st["seq"], phase=st["phase"],
@@ -173,8 +197,13 @@ class PartitionProcessor:
                 e = schemas.decode("journal_entry", jv)
                 inv.journal.append(Entry(e["kind"], e["name"], e["value"], e["error"], e["completed"]))
             inv.journal_written = len(inv.journal)
+            inv.has_early = bool(store.scan(keys.early_prefix(inv_id), limit=1))
             self.invocations[inv_id] = inv
+        self.suspended = len(suspended)
         for k, v in store.scan(keys.LOCK):
+            if v in suspended:
+                self.queues.setdefault(k[1:], _KeyQueue()).holder = v
+                continue
             inv = self.invocations.get(v)
             if inv is None or inv.sk != k[1:]:
                 log.warning("partition %d: lock without its invocation (%s); dropping it", self.partition, format_id(v))
@@ -208,12 +237,14 @@ class PartitionProcessor:
                 # are retried once per (re)start, so a fixed handler resumes them.
                 self.stats.resumed += 1
                 self._start(inv)
-        for q in self.queues.values():
+        for sk, q in list(self.queues.items()):
             if q.holder is None and q.waiting:
                 self._promote(q)
-        if self.invocations:
-            log.info("partition %d: loaded %d in-flight invocations (%d resumed by replay)", self.partition,
-                     len(self.invocations), self.stats.resumed)
+            elif isinstance(q.holder, bytes) and not q.waiting:
+                del self.queues[sk]  # the lock in the store is enough (see _enqueue)
+        if self.invocations or self.suspended:
+            log.info("partition %d: loaded %d in-flight invocations (%d resumed by replay), %d suspended",
+                     self.partition, len(self.invocations), self.stats.resumed, self.suspended)
 
     def _sk(self, invoke: dict[str, Any]) -> bytes | None:
         svc = self.app.services.get(invoke["service"])
@@ -233,7 +264,10 @@ class PartitionProcessor:
         self.queues.clear()
         self.dirty.clear()
         self.timers.clear()
+        self.next_timer = None
         self.waiters.clear()
+        self.idle.clear()
+        self.suspended = 0
 
     # -- input ----------------------------------------------------------------------
 
@@ -244,6 +278,8 @@ class PartitionProcessor:
         # for the store lookups.
         if inv_id in self.invocations or (invoke["idempotency_key"] is not None and self._known(inv_id)):
             self.stats.duplicates += 1
+            if invoke["caller"] is not None and inv_id not in self.invocations:
+                self._respond_again(inv_id, invoke["caller"])
             return
         svc = self.app.services.get(invoke["service"])
         handler = svc.handlers.get(invoke["handler"]) if svc else None
@@ -271,6 +307,9 @@ class PartitionProcessor:
         q = self.queues.get(inv.sk)
         if q is None:
             q = self.queues[inv.sk] = _KeyQueue()
+            if self.suspended:
+                # A suspended invocation may hold the key; only the store knows.
+                q.holder = self.store.get(keys.lock(inv.sk))
         if q.holder is None and not q.waiting:
             q.holder = inv
             self._start(inv)
@@ -357,6 +396,7 @@ class PartitionProcessor:
                     store.put(sk, value)
         for topic, key, value, headers in outcome.emits:
             self.out.produce(topic, key, value, headers)
+        self._respond(inv.invoke["caller"], inv.id, outcome.value, None)
         self._remember(inv, failed=False, result=outcome.value, error=None)
         self.stats.completed += 1
         self._finish(inv)
@@ -386,6 +426,8 @@ class PartitionProcessor:
             source=invoke.get("source"),
         )
         self.out.produce(self.app.dlq_topic, k, v, h)
+        self._respond(invoke["caller"], inv.id, None, error if reason == "terminal" else
+                      f"{inv.target} failed ({reason}): {error}")
         retention = invoke.get("idempotency_retention_ms") or DEFAULT_RETENTION_MS
         expires = now_ms() + retention
         self.store.put(keys.failed(inv.id), schemas.encode("invocation_status", {
@@ -407,9 +449,13 @@ class PartitionProcessor:
             store.delete(keys.inbox(inv.sk, inv.seq))  # type: ignore[arg-type]
         if inv.lock_written:
             store.delete(keys.lock(inv.sk))  # type: ignore[arg-type]
+        if inv.has_early:
+            for k, _ in store.scan(keys.early_prefix(inv.id)):
+                store.delete(k)
         self.invocations.pop(inv.id, None)
         self.dirty.discard(inv)
         self.active.discard(inv)
+        self.idle.pop(inv, None)
         if inv.sk is not None:
             q = self.queues.get(inv.sk)
             if q is not None and q.holder is inv:
@@ -424,52 +470,48 @@ class PartitionProcessor:
     def fire_timers(self, now: int) -> None:
         timers = self.timers
         while timers and timers[0][0] <= now:
-            at, inv_id, index = heapq.heappop(timers)
-            if index < 0:
-                inv = self.invocations.get(inv_id)
-                if inv is not None and inv.phase == BACKING_OFF and inv.retry_at_ms == at:
-                    self._start(inv)
-                continue
-            key = keys.timer(at, inv_id, index)
-            raw = self.store.get(key)
-            if raw is None:
-                continue  # fired already (a duplicate heap entry) or dropped
-            self.store.delete(key)
-            timer = schemas.decode("timer", raw)
-            if timer["kind"] == "SEND":
-                self.out.produce(self.app.log_topic, timer["routing_key"], timer["record"],
-                                 partition=timer["partition"])
-                self.stats.timers_fired += 1
-            else:
-                self.stats.timers_fired += 1
-                self._complete_entry(inv_id, index, None, None)
+            at, inv_id, _ = heapq.heappop(timers)
+            inv = self.invocations.get(inv_id)
+            if inv is not None and inv.phase == BACKING_OFF and inv.retry_at_ms == at:
+                self._start(inv)
+        if self.next_timer is not None and self.next_timer <= now:
+            self._fire_store_timers(now)
+        if self.idle:
+            self._suspend_idle(now)
         if now >= self._next_expiry_sweep:
             self._next_expiry_sweep = now + 1000
             self._expire(now)
 
-    def _complete_entry(self, inv_id: bytes, index: int, value: bytes | None, error: str | None) -> None:
-        """A journal entry that waited (sleep, later call/awakeable) completed:
-        record it and wake the waiting coroutine, if there is one."""
-        inv = self.invocations.get(inv_id)
-        if inv is None or index >= len(inv.journal):
-            return  # the invocation finished or was dropped; nothing waits
-        entry = inv.journal[index]
-        if entry.completed:
-            return
-        entry.completed = True
-        if value is not None:
-            entry.value = value
-        entry.error = error
-        if index < inv.journal_written:
-            inv.journal_dirty.add(index)
-            self.dirty.add(inv)
-        fut = self.waiters.pop((inv_id, index), None)
-        if fut is not None and not fut.done():
-            fut.set_result(None)
+    def _fire_store_timers(self, now: int) -> None:
+        """Fire due TIMER records in fire-time order. Deleting the record and
+        producing its effect join the same transaction, so a timer fires once."""
+        store = self.store
+        while True:
+            batch = store.scan(keys.TIMER, limit=TIMER_BATCH)
+            nxt = None
+            for key, raw in batch:
+                at, inv_id, index = keys.parse_timer(key)
+                if at > now:
+                    nxt = at
+                    break
+                store.delete(key)
+                timer = schemas.decode("timer", raw)
+                self.stats.timers_fired += 1
+                if timer["kind"] == "SEND":
+                    self.out.produce(self.app.log_topic, timer["routing_key"], timer["record"],
+                                     partition=timer["partition"])
+                else:
+                    self._complete_entry(inv_id, index, None, None)
+            if nxt is not None or len(batch) < TIMER_BATCH:
+                self.next_timer = nxt
+                return
 
     def add_timer(self, fire_ms: int, inv_id: bytes, index: int, record: dict[str, Any]) -> None:
         self.store.put_fresh(keys.timer(fire_ms, inv_id, index), schemas.encode("timer", record))
-        heapq.heappush(self.timers, (fire_ms, inv_id, index))
+        if self.next_timer is None or fire_ms < self.next_timer:
+            self.next_timer = fire_ms
+
+    # -- waiting, completions, suspension ---------------------------------------------
 
     def waiter(self, inv: Invocation, index: int) -> asyncio.Future:
         fut = self.waiters.get((inv.id, index))
@@ -477,8 +519,167 @@ class PartitionProcessor:
             fut = self.waiters[(inv.id, index)] = asyncio.get_running_loop().create_future()
         return fut
 
-    def next_timer_ms(self) -> int | None:
-        return self.timers[0][0] if self.timers else None
+    def _complete_entry(self, inv_id: bytes, index: int, value: bytes | None, error: str | None,
+                        kind: str | None = None) -> str | None:
+        """A journal entry that waited (sleep, call, awakeable) completed:
+        record it and wake the waiting coroutine, or resume a suspended
+        invocation by replay. Returns why it could not be completed."""
+        inv = self.invocations.get(inv_id)
+        resumed = False
+        if inv is None and self.suspended:
+            inv = self._load_suspended(inv_id)
+            resumed = inv is not None
+        if inv is None:
+            return "its invocation is not in flight on this partition (it already finished, or never existed)"
+        if index >= len(inv.journal):
+            reason = f"its journal has no entry {index}"
+        else:
+            entry = inv.journal[index]
+            if kind is not None and entry.kind != kind:
+                reason = f"journal entry {index} is a {entry.kind}, not a {kind}"
+            elif entry.completed:
+                reason = "it was already completed"
+            else:
+                entry.completed = True
+                entry.value = value if value is not None else entry.value
+                entry.error = error
+                reason = None
+                if index < inv.journal_written:
+                    inv.journal_dirty.add(index)
+                    self.dirty.add(inv)
+        if resumed:
+            if reason is not None:
+                self.suspend(inv)  # nothing changed for it: back to the store
+                return reason
+            self.stats.resumed += 1
+            self._start(inv)  # replay: it waits again if it still has to
+        elif reason is None:
+            if inv in self.idle:
+                del self.idle[inv]
+                self.idle[inv] = now_ms()  # progress: the inactivity clock restarts
+            fut = self.waiters.pop((inv_id, index), None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+        return reason
+
+    def _load_suspended(self, inv_id: bytes) -> Invocation | None:
+        """Bring a suspended invocation back from the store (not yet started)."""
+        store = self.store
+        raw = store.get(keys.status(inv_id))
+        if raw is None:
+            return None
+        st = schemas.decode("invocation_status", raw)
+        if st["phase"] != SUSPENDED:
+            return None
+        invoke = st["invoke"]
+        inv = Invocation(id=inv_id, invoke=invoke, sk=self._sk(invoke), seq=st["seq"], phase=SUSPENDED,
+                         attempt=st["attempt"], status_written=True, status_dirty=True)
+        for _, jv in store.scan(keys.journal_prefix(inv_id)):
+            e = schemas.decode("journal_entry", jv)
+            inv.journal.append(Entry(e["kind"], e["name"], e["value"], e["error"], e["completed"]))
+        inv.journal_written = len(inv.journal)
+        inv.has_early = bool(store.scan(keys.early_prefix(inv_id), limit=1))
+        self.invocations[inv_id] = inv
+        self.suspended -= 1
+        if inv.sk is not None:
+            inv.lock_written = True
+            q = self.queues.get(inv.sk)
+            if q is None:
+                q = self.queues[inv.sk] = _KeyQueue()
+            q.holder = inv
+        return inv
+
+    def _suspend_idle(self, now: int) -> None:
+        limit = now - self.suspend_after_ms
+        for inv, since in list(self.idle.items()):
+            if since > limit:
+                break
+            self.suspend(inv)
+
+    def suspend(self, inv: Invocation) -> None:
+        """Drop a waiting invocation's coroutine and keep it only in the
+        store; a completion for it resumes it by journal replay."""
+        if self.invocations.get(inv.id) is not inv:
+            return
+        inv.phase = SUSPENDED
+        inv.status_dirty = True
+        self._persist(inv)  # status, journal and lock, before it leaves memory
+        for i, e in enumerate(inv.journal):
+            if not e.completed:
+                self.waiters.pop((inv.id, i), None)
+        if inv.running is not None:
+            inv.running.cancel()
+            inv.running = None
+        del self.invocations[inv.id]
+        self.active.discard(inv)
+        self.dirty.discard(inv)
+        self.idle.pop(inv, None)
+        self.suspended += 1
+        self.stats.suspensions += 1
+        if inv.sk is not None:
+            q = self.queues.get(inv.sk)
+            if q is not None and q.holder is inv:
+                if q.waiting:
+                    q.holder = inv.id
+                else:
+                    del self.queues[inv.sk]
+
+    def suspend_waiting(self) -> None:
+        """Suspend every waiting invocation (on shutdown), so a restart does
+        not replay them until their completions arrive."""
+        for inv in [i for i in self.invocations.values() if i.waiting]:
+            self.suspend(inv)
+
+    # -- responses and awakeables -----------------------------------------------------
+
+    def _respond(self, caller: dict[str, Any] | None, callee: bytes, value: bytes | None,
+                 failure: str | None) -> None:
+        """A call's outcome travels to the caller's partition in this transaction."""
+        if caller is None:
+            return
+        record = schemas.encode("log_record", {"body": ("oncely.Response", {
+            "invocation_id": caller["invocation_id"], "journal_index": caller["journal_index"],
+            "callee_id": callee, "value": value, "failure": failure})})
+        self.out.produce(self.app.log_topic, caller["invocation_id"], record, partition=caller["partition"])
+
+    def _respond_again(self, inv_id: bytes, caller: dict[str, Any]) -> None:
+        raw = self.store.get(keys.dedup(inv_id))
+        if raw is not None:
+            d = schemas.decode("dedup_entry", raw)
+            self._respond(caller, inv_id, d["result"], d["error"] if d["failed"] else None)
+
+    def on_response(self, body: dict[str, Any]) -> None:
+        self.stats.responses += 1
+        why = self._complete_entry(body["invocation_id"], body["journal_index"], body["value"], body["failure"],
+                                   kind="call")
+        if why is not None:
+            log.info("response for %s[%d] dropped: %s", format_id(body["invocation_id"]), body["journal_index"], why)
+
+    def on_awakeable_result(self, body: dict[str, Any]) -> None:
+        """Resolve or reject an awakeable, once; the resolver gets a reply."""
+        inv_id, index = body["invocation_id"], body["journal_index"]
+        inv = self.invocations.get(inv_id)
+        if inv is not None and index >= len(inv.journal):
+            # Its id went out before the entry was journaled here (a replay
+            # is on its way to it): keep the completion for the entry.
+            key = keys.early(inv_id, index)
+            if self.store.get(key) is not None:
+                why: str | None = "it was already completed"
+            else:
+                self.store.put_fresh(key, schemas.encode("journal_entry", {
+                    "kind": "awakeable", "name": "", "completed": True, "value": body["value"],
+                    "error": body["failure"]}))
+                inv.has_early = True
+                why = None
+        else:
+            why = self._complete_entry(inv_id, index, body["value"], body["failure"], kind="awakeable")
+        if why is not None:
+            log.info("awakeable %s[%d] not completed: %s", format_id(inv_id), index, why)
+        request = body.get("request_id")
+        if request is not None:
+            answer = {"ok": why is None, "error": why}
+            self.out.produce(self.app.replies_topic, request, orjson.dumps(answer),
+                             partition=partition_for(request, self.app.partitions))
 
     def _expire(self, now: int, limit: int = 10_000) -> None:
         """Remove dedup entries and retained failures past their retention."""
@@ -585,15 +786,55 @@ class InvocationEffects:
             part.out.produce(app.log_topic, routing, record, partition=partition)
         return callee
 
+    def call(self, target: Any, args: tuple, index: int) -> bytes:
+        """Produce an Invoke of `target` whose Response comes back to this
+        partition for journal entry `index`; returns the callee's id."""
+        part = self._live("call")
+        inv = self.inv
+        t = resolve(target, args, part.app.services)
+        if inv.sk is not None and t.key is not None and keys.service_key(t.service, t.key) == inv.sk:
+            raise TerminalError(
+                f"ctx.call: {t.service}/{t.key!r} calls its own key; the key stays locked until this "
+                "invocation returns, so the call would wait forever. Use ctx.send, or call another key")
+        callee = child_id(inv.id, index)
+        record = invoke_record(callee, t.service, t.handler, t.key, t.payload, t.payload_format,
+                               idempotency_key=f"child:{format_id(inv.id)}:{index}",
+                               caller={"invocation_id": inv.id, "partition": part.partition, "journal_index": index})
+        routing = t.key if t.key is not None else callee
+        part.out.produce(part.app.log_topic, routing, record, partition=partition_for(routing, part.app.partitions))
+        return callee
+
     def sleep_until(self, fire_ms: int, index: int) -> None:
         self._live("sleep").add_timer(fire_ms, self.inv.id, index, {
             "kind": "WAKE", "partition": -1, "routing_key": None, "record": None})
 
+    def awakeable_id(self, index: int) -> str:
+        return format_awakeable(self.part.app.name, self.part.partition, self.inv.id, index)
+
+    def early_completion(self, index: int, entry: Entry) -> None:
+        """Complete a new awakeable entry whose result arrived first."""
+        inv = self.inv
+        if not inv.has_early:
+            return
+        part = self._live("awakeable")
+        key = keys.early(inv.id, index)
+        raw = part.store.get(key)
+        if raw is not None:
+            e = schemas.decode("journal_entry", raw)
+            entry.completed, entry.value, entry.error = True, e["value"], e["error"]
+            part.store.delete(key)
+
     async def wait(self, index: int) -> None:
         """Wait until the journal entry at `index` completes."""
-        fut = self._live("sleep").waiter(self.inv, index)
-        self.inv.waiting = True
+        part = self._live("wait")
+        inv = self.inv
+        fut = part.waiter(inv, index)
+        inv.waits += 1
+        if inv.waits == 1:
+            part.idle[inv] = now_ms()
         try:
             await fut
         finally:
-            self.inv.waiting = False
+            inv.waits -= 1
+            if inv.waits == 0:
+                part.idle.pop(inv, None)

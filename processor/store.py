@@ -108,17 +108,37 @@ class PartitionStore:
     def committed_get(self, key: bytes) -> bytes | None:
         return self.db.get(key)
 
-    def scan(self, prefix: bytes, end: bytes | None = None) -> list[tuple[bytes, bytes]]:
+    def scan(self, prefix: bytes, end: bytes | None = None,
+             limit: int | None = None) -> list[tuple[bytes, bytes]]:
         """Keys in [prefix, end) (default: all keys starting with prefix), the
-        overlay applied, in key order."""
+        overlay applied, in key order; at most `limit` of them (the RocksDB
+        range is read only as far as needed)."""
         stop = end if end is not None else keys.prefix_end(prefix)
-        merged: dict[bytes, bytes | None] = {}
+        pending = sorted((k, v) for k, v in self.overlay.items() if k >= prefix and (stop is None or k < stop))
+        out: list[tuple[bytes, bytes]] = []
+        i = 0
+        n = len(pending)
         for k, v in self._db_range(prefix, stop):
-            merged[k] = v
-        for k, v in self.overlay.items():
-            if k >= prefix and (stop is None or k < stop):
-                merged[k] = v
-        return sorted((k, v) for k, v in merged.items() if v is not None)
+            while i < n and pending[i][0] < k:
+                if pending[i][1] is not None:
+                    out.append(pending[i])  # type: ignore[arg-type]
+                    if limit is not None and len(out) >= limit:
+                        return out
+                i += 1
+            if i < n and pending[i][0] == k:
+                k, v = pending[i]  # type: ignore[assignment]
+                i += 1
+                if v is None:
+                    continue
+            out.append((k, v))
+            if limit is not None and len(out) >= limit:
+                return out
+        for k, v in pending[i:]:
+            if v is not None:
+                out.append((k, v))
+                if limit is not None and len(out) >= limit:
+                    break
+        return out
 
     def _db_range(self, start: bytes, stop: bytes | None) -> Iterator[tuple[bytes, bytes]]:
         it = self.db.iter()

@@ -59,3 +59,31 @@ def parse_id(text: str) -> bytes:
     if len(raw) != ID_LEN:
         raise ValueError(f"invocation id {text!r} does not hold {ID_LEN} bytes")
     return raw
+
+
+_AWK_PREFIX = "awk_"
+
+
+def format_awakeable(app: str, partition: int, inv_id: bytes, index: int) -> str:
+    """An awakeable id says where its waiting invocation lives, so a resolver
+    needs nothing but the id: app, log partition, invocation, journal index."""
+    name = app.encode()
+    raw = bytes([len(name)]) + name + partition.to_bytes(2, "big") + inv_id + index.to_bytes(4, "big")
+    return _AWK_PREFIX + base64.b32encode(raw).decode().rstrip("=").lower()
+
+
+def parse_awakeable(text: str) -> tuple[str, int, bytes, int]:
+    """Inverse of `format_awakeable`; raises ValueError with a readable message."""
+    if not isinstance(text, str) or not text.startswith(_AWK_PREFIX):
+        raise ValueError(f"awakeable id {text!r} does not start with {_AWK_PREFIX!r}")
+    body = text[len(_AWK_PREFIX):].upper()
+    try:
+        raw = base64.b32decode(body + "=" * (-len(body) % 8))
+        n = raw[0]
+        app = raw[1:1 + n].decode()
+        rest = raw[1 + n:]
+    except Exception:
+        raise ValueError(f"awakeable id {text!r} is malformed") from None
+    if len(rest) != 2 + ID_LEN + 4:
+        raise ValueError(f"awakeable id {text!r} is malformed")
+    return app, int.from_bytes(rest[:2], "big"), rest[2:2 + ID_LEN], int.from_bytes(rest[2 + ID_LEN:], "big")
