@@ -103,3 +103,10 @@ async def wait(ctx: oncely.Context) -> None:
         ctx.set("rejected", e.message)
     ctx.set("wakes", ctx.get("wakes", 0) + 1)
     ctx.emit(RESULTS, {"woken": ctx.key, "value": value}, key=ctx.key)
+
+
+@waiter.handler
+async def hold(ctx: oncely.Context) -> None:
+    """Wait on an awakeable nobody resolves (memory test)."""
+    _, fut = ctx.awakeable()
+    ctx.set("got", await fut)
