@@ -17,7 +17,8 @@ from oncely.errors import ConfigError, NonDeterminismError, TerminalError
 from oncely.processor import keys
 from oncely.processor.protocol import Entry, HandlerCall
 from oncely.processor.store import PartitionStore
-from oncely.shuffle.ids import child_id, format_id, idempotent_id, parse_id, random_id, source_record_id
+from oncely.shuffle.ids import (child_id, format_awakeable, format_id, idempotent_id, parse_awakeable, parse_id,
+                               random_id, source_record_id)
 from oncely.shuffle.routing import murmur2, partition_for
 
 # Partitions (of 1000) that Kafka's default partitioner gives these keys;
@@ -265,3 +266,56 @@ def test_a_topic_is_readable_right_after_it_is_created(kafka: str) -> None:
         name = unique_name("fresh")
         admin.create_topics([NewTopic(name, 8, 1)])[name].result(30)
         assert read_to_end(kafka, name) == []
+
+
+def test_scan_merges_overlay_and_rocksdb_in_order_up_to_a_limit(tmp_path: Path) -> None:
+    store = PartitionStore(tmp_path / "s", "app", 4, 1)
+    store.open()
+    for k in (b"t1", b"t3", b"t5", b"t7"):
+        store.put(k, k)
+    store.commit(1)
+    store.delete(b"t3")          # hidden by the overlay
+    store.put(b"t4", b"new")     # only in the overlay
+    store.put(b"t5", b"changed")
+    store.put(b"u0", b"other")   # outside the prefix
+    assert store.scan(b"t") == [(b"t1", b"t1"), (b"t4", b"new"), (b"t5", b"changed"), (b"t7", b"t7")]
+    assert store.scan(b"t", limit=2) == [(b"t1", b"t1"), (b"t4", b"new")]
+    assert store.scan(b"t", limit=3)[-1] == (b"t5", b"changed")
+    assert store.scan(b"t", b"t5") == [(b"t1", b"t1"), (b"t4", b"new")]
+    store.delete(b"t1")
+    assert store.scan(b"t", limit=1) == [(b"t4", b"new")]
+    store.close()
+
+
+def test_awakeable_ids_round_trip_and_reject_garbage() -> None:
+    inv = random_id()
+    text = format_awakeable("shop-app.v2", 7, inv, 12)
+    assert text.startswith("awk_") and text == text.lower()
+    assert parse_awakeable(text) == ("shop-app.v2", 7, inv, 12)
+    for bad in ("inv_abc", "awk_", "awk_!!!", text[:-4]):
+        with pytest.raises(ValueError):
+            parse_awakeable(bad)
+
+
+def test_gather_settles_every_future_then_raises_the_first_failure_in_order() -> None:
+    settled: list[str] = []
+
+    async def ok(name: str, delay: float) -> str:
+        await asyncio.sleep(delay)
+        settled.append(name)
+        return name
+
+    async def fail(name: str, delay: float) -> str:
+        await asyncio.sleep(delay)
+        settled.append(name)
+        raise TerminalError(name)
+
+    async def main() -> None:
+        assert await oncely.gather(ok("a", 0.02), ok("b", 0.01)) == ["a", "b"]
+        settled.clear()
+        with pytest.raises(TerminalError, match="second"):
+            # "third" fails first in time, "second" first in argument order.
+            await oncely.gather(ok("first", 0.0), fail("second", 0.03), fail("third", 0.01), ok("last", 0.05))
+        assert sorted(settled) == ["first", "last", "second", "third"]
+
+    asyncio.run(main())
