@@ -78,6 +78,8 @@ class Invocation:
     lock_written: bool = False
     inbox_written: bool = False
     waits: int = 0  # journal entries its coroutine awaits right now
+    awaiting: set[int] = field(default_factory=set)  # their indexes
+    progress_mark: int = 0  # journal length when it was last seen to progress
     has_early: bool = False  # completions that arrived before their entry
 
     @property
@@ -555,8 +557,7 @@ class PartitionProcessor:
             self._start(inv)  # replay: it waits again if it still has to
         elif reason is None:
             if inv in self.idle:
-                del self.idle[inv]
-                self.idle[inv] = now_ms()  # progress: the inactivity clock restarts
+                self._progressed(inv, now_ms())
             fut = self.waiters.pop((inv_id, index), None)
             if fut is not None and not fut.done():
                 fut.set_result(None)
@@ -589,18 +590,32 @@ class PartitionProcessor:
             q.holder = inv
         return inv
 
+    def _progressed(self, inv: Invocation, now: int) -> None:
+        """Restart an invocation's inactivity clock (it stays in `idle`)."""
+        self.idle.pop(inv, None)
+        self.idle[inv] = now
+        inv.progress_mark = len(inv.journal)
+
     def _suspend_idle(self, now: int) -> None:
         limit = now - self.suspend_after_ms
-        for inv, since in list(self.idle.items()):
+        due = []
+        for inv, since in self.idle.items():  # oldest first
             if since > limit:
                 break
-            self.suspend(inv)
+            due.append(inv)
+        for inv in due:
+            if len(inv.journal) != inv.progress_mark:
+                self._progressed(inv, now)  # it journaled steps while it waited (e.g. inside a gather)
+            else:
+                self.suspend(inv)
 
     def suspend(self, inv: Invocation) -> None:
         """Drop a waiting invocation's coroutine and keep it only in the
         store; a completion for it resumes it by journal replay."""
         if self.invocations.get(inv.id) is not inv:
             return
+        if any(inv.journal[i].completed for i in inv.awaiting):
+            return  # woken already: its coroutine runs next, dropping it would lose the wake-up
         inv.phase = SUSPENDED
         inv.status_dirty = True
         self._persist(inv)  # status, journal and lock, before it leaves memory
@@ -830,11 +845,13 @@ class InvocationEffects:
         inv = self.inv
         fut = part.waiter(inv, index)
         inv.waits += 1
+        inv.awaiting.add(index)
         if inv.waits == 1:
-            part.idle[inv] = now_ms()
+            part._progressed(inv, now_ms())
         try:
             await fut
         finally:
             inv.waits -= 1
+            inv.awaiting.discard(index)
             if inv.waits == 0:
                 part.idle.pop(inv, None)
