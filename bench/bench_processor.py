@@ -15,16 +15,27 @@ In one run, on one broker, with the same record count and partitions:
     header, exactly-once) records/s, and e/a;
 (f) latency p50/p99 from a source record's produce to its committed state;
 (g) the enrichment pipeline (source -> keyed handler with state -> emit to
-    an output topic, exactly-once) records/s and g/a, and
+    an output topic, exactly-once) records/s and g/a;
 (h) its latency p50/p99 from source produce to the output record being
-    visible to a read_committed consumer.
+    visible to a read_committed consumer;
+(i) one-way sends: --records/2 Invokes of a stateless forwarder, each doing
+    `ctx.send` to the keyed counter of another service (keys over all
+    partitions); records/s = counter invocations completed and committed per
+    second, i/a, and the changelog records written; and
+(j) a call round trip: a keyed caller handler awaits `ctx.call` to a keyed
+    handler of another service on a key of another log partition; p50/p99
+    of the time from before the call to its result in the caller, at a
+    fixed offered rate of caller Invokes, after a one-second warm-up that is
+    not measured. (The clock is read in the handler, not journaled: a
+    caller replayed after a crash would be timed twice; none happens here.)
 
 The raw copy runs first (it also warms up the broker's JVM), then the latency
-runs, on a quiet broker (after the oncely throughput runs it compacts their
-changelogs for a while, on the same cores), then the other throughput runs.
+runs (d, f, h, j), on a quiet broker (after the oncely throughput runs it
+compacts their changelogs for a while, on the same cores), then the other
+throughput runs.
 
 Usage: python bench/bench_processor.py [--records 100000] [--partitions 8]
-       [--keys 1000] [--rate 2000] [--bootstrap HOST:PORT]
+       [--keys 1000] [--rate 2000] [--latency-seconds 10] [--bootstrap HOST:PORT]
 Without --bootstrap (or ONCELY_KAFKA_BOOTSTRAP) a local broker is started.
 """
 
@@ -45,6 +56,7 @@ import oncely
 from oncely.local_kafka import LocalKafka
 from oncely.runtime import ProcessorThread
 from oncely.kafka_io import create_topic, read_to_end
+from oncely.shuffle.routing import partition_for
 
 
 def raw_copy(bootstrap: str, records: int, partitions: int) -> float:
@@ -358,7 +370,115 @@ def enrichment_latency(bootstrap: str, partitions: int, keys: int, rate: int, se
     return samples
 
 
+def send_app(name: str, bootstrap: str, partitions: int, state_dir: str, callee_runs: list[int]) -> oncely.App:
+    app = oncely.App(name, partitions=partitions, bootstrap=bootstrap, state_dir=state_dir)
+    counter = app.keyed("counter")
+    forwarder = app.service("forwarder")
+
+    @counter.handler
+    async def add(ctx: oncely.Context, amount: int) -> int:
+        n = ctx.get("n", 0) + amount
+        ctx.set("n", n)
+        callee_runs[0] += 1
+        return n
+
+    @forwarder.handler
+    async def forward(ctx: oncely.Context, msg: dict) -> None:
+        ctx.send(add, msg["key"], msg["amount"])
+
+    return app
+
+
+def sends(bootstrap: str, records: int, partitions: int, keys: int) -> tuple[float, int]:
+    """Pre-load `records` Invokes of the forwarder, then time until each has
+    sent one Invoke, the counter has completed them all, and the commit after
+    the last one returned; (callee invocations/s, changelog records)."""
+    name = f"bench-send-{uuid.uuid4().hex[:8]}"
+    state = tempfile.mkdtemp(prefix="oncely-bench-")
+    runs = [0]
+    app = send_app(name, bootstrap, partitions, state, runs)
+    Running(app).start().stop()  # creates the topics; nothing to process yet
+    client = oncely.Client(bootstrap, app=name)
+    for i in range(records):
+        client.send("forwarder", None, "forward", {"key": f"key-{i % keys}", "amount": 1})
+    client.flush()
+    runs[0] = 0
+    runner = Running(send_app(name, bootstrap, partitions, state, runs))
+    elapsed = runner.time_until_committed(2 * records)  # the forwarders' invocations and the counters'
+    changelog = len(read_to_end(bootstrap, f"{name}.changelog"))
+    shutil.rmtree(state, ignore_errors=True)
+    if runs[0] != records:
+        raise RuntimeError(f"(i): {runs[0]} counter invocations ran for {records} sends")
+    return records / elapsed, changelog
+
+
+def call_pairs(keys: int, partitions: int) -> list[tuple[str, str]]:
+    """(caller key, callee key) for each of `keys` callers, the callee's key
+    on another log partition than the caller's."""
+    def part(k: str) -> int:
+        return partition_for(k.encode(), partitions)
+
+    pairs = []
+    for j in range(keys):
+        caller = f"key-{j}"
+        m = 1
+        while part(f"key-{(j + m) % keys}") == part(caller):
+            m += 1
+        pairs.append((caller, f"key-{(j + m) % keys}"))
+    return pairs
+
+
+def call_latency(bootstrap: str, partitions: int, keys: int, rate: int, seconds: float) -> list[float]:
+    """Offer caller Invokes at `rate`/s; each caller times `await ctx.call` to
+    a key on another partition, in the handler."""
+    name = f"bench-call-{uuid.uuid4().hex[:8]}"
+    state = tempfile.mkdtemp(prefix="oncely-bench-")
+    app = oncely.App(name, partitions=partitions, bootstrap=bootstrap, state_dir=state)
+    callee = app.keyed("callee")
+    caller = app.keyed("caller")
+    samples: list[float] = []
+
+    @callee.handler
+    async def add(ctx: oncely.Context, amount: int) -> int:
+        n = ctx.get("n", 0) + amount
+        ctx.set("n", n)
+        return n
+
+    @caller.handler
+    async def ask(ctx: oncely.Context, req: dict) -> None:
+        t0 = time.perf_counter()  # not journaled: a bench handler, never replayed here
+        await ctx.call(add, req["other"], 1)
+        if req["measured"]:
+            samples.append(time.perf_counter() - t0)
+
+    runner = Running(app).start()
+    pairs = call_pairs(keys, partitions)
+    client = oncely.Client(bootstrap, app=name)
+
+    def offer(n: int, measured: bool) -> None:
+        t0 = time.monotonic()
+        for i in range(n):
+            delay = t0 + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            me, other = pairs[i % keys]
+            client.send(ask, me, {"other": other, "measured": measured})
+        client.flush()
+
+    offer(rate, False)  # one second of warm-up, not measured
+    n = int(rate * seconds)
+    offer(n, True)
+    deadline = time.monotonic() + 30
+    while len(samples) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    runner.stop()
+    shutil.rmtree(state, ignore_errors=True)
+    return samples
+
+
 def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
@@ -387,6 +507,7 @@ def main() -> None:
         lat = latency(bootstrap, args.partitions, args.keys, args.rate, args.latency_seconds)
         slat = subscription_latency(bootstrap, args.partitions, args.keys, args.rate, args.latency_seconds)
         elat = enrichment_latency(bootstrap, args.partitions, args.keys, args.rate, args.latency_seconds)
+        clat = call_latency(bootstrap, args.partitions, args.keys, args.rate, args.latency_seconds)
         print(f"(a) raw transactional copy           {raw:10.0f} records/s")
         on, on_cl = oncely_counter(bootstrap, args.records, args.partitions, args.keys, net_effects=True)
         print(f"(b) oncely counter, net effects on   {on:10.0f} records/s   changelog records {on_cl}")
@@ -403,6 +524,12 @@ def main() -> None:
         print(f"(g) enrichment source -> state -> emit {enr:10.0f} records/s   g/a {enr / raw:.2f}")
         print(f"(h) source produce -> output visible (read_committed) at {args.rate}/s: "
               f"p50 {pct(elat, 0.5) * 1000:.1f} ms, p99 {pct(elat, 0.99) * 1000:.1f} ms ({len(elat)} samples)")
+        sent, sent_cl = sends(bootstrap, args.records // 2, args.partitions, args.keys)
+        print(f"(i) ctx.send forwarder -> keyed counter {sent:9.0f} records/s   i/a {sent / raw:.2f}   "
+              f"({args.records // 2} sends, changelog records {sent_cl})")
+        print(f"(j) ctx.call round trip to another partition at {args.rate} calls/s: "
+              f"p50 {pct(clat, 0.5) * 1000:.1f} ms, p99 {pct(clat, 0.99) * 1000:.1f} ms "
+              f"({len(clat)} samples of {int(args.rate * args.latency_seconds)} calls)")
     finally:
         if broker:
             broker.stop()
