@@ -561,18 +561,34 @@ class CommitLoop:
             await self.shutdown()
 
     def _apply_backpressure(self) -> None:
-        """Pause log partitions holding too many unfinished invocations."""
+        """Pause log partitions holding too many unfinished invocations.
+
+        A paused partition also holds back the Responses and awakeable
+        results its waiting invocations need, so when none of its
+        invocations progressed for `stall_after` it reads on, whatever it
+        holds: a backlog of callers must not deadlock on its own callees.
+        Waiting invocations read that way are bounded by suspension."""
         limit = self.cfg.max_inflight_per_partition
         consumer = self.consumer
         assert consumer is not None
+        now = time.monotonic()
+        stall_after = max(0.5, 5 * self.cfg.commit_interval)
         for p, part in self.partitions.items():
             n = len(part.invocations)
-            if not part.paused and n >= limit:
+            if part.progress != part.progress_seen:
+                part.progress_seen, part.progress_at = part.progress, now
+                part.reading_on = False
+            if not part.paused and n >= limit and not part.reading_on:
                 consumer.pause([TopicPartition(self.app.log_topic, p)])
                 part.paused = True
-            elif part.paused and n < limit // 2:
+            elif part.paused and (n < limit // 2 or now - part.progress_at >= stall_after):
                 consumer.resume([TopicPartition(self.app.log_topic, p)])
                 part.paused = False
+                if n >= limit // 2:
+                    # Stalled: read on until something progresses.
+                    part.reading_on = True
+                    log.info("partition %d: %d invocations in flight made no progress for %.1f s; reading on "
+                             "for the completions they wait for", p, n, stall_after)
 
     def _in_flight(self) -> int:
         return sum(len(p.invocations) for p in self.partitions.values())

@@ -168,6 +168,12 @@ class PartitionProcessor:
         self.stats = PartitionStats()
         self.closed = False
         self.paused = False  # consumption paused for backpressure
+        # Invocations finished, suspended or woken: the commit loop reads on
+        # past backpressure when this stops moving (see _apply_backpressure).
+        self.progress = 0
+        self.progress_seen = 0
+        self.progress_at = time.monotonic()
+        self.reading_on = False  # resumed past backpressure until progress shows
         self._next_expiry_sweep = 0
         # Without net effects, records of every invocation are written as it
         # goes; a later delete then leaves a tombstone instead of nothing.
@@ -458,6 +464,7 @@ class PartitionProcessor:
         self.dirty.discard(inv)
         self.active.discard(inv)
         self.idle.pop(inv, None)
+        self.progress += 1
         if inv.sk is not None:
             q = self.queues.get(inv.sk)
             if q is not None and q.holder is inv:
@@ -561,6 +568,7 @@ class PartitionProcessor:
             fut = self.waiters.pop((inv_id, index), None)
             if fut is not None and not fut.done():
                 fut.set_result(None)
+                self.progress += 1
         return reason
 
     def _load_suspended(self, inv_id: bytes) -> Invocation | None:
@@ -631,6 +639,7 @@ class PartitionProcessor:
         self.idle.pop(inv, None)
         self.suspended += 1
         self.stats.suspensions += 1
+        self.progress += 1
         if inv.sk is not None:
             q = self.queues.get(inv.sk)
             if q is not None and q.holder is inv:

@@ -153,3 +153,34 @@ def test_awakeables_resolve_reject_and_refuse_a_second_completion(kafka: str, tm
     assert state[("front", b"r2", "rejected")] == "no stock"
     assert state[("front", b"r3", "got")] == b"raw"
     assert read_to_end(kafka, f"{app.name}.dlq") == []
+
+
+def test_a_backlog_of_callers_does_not_deadlock_on_backpressure(kafka: str, tmp_path: Path) -> None:
+    # Callers waiting on calls fill the in-flight limit; their Responses and
+    # their callees' Invokes arrive on partitions paused by it.
+    name = unique_name("backlog")
+    app = oncely.App(name, partitions=4, bootstrap=kafka, state_dir=str(tmp_path))
+    app.config.max_inflight_per_partition = 20
+    callee, caller = app.keyed("callee"), app.keyed("caller")
+
+    @callee.handler
+    async def echo(ctx: oncely.Context, n: int) -> int:
+        return n
+
+    @caller.handler
+    async def ask(ctx: oncely.Context, n: int) -> None:
+        ctx.set("got", await ctx.call(echo, f"e{n}", n))
+
+    InProcessProcessor(app).start().stop()  # creates the topics
+    client = oncely.Client(kafka, app=name)
+    for n in range(1000):
+        client.send(ask, f"c{n}", n)
+    client.flush()
+    runner = InProcessProcessor(app).start()
+    try:
+        wait_until(lambda: sum(1 for (s, _, n) in _state(kafka, app) if s == "caller") == 1000, 120, 1.0,
+                   "every caller to get its answer")
+    finally:
+        runner.stop()
+    state = _state(kafka, app)
+    assert all(state[("caller", f"c{n}".encode(), "got")] == n for n in range(1000))
