@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import asyncio
-import time
+import threading
 from pathlib import Path
 
 import pytest
 
 import oncely
+from oncely.shuffle.ids import format_awakeable, parse_id
+from oncely.shuffle.routing import partition_for
 from oncely.testing import read_to_end, unique_name
 from support import InProcessProcessor, changelog_state, wait_until
 
@@ -184,3 +186,40 @@ def test_a_backlog_of_callers_does_not_deadlock_on_backpressure(kafka: str, tmp_
         runner.stop()
     state = _state(kafka, app)
     assert all(state[("caller", f"c{n}".encode(), "got")] == n for n in range(1000))
+
+
+def test_a_resolution_that_arrives_before_its_awakeable_is_kept_for_it(kafka: str, tmp_path: Path) -> None:
+    # The id is deterministic (app, partition, invocation, journal index), so
+    # it can go out (say, through a ctx.run effect replayed after a crash)
+    # before the invocation journals the awakeable.
+    name = unique_name("early")
+    app = oncely.App(name, partitions=4, bootstrap=kafka, state_dir=str(tmp_path))
+    svc = app.keyed("svc")
+    gate = threading.Event()
+
+    async def until_gate() -> None:
+        while not gate.is_set():
+            await asyncio.sleep(0.02)
+
+    @svc.handler
+    async def late(ctx: oncely.Context) -> None:
+        await ctx.run("gate", until_gate)   # journal index 0
+        _, fut = ctx.awakeable()            # journal index 1
+        ctx.set("got", await fut)
+
+    runner = InProcessProcessor(app).start()
+    try:
+        client = oncely.Client(kafka, app=name)
+        inv = client.send(late, "k", None)
+        client.flush()
+        awk = format_awakeable(name, partition_for(b"k", 4), parse_id(inv), 1)
+        wait_until(lambda: any(p.invocations for p in runner.processor.partitions.values()), 30, 0.05, "the start")
+        client.resolve_awakeable(awk, "early")
+        with pytest.raises(oncely.AwakeableError, match="already completed"):
+            client.resolve_awakeable(awk, "twice")
+        gate.set()
+        wait_until(lambda: _state(kafka, app).get(("svc", b"k", "got")) == "early", 30, 0.3, "the early value")
+        client.close()
+    finally:
+        gate.set()
+        runner.stop()
