@@ -212,12 +212,7 @@ def latency(bootstrap: str, partitions: int, keys: int, rate: int, seconds: floa
             time.sleep(delay)
         client.send("counter", f"key-{i % keys}", "add", time.time())
     client.flush()
-    deadline = time.monotonic() + 30
-    while len(samples) < n and time.monotonic() < deadline:
-        time.sleep(0.05)
-    runner.stop()
-    shutil.rmtree(state, ignore_errors=True)
-    return samples
+    return _collect(samples, n, runner, state)
 
 
 def subscription_app(name: str, bootstrap: str, partitions: int, state_dir: str, source: str,
@@ -290,12 +285,7 @@ def subscription_latency(bootstrap: str, partitions: int, keys: int, rate: int, 
     measure_from[0] = time.time()
     n = int(rate * seconds)
     _produce_orders(bootstrap, source, n, keys, rate, producer=producer)
-    deadline = time.monotonic() + 30
-    while len(samples) < n and time.monotonic() < deadline:
-        time.sleep(0.05)
-    runner.stop()
-    shutil.rmtree(state, ignore_errors=True)
-    return samples
+    return _collect(samples, n, runner, state)
 
 
 def enrichment_app(name: str, bootstrap: str, partitions: int, state_dir: str, source: str,
@@ -468,6 +458,11 @@ def call_latency(bootstrap: str, partitions: int, keys: int, rate: int, seconds:
     offer(rate, False)  # one second of warm-up, not measured
     n = int(rate * seconds)
     offer(n, True)
+    return _collect(samples, n, runner, state)
+
+
+def _collect(samples: list[float], n: int, runner: ProcessorThread, state: str) -> list[float]:
+    """Wait (up to 30 s) for `n` samples, then stop the processor."""
     deadline = time.monotonic() + 30
     while len(samples) < n and time.monotonic() < deadline:
         time.sleep(0.05)

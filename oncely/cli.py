@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Any, Callable
 
 import click
 
@@ -155,6 +156,51 @@ def inspect_invocations(app: str, bootstrap: str) -> None:
         key = inv.key.decode(errors="backslashreplace") if inv.key is not None else "-"
         click.echo(f"{inv.id} {inv.target} {key} {inv.phase} attempt={inv.attempt}"
                    + (f" error={inv.error}" if inv.error else ""))
+
+
+@main.group()
+def awakeable() -> None:
+    """Complete an awakeable a handler waits on (`ctx.awakeable()`)."""
+
+
+@awakeable.command("resolve")
+@click.argument("awakeable_id")
+@click.argument("value", default="null")
+@_bootstrap
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the app's answer.")
+def awakeable_resolve(awakeable_id: str, value: str, bootstrap: str, timeout: float) -> None:
+    """Resolve AWAKEABLE_ID with VALUE (JSON; default null)."""
+    import orjson
+
+    try:
+        decoded = orjson.loads(value)
+    except orjson.JSONDecodeError as e:
+        raise click.UsageError(f"VALUE must be JSON (quote strings: '\"yes\"'): {e}") from None
+    _complete(lambda c: c.resolve_awakeable(awakeable_id, decoded, timeout=timeout), bootstrap)
+
+
+@awakeable.command("reject")
+@click.argument("awakeable_id")
+@click.argument("reason")
+@_bootstrap
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the app's answer.")
+def awakeable_reject(awakeable_id: str, reason: str, bootstrap: str, timeout: float) -> None:
+    """Reject AWAKEABLE_ID: the waiting handler gets TerminalError(REASON)."""
+    _complete(lambda c: c.reject_awakeable(awakeable_id, reason, timeout=timeout), bootstrap)
+
+
+def _complete(action: Callable[[Any], None], bootstrap: str) -> None:
+    from oncely.client import Client
+    from oncely.errors import AwakeableError
+
+    client = Client(bootstrap)
+    try:
+        action(client)
+    except (AwakeableError, TimeoutError) as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        client.close()
+    click.echo("ok")
 
 
 @main.command("restore")

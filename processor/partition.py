@@ -195,18 +195,7 @@ class PartitionProcessor:
             if st["phase"] == SUSPENDED:
                 suspended.add(inv_id)  # stays in the store until its completion arrives
                 continue
-            invoke = st["invoke"]
-            inv = Invocation(
-                id=inv_id, invoke=invoke, sk=self._sk(invoke), seq=st["seq"], phase=st["phase"],
-                attempt=st["attempt"], retry_at_ms=st["retry_at_ms"], error=st["error"],
-                status_written=True, status_dirty=False,
-            )
-            for jk, jv in store.scan(keys.journal_prefix(inv_id)):
-                e = schemas.decode("journal_entry", jv)
-                inv.journal.append(Entry(e["kind"], e["name"], e["value"], e["error"], e["completed"]))
-            inv.journal_written = len(inv.journal)
-            inv.has_early = bool(store.scan(keys.early_prefix(inv_id), limit=1))
-            self.invocations[inv_id] = inv
+            self._from_store(inv_id, st)
         self.suspended = len(suspended)
         for k, v in store.scan(keys.LOCK):
             if v in suspended:
@@ -253,6 +242,23 @@ class PartitionProcessor:
         if self.invocations or self.suspended:
             log.info("partition %d: loaded %d in-flight invocations (%d resumed by replay), %d suspended",
                      self.partition, len(self.invocations), self.stats.resumed, self.suspended)
+
+    def _from_store(self, inv_id: bytes, st: dict[str, Any]) -> Invocation:
+        """An in-flight invocation as the store holds it (status and journal)."""
+        invoke = st["invoke"]
+        inv = Invocation(
+            id=inv_id, invoke=invoke, sk=self._sk(invoke), seq=st["seq"], phase=st["phase"],
+            attempt=st["attempt"], retry_at_ms=st["retry_at_ms"], error=st["error"],
+            status_written=True, status_dirty=False,
+        )
+        store = self.store
+        for _, jv in store.scan(keys.journal_prefix(inv_id)):
+            e = schemas.decode("journal_entry", jv)
+            inv.journal.append(Entry(e["kind"], e["name"], e["value"], e["error"], e["completed"]))
+        inv.journal_written = len(inv.journal)
+        inv.has_early = bool(store.scan(keys.early_prefix(inv_id), limit=1))
+        self.invocations[inv_id] = inv
+        return inv
 
     def _sk(self, invoke: dict[str, Any]) -> bytes | None:
         svc = self.app.services.get(invoke["service"])
@@ -580,15 +586,8 @@ class PartitionProcessor:
         st = schemas.decode("invocation_status", raw)
         if st["phase"] != SUSPENDED:
             return None
-        invoke = st["invoke"]
-        inv = Invocation(id=inv_id, invoke=invoke, sk=self._sk(invoke), seq=st["seq"], phase=SUSPENDED,
-                         attempt=st["attempt"], status_written=True, status_dirty=True)
-        for _, jv in store.scan(keys.journal_prefix(inv_id)):
-            e = schemas.decode("journal_entry", jv)
-            inv.journal.append(Entry(e["kind"], e["name"], e["value"], e["error"], e["completed"]))
-        inv.journal_written = len(inv.journal)
-        inv.has_early = bool(store.scan(keys.early_prefix(inv_id), limit=1))
-        self.invocations[inv_id] = inv
+        inv = self._from_store(inv_id, st)
+        inv.status_dirty = True  # its phase changes when it starts
         self.suspended -= 1
         if inv.sk is not None:
             inv.lock_written = True

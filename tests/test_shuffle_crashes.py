@@ -4,6 +4,8 @@ every state exact (tests/apps/shuffle.py)."""
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -15,7 +17,7 @@ import pytest
 import oncely
 from oncely.admin import read_invocations
 from oncely.testing import create_topic, read_to_end, unique_name
-from support import ProcessorProcess, changelog_state, wait_for_app_topics, wait_until
+from support import REPO, ProcessorProcess, changelog_state, wait_for_app_topics, wait_until
 
 SPEC = "tests.apps.shuffle:app"
 
@@ -150,7 +152,10 @@ def test_awakeables_resolved_while_suspended_and_while_the_process_is_down(kafka
         # While suspended (the processor holds none of them in memory).
         for i in range(10):
             resolver.resolve_awakeable(awk[f"w{i}"], {"i": i})
-        resolver.reject_awakeable(awk["w10"], "declined")
+        cli = [sys.executable, "-m", "oncely.cli", "awakeable"]
+        done = subprocess.run([*cli, "reject", awk["w10"], "declined", "--bootstrap", kafka], cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+        assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr
         wait_until(lambda: sum(1 for (s, k, nm) in changelog_state(kafka, app) if s == "waiter" and nm == "wakes")
                    == 11, 60, 0.5, "the first 11 to wake")
         proc.kill9()
@@ -170,6 +175,9 @@ def test_awakeables_resolved_while_suspended_and_while_the_process_is_down(kafka
                    == n, 120, 0.5, "every waiter to wake")
         with pytest.raises(oncely.AwakeableError, match="not in flight"):
             resolver.resolve_awakeable(awk["w0"], {"i": "again"})
+        again = subprocess.run([*cli, "resolve", awk["w1"], '{"i": "again"}', "--bootstrap", kafka], cwd=REPO,
+                               capture_output=True, text=True, timeout=60)
+        assert again.returncode == 1 and "not in flight" in again.stderr, again.stderr
         time.sleep(1)
         state = changelog_state(kafka, app)
         resolver.close()

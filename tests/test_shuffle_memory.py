@@ -77,8 +77,10 @@ def test_rss_stays_bounded_with_50k_suspended_invocations(kafka: str, tmp_path: 
             proc.kill9()
     print(f"\nRSS with suspended invocations: {figures}")
     per_invocation = (figures["rss_50k"] - figures["rss_5k"]) * 1024 * 1024 / 45_000
-    # Held in memory, a waiting invocation costs several KiB (task,
-    # coroutine, context, journal, status); suspended, only RocksDB's
-    # bounded memtables and block cache grow.
-    assert per_invocation < 1024, f"{per_invocation:.0f} bytes of RSS per suspended invocation"
-    assert figures["rss_50k_restarted"] < figures["rss_50k"] + 64
+    # Held in memory (suspension off, backpressure off) a waiting invocation
+    # costs about 6.5 KB of RSS (task, coroutine, context, journal, status):
+    # 367 MiB at 50,000. Suspended, only RocksDB's memtables (at most 3 x 8
+    # MiB per partition) and allocator slack grow: 0.5-1.2 KB in our runs.
+    assert per_invocation < 2048, f"{per_invocation:.0f} bytes of RSS per suspended invocation"
+    # After a restart none of them is in memory at all.
+    assert figures["rss_50k_restarted"] < figures["rss_5k"] + 16
