@@ -1,4 +1,5 @@
-"""Durable timers: delayed sends and sleeps fire once, never early, across kill -9."""
+"""Durable timers: delayed sends and sleeps fire once, never early, across kill -9
+and a move of their partitions to another process."""
 
 from __future__ import annotations
 
@@ -39,7 +40,10 @@ def test_delayed_sends_and_sleeps_fire_once_and_not_early_across_kill9(kafka: st
         proc.kill9()
         at_kill = len(fired())
         assert 0 < at_kill < 1000, at_kill
-        proc.start()
+        # The partitions move to another process, with an empty state dir:
+        # the pending timers and sleepers come back from the changelog.
+        proc = ProcessorProcess("tests.apps.timers:app", kafka, tmp_path / "other", {"ONCELY_TEST_APP": app},
+                                tmp_path / "p2.log").start()
         wait_until(lambda: len(fired()) == 1000, 120, 1.0, "every delayed send to fire")
         wait_until(lambda: sum(1 for (s, k, n), v in changelog_state(kafka, app).items() if n == "naps") == 20,
                    60, 1.0, "every nap to end")
@@ -50,6 +54,7 @@ def test_delayed_sends_and_sleeps_fire_once_and_not_early_across_kill9(kafka: st
         if proc.alive():
             proc.kill9()
     assert "resumed by replay" in proc.log_text(), "no sleeping invocation was in flight at the kill"
+    assert "restored " in proc.log_text(), "the other process did not restore from the changelog"
     fired_counts = {k: v for (svc, k, n), v in state.items() if n == "fired"}
     assert fired_counts == {f"t{n}".encode(): 1 for n in jobs}, "a timer fired twice or not at all"
     early = {k: v for (svc, k, n), v in state.items() if n == "early_ms" and v > 0}
