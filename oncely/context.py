@@ -269,11 +269,14 @@ class Context:
         invocation id."""
         delay_ms = _millis(delay) if delay is not None else None
         name = _target_name(target, args)
+        # A target that cannot be sent to raises before taking an index, so
+        # a handler that catches the error replays in step with its journal.
+        resolved = self._call.effects.target(target, args, call=False)
         entry = self._step("send", name)
         if entry is not None:
             return format_id(entry.value) if entry.value else ""
         index = self._index - 1
-        callee = self._call.effects.send(target, args, index, delay_ms)
+        callee = self._call.effects.send(resolved, index, delay_ms)
         self._record(Entry("send", name, value=callee))
         return format_id(callee)
 
@@ -286,11 +289,12 @@ class Context:
         issued at once; await the returned future when the result is needed
         (or pass several to `oncely.gather`)."""
         name = _target_name(target, args)
+        resolved = self._call.effects.target(target, args, call=True)  # raises before taking an index
         entry = self._step("call", name)
         index = self._index - 1
         if entry is None:
             entry = Entry("call", name, completed=False)
-            self._call.effects.call(target, args, index)
+            self._call.effects.call(resolved, index)
             self._record(entry)
         return DurableFuture(self, index, entry)
 

@@ -11,6 +11,11 @@ outputs). Status, journal, lock and inbox records are written at commit time
 only for invocations still in flight (`prepare_commit`), and deleted when
 such an invocation finishes. With `net_effects=False` every invocation's
 records are written as it goes (for measuring the difference).
+
+Waiting is journaled: a call's Response, a timer or an awakeable result
+completes a journal entry and wakes the coroutine. An invocation that waits
+longer than `suspend_after` is suspended (it then lives only in the store)
+and the completion resumes it by journal replay, the same path as recovery.
 """
 
 from __future__ import annotations
@@ -28,13 +33,11 @@ import orjson
 from oncely import schemas
 from oncely.egress.dead_letters import dead_letter
 from oncely.processor import keys
+from oncely.processor.effects import InvocationEffects, now_ms
 from oncely.processor.protocol import Entry, Executor, HandlerCall, Outcome, Running
 from oncely.processor.store import PartitionStore
-from oncely.shuffle.envelope import invoke_record
-from oncely.errors import TerminalError
-from oncely.shuffle.ids import child_id, format_awakeable, format_id
+from oncely.shuffle.ids import format_id
 from oncely.shuffle.routing import partition_for
-from oncely.shuffle.targets import resolve
 
 if TYPE_CHECKING:
     from oncely.app import App
@@ -52,10 +55,6 @@ class TxnOutput(Protocol):
 
     def produce(self, topic: str, key: bytes | None, value: bytes | None,
                 headers: list[tuple[str, bytes]] | None = None, partition: int | None = None) -> None: ...
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @dataclass(eq=False)
@@ -762,104 +761,3 @@ class PartitionProcessor:
 
     def in_flight(self) -> int:
         return len(self.invocations)
-
-
-class InvocationEffects:
-    """What a running invocation's Context may do beyond its own state: the
-    effects that must join the partition's transaction or its timers."""
-
-    __slots__ = ("part", "inv")
-
-    def __init__(self, part: PartitionProcessor, inv: Invocation) -> None:
-        self.part = part
-        self.inv = inv
-
-    def record(self, topic: str, value: Any, key: Any, headers: Any) -> tuple:
-        """An emitted record, complete (egress.sinks)."""
-        if self.part.effects is None:
-            raise RuntimeError("ctx.emit: no sinks are configured")
-        return self.part.effects.record(topic, value, key, headers)
-
-    def _live(self, op: str) -> PartitionProcessor:
-        """The partition, while this invocation is still its live one. A
-        coroutine that outlives a rewind or a revocation (a handler that
-        catches CancelledError) must not add effects to a transaction or a
-        store that now belong to what Kafka says is committed."""
-        part = self.part
-        if part.closed or part.invocations.get(self.inv.id) is not self.inv:
-            raise asyncio.CancelledError(f"ctx.{op}: the invocation was rewound or moved; dropped")
-        return part
-
-    def send(self, target: Any, args: tuple, index: int, delay_ms: int | None) -> bytes:
-        """Produce (or schedule) an Invoke of `target` in the open
-        transaction; returns the callee's invocation id."""
-        part = self._live("send")
-        app = part.app
-        t = resolve(target, args, app.services)
-        callee = child_id(self.inv.id, index)
-        # A delivery seen twice is recognised by the callee's partition.
-        record = invoke_record(callee, t.service, t.handler, t.key, t.payload, t.payload_format,
-                               idempotency_key=f"child:{format_id(self.inv.id)}:{index}")
-        routing = t.key if t.key is not None else callee
-        partition = partition_for(routing, app.partitions)
-        if delay_ms:
-            part.add_timer(now_ms() + delay_ms, self.inv.id, index, {
-                "kind": "SEND", "partition": partition, "routing_key": routing, "record": record})
-        else:
-            part.out.produce(app.log_topic, routing, record, partition=partition)
-        return callee
-
-    def call(self, target: Any, args: tuple, index: int) -> bytes:
-        """Produce an Invoke of `target` whose Response comes back to this
-        partition for journal entry `index`; returns the callee's id."""
-        part = self._live("call")
-        inv = self.inv
-        t = resolve(target, args, part.app.services)
-        if inv.sk is not None and t.key is not None and keys.service_key(t.service, t.key) == inv.sk:
-            raise TerminalError(
-                f"ctx.call: {t.service}/{t.key!r} calls its own key; the key stays locked until this "
-                "invocation returns, so the call would wait forever. Use ctx.send, or call another key")
-        callee = child_id(inv.id, index)
-        record = invoke_record(callee, t.service, t.handler, t.key, t.payload, t.payload_format,
-                               idempotency_key=f"child:{format_id(inv.id)}:{index}",
-                               caller={"invocation_id": inv.id, "partition": part.partition, "journal_index": index})
-        routing = t.key if t.key is not None else callee
-        part.out.produce(part.app.log_topic, routing, record, partition=partition_for(routing, part.app.partitions))
-        return callee
-
-    def sleep_until(self, fire_ms: int, index: int) -> None:
-        self._live("sleep").add_timer(fire_ms, self.inv.id, index, {
-            "kind": "WAKE", "partition": -1, "routing_key": None, "record": None})
-
-    def awakeable_id(self, index: int) -> str:
-        return format_awakeable(self.part.app.name, self.part.partition, self.inv.id, index)
-
-    def early_completion(self, index: int, entry: Entry) -> None:
-        """Complete a new awakeable entry whose result arrived first."""
-        inv = self.inv
-        if not inv.has_early:
-            return
-        part = self._live("awakeable")
-        key = keys.early(inv.id, index)
-        raw = part.store.get(key)
-        if raw is not None:
-            e = schemas.decode("journal_entry", raw)
-            entry.completed, entry.value, entry.error = True, e["value"], e["error"]
-            part.store.delete(key)
-
-    async def wait(self, index: int) -> None:
-        """Wait until the journal entry at `index` completes."""
-        part = self._live("wait")
-        inv = self.inv
-        fut = part.waiter(inv, index)
-        inv.waits += 1
-        inv.awaiting.add(index)
-        if inv.waits == 1:
-            part._progressed(inv, now_ms())
-        try:
-            await fut
-        finally:
-            inv.waits -= 1
-            inv.awaiting.discard(index)
-            if inv.waits == 0:
-                part.idle.pop(inv, None)

@@ -319,3 +319,27 @@ def test_gather_settles_every_future_then_raises_the_first_failure_in_order() ->
         assert sorted(settled) == ["first", "last", "second", "third"]
 
     asyncio.run(main())
+
+
+def test_a_refused_send_or_call_leaves_the_journal_aligned() -> None:
+    class Refusing:
+        def target(self, target: object, args: tuple, call: bool) -> object:
+            if call:
+                raise TerminalError("calls its own key")
+            raise TypeError("bad target")
+
+    def run(journal: list[Entry]) -> Context:
+        call = _call(journal)
+        call.effects = Refusing()
+        ctx = Context(call, keyed=True)
+        with pytest.raises(TypeError):
+            ctx.send("svc", "k", "h", 1)
+        with pytest.raises(TerminalError):
+            ctx.call("svc", "k", "h", 1)
+        ctx.set("after", 1)
+        return ctx
+
+    journal: list[Entry] = []
+    run(journal)
+    assert [e.kind for e in journal] == ["set"]
+    assert run(journal).diverged is None, "the replay of a handler that caught the errors diverged"

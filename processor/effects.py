@@ -1,0 +1,128 @@
+"""What a running invocation's Context may do beyond its own state: join
+the partition's open transaction (sends, calls), its timers (delayed sends,
+sleeps) and its waits (calls, sleeps, awakeables)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from oncely import schemas
+from oncely.errors import TerminalError
+from oncely.processor import keys
+from oncely.processor.protocol import Entry
+from oncely.shuffle.envelope import invoke_record
+from oncely.shuffle.ids import child_id, format_awakeable, format_id
+from oncely.shuffle.routing import partition_for
+from oncely.shuffle.targets import Target, resolve
+
+if TYPE_CHECKING:
+    from oncely.processor.partition import Invocation, PartitionProcessor
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class InvocationEffects:
+    """The effects of one running invocation (HandlerCall.effects)."""
+
+    __slots__ = ("part", "inv")
+
+    def __init__(self, part: PartitionProcessor, inv: Invocation) -> None:
+        self.part = part
+        self.inv = inv
+
+    def record(self, topic: str, value: Any, key: Any, headers: Any) -> tuple:
+        """An emitted record, complete (egress.sinks)."""
+        if self.part.effects is None:
+            raise RuntimeError("ctx.emit: no sinks are configured")
+        return self.part.effects.record(topic, value, key, headers)
+
+    def _live(self, op: str) -> PartitionProcessor:
+        """The partition, while this invocation is still its live one. A
+        coroutine that outlives a rewind or a revocation (a handler that
+        catches CancelledError) must not add effects to a transaction or a
+        store that now belong to what Kafka says is committed."""
+        part = self.part
+        if part.closed or part.invocations.get(self.inv.id) is not self.inv:
+            raise asyncio.CancelledError(f"ctx.{op}: the invocation was rewound or moved; dropped")
+        return part
+
+    def target(self, target: Any, args: tuple, call: bool) -> Target:
+        """Resolve a send/call target; refuse a call to the caller's own key,
+        which would wait forever on the key's lock."""
+        t = resolve(target, args, self.part.app.services)
+        sk = self.inv.sk
+        if call and sk is not None and t.key is not None and keys.service_key(t.service, t.key) == sk:
+            raise TerminalError(
+                f"ctx.call: {t.service}/{t.key!r} calls its own key; the key stays locked until this "
+                "invocation returns, so the call would wait forever. Use ctx.send, or call another key")
+        return t
+
+    def send(self, t: Target, index: int, delay_ms: int | None) -> bytes:
+        """Produce (or schedule) an Invoke of `t` in the open transaction;
+        returns the callee's invocation id."""
+        return self._invoke("send", t, index, delay_ms, None)
+
+    def call(self, t: Target, index: int) -> bytes:
+        """Produce an Invoke of `t` whose Response comes back to this
+        partition for journal entry `index`; returns the callee's id."""
+        part = self.part
+        return self._invoke("call", t, index, None,
+                            {"invocation_id": self.inv.id, "partition": part.partition, "journal_index": index})
+
+    def _invoke(self, op: str, t: Target, index: int, delay_ms: int | None, caller: dict[str, Any] | None) -> bytes:
+        part = self._live(op)
+        app = part.app
+        inv = self.inv
+        callee = child_id(inv.id, index)
+        # A delivery seen twice is recognised by the callee's partition.
+        record = invoke_record(callee, t.service, t.handler, t.key, t.payload, t.payload_format,
+                               idempotency_key=f"child:{format_id(inv.id)}:{index}", caller=caller)
+        routing = t.key if t.key is not None else callee
+        partition = partition_for(routing, app.partitions)
+        if delay_ms:
+            part.add_timer(now_ms() + delay_ms, inv.id, index, {
+                "kind": "SEND", "partition": partition, "routing_key": routing, "record": record})
+        else:
+            part.out.produce(app.log_topic, routing, record, partition=partition)
+        return callee
+
+    def sleep_until(self, fire_ms: int, index: int) -> None:
+        self._live("sleep").add_timer(fire_ms, self.inv.id, index, {
+            "kind": "WAKE", "partition": -1, "routing_key": None, "record": None})
+
+    def awakeable_id(self, index: int) -> str:
+        return format_awakeable(self.part.app.name, self.part.partition, self.inv.id, index)
+
+    def early_completion(self, index: int, entry: Entry) -> None:
+        """Complete a new awakeable entry whose result arrived first."""
+        inv = self.inv
+        if not inv.has_early:
+            return
+        part = self._live("awakeable")
+        key = keys.early(inv.id, index)
+        raw = part.store.get(key)
+        if raw is not None:
+            e = schemas.decode("journal_entry", raw)
+            entry.completed, entry.value, entry.error = True, e["value"], e["error"]
+            part.store.delete(key)
+
+    async def wait(self, index: int) -> None:
+        """Wait until the journal entry at `index` completes."""
+        part = self._live("wait")
+        inv = self.inv
+        fut = part.waiter(inv, index)
+        inv.waits += 1
+        inv.awaiting.add(index)
+        if inv.waits == 1:
+            part._progressed(inv, now_ms())
+        try:
+            await fut
+        finally:
+            inv.waits -= 1
+            inv.awaiting.discard(index)
+            if inv.waits == 0:
+                part.idle.pop(inv, None)
