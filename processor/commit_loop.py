@@ -150,6 +150,7 @@ class CommitLoop:
         self.consumed: dict[tuple[str, int], int] = {}
         self.committed: dict[tuple[str, int], int] = {}
         self.produced = 0
+        self.awaited = 0  # records for the app's log in the open transaction: others wait for them
         self.pending_records = 0
         self.txn_error: TxnFailed | None = None
         self.commits = 0
@@ -269,6 +270,8 @@ class CommitLoop:
                     self.txn_error = TxnFailed(e.args[0], f"produce to {topic}")
                 return
         self.produced += 1
+        if topic == self.app.log_topic:
+            self.awaited += 1
 
     # -- rebalance ------------------------------------------------------------------
 
@@ -394,6 +397,7 @@ class CommitLoop:
         self.committed.update(self.consumed)
         self.consumed.clear()
         self.produced = 0
+        self.awaited = 0  # records for the app's log in the open transaction: others wait for them
         self.pending_records = 0
         self.commits += 1
         self._last_commit = time.monotonic()
@@ -444,6 +448,7 @@ class CommitLoop:
         have committed), in-memory invocations rebuilt, the consumer seeked to
         the committed offsets fetched again from the group coordinator."""
         self.produced = 0
+        self.awaited = 0  # records for the app's log in the open transaction: others wait for them
         self.pending_records = 0
         self.txn_error = None
         self.consumed.clear()
@@ -624,8 +629,12 @@ class CommitLoop:
             for part in self.partitions.values():
                 part.fire_timers(now)
             await asyncio.sleep(0)
-            if (time.monotonic() - self._last_commit >= cfg.commit_interval
-                    or self.pending_records >= cfg.max_batch):
+            since = time.monotonic() - self._last_commit
+            # Records for the log wait for the commit before anyone can read
+            # them (a callee's Invoke, a caller's Response): when there is
+            # nothing else to read, commit them after a tenth of the interval.
+            if (since >= cfg.commit_interval or self.pending_records >= cfg.max_batch
+                    or (self.awaited and not msgs and since >= cfg.commit_interval * 0.1)):
                 await self._drain()
                 self.commit()
                 self._apply_backpressure()
