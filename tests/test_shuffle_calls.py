@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ import pytest
 import oncely
 from oncely.shuffle.ids import format_awakeable, parse_id
 from oncely.shuffle.routing import partition_for
-from oncely.testing import read_to_end, unique_name
+from oncely import schemas
+from oncely.testing import produce, read_to_end, unique_name
 from support import InProcessProcessor, changelog_state, wait_until
 
 
@@ -223,3 +225,34 @@ def test_a_resolution_that_arrives_before_its_awakeable_is_kept_for_it(kafka: st
     finally:
         gate.set()
         runner.stop()
+
+
+def test_a_duplicate_delivery_of_a_call_is_recognised_and_answered_again(kafka: str, tmp_path: Path) -> None:
+    # Duplicates cannot arise from the processor (an Invoke and its journal
+    # entry share a transaction); a copy produced by hand stands in for one.
+    app, _ = _calls_app(kafka, tmp_path)
+    runner = InProcessProcessor(app).start()
+    try:
+        client = oncely.Client(kafka, app=app.name)
+        client.send("front", "d", "fan", ["dup"])
+        client.flush()
+        wait_until(lambda: _state(kafka, app).get(("front", b"d", "sum")) == 1, 60, 0.3, "the call")
+        calls = [r for r in read_to_end(kafka, f"{app.name}.log")
+                 if (b := schemas.decode("log_record", r.value)["body"])[0] == "oncely.Invoke" and b[1]["caller"]]
+        assert len(calls) == 1
+        copy = calls[0]
+        produce(kafka, f"{app.name}.log", [(copy.key, copy.value)], partition=copy.partition)
+
+        def responses() -> int:
+            return sum(1 for r in read_to_end(kafka, f"{app.name}.log")
+                       if schemas.decode("log_record", r.value)["body"][0] == "oncely.Response")
+
+        wait_until(lambda: responses() == 2, 30, 0.3, "the callee to answer the copy again")
+        time.sleep(0.5)
+        dups = sum(p.stats.duplicates for p in runner.processor.partitions.values())
+    finally:
+        runner.stop()
+    assert dups == 1
+    state = _state(kafka, app)
+    assert state[("counter", b"dup", "n")] == 1, "the duplicate ran the callee again"
+    assert state[("front", b"d", "sum")] == 1
