@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import oncely
-from oncely.shuffle.ids import format_awakeable, parse_id
+from oncely.shuffle.ids import format_awakeable, parse_awakeable, parse_id
 from oncely.shuffle.routing import partition_for
 from oncely import schemas
 from oncely.testing import produce, read_to_end, unique_name
@@ -256,3 +256,33 @@ def test_a_duplicate_delivery_of_a_call_is_recognised_and_answered_again(kafka: 
     state = _state(kafka, app)
     assert state[("counter", b"dup", "n")] == 1, "the duplicate ran the callee again"
     assert state[("front", b"d", "sum")] == 1
+
+
+def test_an_invocation_woken_but_not_yet_run_is_not_suspended(kafka: str, tmp_path: Path) -> None:
+    # Completion and suspension in one loop iteration: dropping the
+    # coroutine then would lose the wake-up, and nothing would resume it.
+    app, seen = _calls_app(kafka, tmp_path)
+    runner = InProcessProcessor(app).start()
+    try:
+        client = oncely.Client(kafka, app=app.name)
+        client.send("front", "w", "wait_for", None)
+        client.flush()
+        wait_until(lambda: "w" in seen["awk"], 30, 0.05, "the awakeable")
+        _, p, inv_id, index = parse_awakeable(seen["awk"]["w"])
+        part = runner.processor.partitions[p]
+        wait_until(lambda: part.invocations.get(inv_id) is not None and part.invocations[inv_id].waiting, 30, 0.05,
+                   "the wait")
+        done = threading.Event()
+
+        def complete_then_suspend() -> None:
+            part.on_awakeable_result({"invocation_id": inv_id, "journal_index": index, "value": b"j42",
+                                      "failure": None, "request_id": None})
+            part.suspend_waiting()
+            done.set()
+
+        runner.loop.call_soon_threadsafe(complete_then_suspend)
+        assert done.wait(10)
+        wait_until(lambda: _state(kafka, app).get(("front", b"w", "got")) == 42, 30, 0.3, "the woken invocation")
+        assert part.suspended == 0
+    finally:
+        runner.stop()
