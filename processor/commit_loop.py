@@ -397,7 +397,7 @@ class CommitLoop:
         self.committed.update(self.consumed)
         self.consumed.clear()
         self.produced = 0
-        self.awaited = 0  # records for the app's log in the open transaction: others wait for them
+        self.awaited = 0
         self.pending_records = 0
         self.commits += 1
         self._last_commit = time.monotonic()
@@ -448,7 +448,7 @@ class CommitLoop:
         have committed), in-memory invocations rebuilt, the consumer seeked to
         the committed offsets fetched again from the group coordinator."""
         self.produced = 0
-        self.awaited = 0  # records for the app's log in the open transaction: others wait for them
+        self.awaited = 0
         self.pending_records = 0
         self.txn_error = None
         self.consumed.clear()

@@ -8,7 +8,6 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-from oncely import schemas
 from oncely.errors import TerminalError
 from oncely.processor import keys
 from oncely.processor.protocol import Entry
@@ -106,8 +105,8 @@ class InvocationEffects:
         key = keys.early(inv.id, index)
         raw = part.store.get(key)
         if raw is not None:
-            e = schemas.decode("journal_entry", raw)
-            entry.completed, entry.value, entry.error = True, e["value"], e["error"]
+            early = Entry.decode(raw)
+            entry.completed, entry.value, entry.error = True, early.value, early.error
             part.store.delete(key)
 
     async def wait(self, index: int) -> None:
@@ -115,14 +114,12 @@ class InvocationEffects:
         part = self._live("wait")
         inv = self.inv
         fut = part.waiter(inv, index)
-        inv.waits += 1
-        inv.awaiting.add(index)
-        if inv.waits == 1:
+        if not inv.awaiting:
             part._progressed(inv, now_ms())
+        inv.awaiting.append(index)
         try:
             await fut
         finally:
-            inv.waits -= 1
-            inv.awaiting.discard(index)
-            if inv.waits == 0:
+            inv.awaiting.remove(index)
+            if not inv.awaiting:
                 part.idle.pop(inv, None)

@@ -76,14 +76,13 @@ class Invocation:
     journal_dirty: set[int] = field(default_factory=set)  # written entries completed since
     lock_written: bool = False
     inbox_written: bool = False
-    waits: int = 0  # journal entries its coroutine awaits right now
-    awaiting: set[int] = field(default_factory=set)  # their indexes
+    awaiting: list[int] = field(default_factory=list)  # journal indexes its coroutine awaits right now
     progress_mark: int = 0  # journal length when it was last seen to progress
     has_early: bool = False  # completions that arrived before their entry
 
     @property
     def waiting(self) -> bool:
-        return self.waits > 0
+        return bool(self.awaiting)
 
     @property
     def target(self) -> str:
@@ -251,9 +250,7 @@ class PartitionProcessor:
             status_written=True, status_dirty=False,
         )
         store = self.store
-        for _, jv in store.scan(keys.journal_prefix(inv_id)):
-            e = schemas.decode("journal_entry", jv)
-            inv.journal.append(Entry(e["kind"], e["name"], e["value"], e["error"], e["completed"]))
+        inv.journal.extend(Entry.decode(jv) for _, jv in store.scan(keys.journal_prefix(inv_id)))
         inv.journal_written = len(inv.journal)
         inv.has_early = bool(store.scan(keys.early_prefix(inv_id), limit=1))
         self.invocations[inv_id] = inv
@@ -688,9 +685,7 @@ class PartitionProcessor:
             if self.store.get(key) is not None:
                 why: str | None = "it was already completed"
             else:
-                self.store.put_fresh(key, schemas.encode("journal_entry", {
-                    "kind": "awakeable", "name": "", "completed": True, "value": body["value"],
-                    "error": body["failure"]}))
+                self.store.put_fresh(key, Entry("awakeable", value=body["value"], error=body["failure"]).encode())
                 inv.has_early = True
                 why = None
         else:
@@ -729,14 +724,10 @@ class PartitionProcessor:
             inv.status_dirty = False
         journal = inv.journal
         for i in range(inv.journal_written, len(journal)):
-            e = journal[i]
-            self._put_new(keys.journal(inv.id, i), schemas.encode("journal_entry", {
-                "kind": e.kind, "name": e.name, "completed": e.completed, "value": e.value, "error": e.error}))
+            self._put_new(keys.journal(inv.id, i), journal[i].encode())
         inv.journal_written = len(journal)
         for i in inv.journal_dirty:
-            e = journal[i]
-            store.put(keys.journal(inv.id, i), schemas.encode("journal_entry", {
-                "kind": e.kind, "name": e.name, "completed": e.completed, "value": e.value, "error": e.error}))
+            store.put(keys.journal(inv.id, i), journal[i].encode())
         inv.journal_dirty.clear()
         if inv.sk is not None:
             q = self.queues.get(inv.sk)

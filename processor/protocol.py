@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Protocol
 
+from oncely import schemas
+
 # Tags of encoded state values: JSON (orjson) or raw bytes. Never pickle.
 TAG_JSON = b"j"
 TAG_BYTES = b"b"
@@ -34,6 +36,16 @@ class Entry:
 
     def describe(self) -> str:
         return f"{self.kind}({self.name!r})" if self.name else f"{self.kind}()"
+
+    def encode(self) -> bytes:
+        """The store (and changelog) form: a JournalEntry record."""
+        return schemas.encode("journal_entry", {"kind": self.kind, "name": self.name, "completed": self.completed,
+                                                "value": self.value, "error": self.error})
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "Entry":
+        e = schemas.decode("journal_entry", raw)
+        return cls(e["kind"], e["name"], e["value"], e["error"], e["completed"])
 
 
 class StateReader(Protocol):

@@ -128,6 +128,12 @@ def test_chains_across_partitions_with_a_crash_between_each_step(kafka: str, tmp
     assert read_to_end(kafka, f"{app}.dlq") == []
 
 
+def _awakeable_cli(kafka: str, *args: str) -> subprocess.CompletedProcess:
+    """`oncely awakeable ...` as a user would run it."""
+    return subprocess.run([sys.executable, "-m", "oncely.cli", "awakeable", *args, "--bootstrap", kafka], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+
+
 def test_awakeables_resolved_while_suspended_and_while_the_process_is_down(kafka: str, tmp_path: Path) -> None:
     app, results = unique_name("awake"), unique_name("awake-out")
     create_topic(kafka, results, 2)
@@ -152,9 +158,7 @@ def test_awakeables_resolved_while_suspended_and_while_the_process_is_down(kafka
         # While suspended (the processor holds none of them in memory).
         for i in range(10):
             resolver.resolve_awakeable(awk[f"w{i}"], {"i": i})
-        cli = [sys.executable, "-m", "oncely.cli", "awakeable"]
-        done = subprocess.run([*cli, "reject", awk["w10"], "declined", "--bootstrap", kafka], cwd=REPO,
-                              capture_output=True, text=True, timeout=60)
+        done = _awakeable_cli(kafka, "reject", awk["w10"], "declined")
         assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr
         wait_until(lambda: sum(1 for (s, k, nm) in changelog_state(kafka, app) if s == "waiter" and nm == "wakes")
                    == 11, 60, 0.5, "the first 11 to wake")
@@ -175,8 +179,7 @@ def test_awakeables_resolved_while_suspended_and_while_the_process_is_down(kafka
                    == n, 120, 0.5, "every waiter to wake")
         with pytest.raises(oncely.AwakeableError, match="not in flight"):
             resolver.resolve_awakeable(awk["w0"], {"i": "again"})
-        again = subprocess.run([*cli, "resolve", awk["w1"], '{"i": "again"}', "--bootstrap", kafka], cwd=REPO,
-                               capture_output=True, text=True, timeout=60)
+        again = _awakeable_cli(kafka, "resolve", awk["w1"], '{"i": "again"}')
         assert again.returncode == 1 and "not in flight" in again.stderr, again.stderr
         time.sleep(1)
         state = changelog_state(kafka, app)
