@@ -56,16 +56,18 @@ def parse_time(text: str) -> int:
 
 
 def remembered_ids(bootstrap: str, app: "App", config: dict) -> set[bytes]:
-    """Invocation ids the app's changelog remembers as finished (not expired)."""
+    """Invocation ids the app's changelog says were accepted: in flight
+    (suspended included), finished (not expired) or failed."""
     from oncely.admin import changelog_latest
 
     now = time.time() * 1000
     known = set()
     for k, v in changelog_latest(bootstrap, app.name, config=config).items():
-        if k[:1] == keys.DEDUP:
+        space = k[:1]
+        if space == keys.DEDUP:
             if schemas.decode("dedup_entry", v)["expires_at_ms"] > now:
                 known.add(k[1:])
-        elif k[:1] == keys.FAILED:
+        elif space in keys.ACCEPTED:  # in flight (suspended too) or failed: the partition's own rule
             known.add(k[1:])
     return known
 

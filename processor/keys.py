@@ -21,6 +21,10 @@ FAILED = b"f"        # f | invocation id                  -> InvocationStatus (r
 EXPIRY = b"x"        # x | expiry ms u64 | space tag | invocation id -> b""
 EARLY = b"c"         # c | invocation id | index u32      -> JournalEntry (a completion that came first)
 
+# The spaces that say an invocation id was accepted, one lookup each: in
+# flight (suspended ones live only here), finished (result kept), failed.
+ACCEPTED = (STATUS, DEDUP, FAILED)
+
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 

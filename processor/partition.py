@@ -286,9 +286,13 @@ class PartitionProcessor:
         # Only an id derived from an idempotency key can arrive twice (the log
         # is read read_committed; random ids are unique), so only those pay
         # for the store lookups.
-        if inv_id in self.invocations or (invoke["idempotency_key"] is not None and self._known(inv_id)):
+        phase = self.invocations[inv_id].phase if inv_id in self.invocations else (
+            self.lookup(inv_id) if invoke["idempotency_key"] is not None else None)
+        if phase is not None:
             self.stats.duplicates += 1
-            if invoke["caller"] is not None and inv_id not in self.invocations:
+            if invoke["caller"] is not None and phase in ("COMPLETED", "FAILED"):
+                # A finished callee answers its caller again; one in flight
+                # answers when it finishes (the caller is the same one).
                 self._respond_again(inv_id, invoke["caller"])
             return
         svc = self.app.services.get(invoke["service"])
@@ -305,10 +309,23 @@ class PartitionProcessor:
         self.invocations[inv_id] = inv
         self._enqueue(inv)
 
-    def _known(self, inv_id: bytes) -> bool:
-        """Finished within the dedup retention (or retained as failed)."""
-        store = self.store
-        return store.get(keys.dedup(inv_id)) is not None or store.get(keys.failed(inv_id)) is not None
+    def lookup(self, inv_id: bytes) -> str | None:
+        """Where an invocation id stands on this partition, from the one rule
+        every duplicate check uses: its phase while in memory; SUSPENDED while
+        only the store holds it in flight; COMPLETED or FAILED while its
+        outcome is retained; None when the partition never accepted it (or
+        forgot it after the retention)."""
+        inv = self.invocations.get(inv_id)
+        if inv is not None:
+            return inv.phase
+        get = self.store.get
+        if get(keys.status(inv_id)) is not None:
+            return SUSPENDED  # load() brings every other in-flight phase into memory
+        if get(keys.failed(inv_id)) is not None:
+            return "FAILED"
+        if get(keys.dedup(inv_id)) is not None:
+            return "COMPLETED"
+        return None
 
     def _enqueue(self, inv: Invocation) -> None:
         if inv.sk is None:
