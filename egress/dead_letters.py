@@ -23,7 +23,11 @@ H_SOURCE_PARTITION = "oncely.source.partition"
 H_SOURCE_OFFSET = "oncely.source.offset"
 H_TIME = "oncely.failed_at_ms"
 
+H_TRUNCATED = "oncely.truncated_from"  # the payload's length, when it was cut to fit
 MAX_ERROR_LEN = 8192
+# A dead letter must always be producible (it is how a record that cannot be
+# produced is reported): a larger payload is cut to this many bytes.
+MAX_VALUE_LEN = 900_000
 
 
 def dead_letter(
@@ -58,4 +62,7 @@ def dead_letter(
         headers[H_SOURCE_OFFSET] = str(source["offset"])
     if extra:
         headers.update(extra)
+    if value is not None and len(value) > MAX_VALUE_LEN:
+        headers[H_TRUNCATED] = str(len(value))
+        value = value[:MAX_VALUE_LEN]
     return key, value, [(k, v.encode()) for k, v in headers.items()]

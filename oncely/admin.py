@@ -79,7 +79,7 @@ def restore_partitions(app: "App", partitions: list[int], wipe: bool = True) -> 
     running on this state dir (its lock is taken). Returns records applied."""
     from pathlib import Path
 
-    from oncely.processor.commit_loop import StateDirLock
+    from oncely.processor.identity import StateDirLock
     from oncely.processor.restore import Restorer
     from oncely.processor.store import PartitionStore
 

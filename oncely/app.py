@@ -108,10 +108,18 @@ class AppConfig:
     commit_interval: float = 0.1
     max_batch: int = 5000
     transaction_timeout_ms: int = 10_000
-    # Timeout of one blocking transaction call (send offsets, commit, abort);
-    # a call that times out is retriable and is made again.
-    txn_call_timeout: float = 10.0
+    # Timeout of one blocking transaction call (send offsets, commit, abort).
+    # Its outcome is then unknown, so the producer is replaced and the
+    # partitions rewind; a call that does not return 2 s after it (librdkafka
+    # sometimes ignores its own timeout) is abandoned the same way.
+    txn_call_timeout: float = 5.0
     session_timeout_ms: int = 10_000
+    # Static group membership (KIP-345) with a group.instance.id kept in the
+    # state dir: a process restarted with the same state dir gets its
+    # partitions back at once, without a rebalance. The price: a process
+    # stopped for good keeps its partitions until session_timeout_ms passes
+    # (turn it off for scale-down by stopping; see the README).
+    static_membership: bool = True
     max_poll_interval_ms: int = 300_000
     net_effects: bool = True
     # Backpressure: a log partition is paused while it holds this many

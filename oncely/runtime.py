@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -17,6 +18,7 @@ from confluent_kafka.admin import AdminClient
 from oncely.app import App
 from oncely.errors import ConfigError
 from oncely.processor.commit_loop import CommitLoop
+from oncely.processor.producer import GiveUp
 from oncely.topics import ensure_topics
 
 log = logging.getLogger("oncely")
@@ -38,11 +40,36 @@ def load_app(spec: str) -> App:
     return app
 
 
+def _on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, interrupt: threading.Event) -> None:
+    """SIGTERM/SIGINT stop the processor cleanly; a second one exits at once.
+
+    A plain signal handler (not loop.add_signal_handler): it runs on the main
+    thread between bytecodes, also while the loop thread waits on a Kafka
+    client call, so a stop request can end that wait (worker.py)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handle(signum: int, _frame: object) -> None:
+        if interrupt.is_set():
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            logging.shutdown()
+            os._exit(128 + signum)
+        log.info("%s: stopping", signal.Signals(signum).name)
+        interrupt.set()
+        loop.call_soon_threadsafe(stop.set)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handle)
+
+
 async def serve(app: App, stop: asyncio.Event | None = None,
                 on_created: Callable[[CommitLoop], None] | None = None) -> CommitLoop:
     """Run the app's processor in this event loop until `stop` is set (or
     SIGTERM/SIGINT arrives); returns the stopped loop (for its counters)."""
     cfg = app.config
+    stop = stop or asyncio.Event()
+    interrupt = threading.Event()
+    _on_signals(asyncio.get_running_loop(), stop, interrupt)
     if not cfg.bootstrap:
         raise ConfigError(
             "no Kafka bootstrap address: pass --bootstrap HOST:PORT, App(..., bootstrap=...) "
@@ -50,14 +77,7 @@ async def serve(app: App, stop: asyncio.Event | None = None,
         )
     admin = AdminClient({"bootstrap.servers": cfg.bootstrap, **cfg.kafka})
     facts = ensure_topics(admin, app)
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
-    processor = CommitLoop(app, cfg, facts)
+    processor = CommitLoop(app, cfg, facts, interrupt)
     if on_created is not None:
         on_created(processor)
     log.info("oncely app %r: %d partitions, bootstrap %s, state %s", app.name, app.partitions, cfg.bootstrap,
@@ -67,7 +87,24 @@ async def serve(app: App, stop: asyncio.Event | None = None,
 
 
 def run(app: App) -> None:
-    asyncio.run(serve(app))
+    """Run until signalled. A process that had to abandon a Kafka client
+    stuck inside librdkafka exits with os._exit: a normal exit would wait on
+    that client's threads forever. A supervisor restarts it; its state is
+    safe in Kafka."""
+    code = 0
+    try:
+        processor = asyncio.run(serve(app))
+    except GiveUp as e:
+        log.error("%s", e)
+        code = 75  # EX_TEMPFAIL: restart me
+        processor = None
+    if code or (processor is not None and processor.abandoned):
+        if processor is not None and processor.abandoned:
+            log.warning("exiting without closing %d Kafka client(s) stuck in librdkafka", processor.abandoned)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 class ProcessorThread:

@@ -86,7 +86,7 @@ class InvocationEffects:
             part.add_timer(now_ms() + delay_ms, inv.id, index, {
                 "kind": "SEND", "partition": partition, "routing_key": routing, "record": record})
         else:
-            part.out.produce(app.log_topic, routing, record, partition=partition)
+            part.out.produce(app.log_topic, routing, record, partition=partition, owner=inv.id)
         return callee
 
     def sleep_until(self, fire_ms: int, index: int) -> None:

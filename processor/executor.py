@@ -41,8 +41,14 @@ class LocalExecutor:
         task = asyncio.get_running_loop().create_task(self._execute(call))
 
         def finished(t: asyncio.Task) -> None:
-            if not t.cancelled():
-                done(t.result())
+            if t.cancelled():
+                return
+            try:
+                outcome = t.result()
+            except BaseException as e:  # not the handler's error: _execute returns those as outcomes
+                log.exception("%s: the executor failed", call.service)
+                outcome = Outcome("retry", error=f"internal error: {_describe(e)}")
+            done(outcome)
 
         task.add_done_callback(finished)
         return task

@@ -54,7 +54,14 @@ class TxnOutput(Protocol):
     """Adds records to the open Kafka transaction."""
 
     def produce(self, topic: str, key: bytes | None, value: bytes | None,
-                headers: list[tuple[str, bytes]] | None = None, partition: int | None = None) -> None: ...
+                headers: list[tuple[str, bytes]] | None = None, partition: int | None = None,
+                owner: bytes | None = None) -> None:
+        """`owner`: the invocation the record belongs to (it fails, and
+        nothing else, when the record can never be produced)."""
+
+    def fault(self, inv_id: bytes, why: str) -> None:
+        """An invocation's outcome could not be applied: abort the open
+        transaction; the invocation fails with `why` when it next starts."""
 
 
 @dataclass(eq=False)
@@ -140,6 +147,7 @@ class PartitionProcessor:
         out: TxnOutput,
         net_effects: bool = True,
         effects: Any = None,
+        poisoned: dict[bytes, str] | None = None,
     ) -> None:
         self.app = app
         self.partition = partition
@@ -148,6 +156,9 @@ class PartitionProcessor:
         self.out = out
         self.net_effects = net_effects
         self.effects = effects
+        # Invocations that must fail when they next start, with the reason
+        # (shared with the commit loop; it survives rewinds).
+        self.poisoned: dict[bytes, str] = poisoned if poisoned is not None else {}
         self.invocations: dict[bytes, Invocation] = {}
         self.queues: dict[bytes, _KeyQueue] = {}
         self.active: set[Invocation] = set()
@@ -362,6 +373,10 @@ class PartitionProcessor:
     # -- execution ----------------------------------------------------------------
 
     def _start(self, inv: Invocation) -> None:
+        why = self.poisoned.pop(inv.id, None) if self.poisoned else None
+        if why is not None:
+            self._fail(inv, "unproducible" if why.startswith("a record") else "internal-error", why)
+            return
         inv.phase = RUNNING
         self._mark(inv)
         state = _KeyState(self.store, inv.sk) if inv.sk is not None else None
@@ -373,7 +388,19 @@ class PartitionProcessor:
             effects=InvocationEffects(self, inv),
         )
         self.active.add(inv)
-        inv.running = self.executor.start(call, lambda outcome: self._on_outcome(inv, outcome))
+        inv.running = self.executor.start(call, lambda outcome: self._apply_outcome(inv, outcome))
+
+    def _apply_outcome(self, inv: Invocation, outcome: Outcome) -> None:
+        """Apply an outcome; an error doing so must not leave the invocation
+        running with its key locked (it would, silently, in asyncio's
+        exception handler): the transaction holding half of it is aborted and
+        the invocation fails with the reason when the rewind starts it again."""
+        try:
+            self._on_outcome(inv, outcome)
+        except Exception as e:
+            log.exception("%s %s: applying its outcome failed", format_id(inv.id), inv.target)
+            self.out.fault(inv.id, f"internal error applying its outcome ({outcome.status}): "
+                                   f"{type(e).__name__}: {e}")
 
     def _on_outcome(self, inv: Invocation, outcome: Outcome) -> None:
         if self.closed or self.invocations.get(inv.id) is not inv:
@@ -422,7 +449,7 @@ class PartitionProcessor:
                 else:
                     store.put(sk, value)
         for topic, key, value, headers in outcome.emits:
-            self.out.produce(topic, key, value, headers)
+            self.out.produce(topic, key, value, headers, owner=inv.id)
         self._respond(inv.invoke["caller"], inv.id, outcome.value, None)
         self._remember(inv, failed=False, result=outcome.value, error=None)
         self.stats.completed += 1
@@ -676,7 +703,8 @@ class PartitionProcessor:
         record = schemas.encode("log_record", {"body": ("oncely.Response", {
             "invocation_id": caller["invocation_id"], "journal_index": caller["journal_index"],
             "callee_id": callee, "value": value, "failure": failure})})
-        self.out.produce(self.app.log_topic, caller["invocation_id"], record, partition=caller["partition"])
+        self.out.produce(self.app.log_topic, caller["invocation_id"], record, partition=caller["partition"],
+                         owner=callee)
 
     def _respond_again(self, inv_id: bytes, caller: dict[str, Any]) -> None:
         raw = self.store.get(keys.dedup(inv_id))

@@ -23,6 +23,7 @@ from oncely.processor.store import PartitionStore
 log = logging.getLogger("oncely.restore")
 
 BATCH = 5000
+PROGRESS_EVERY = 5.0  # seconds between progress lines of a long restore
 
 
 class Restorer:
@@ -61,12 +62,16 @@ class Restorer:
                     "tombstones it missed may be gone")
         return None
 
-    def restore(self, stores: dict[int, PartitionStore], timeout: float = 600.0) -> int:
+    def restore(self, stores: dict[int, PartitionStore], timeout: float = 600.0,
+                cancelled: set[int] | None = None) -> int:
         """Apply the changelog of every given partition from its store's
         checkpoint to the end, all partitions at once; returns the number of
-        records applied."""
+        records applied. Partitions added to `cancelled` meanwhile (revoked)
+        are left where they are. Runs on the restore worker thread."""
+        cancelled = cancelled if cancelled is not None else set()
         t0 = time.monotonic()
         pending: dict[int, int] = {}
+        hi_of: dict[int, int] = {}
         for p, store in stores.items():
             tp = TopicPartition(self.topic, p)
             lo, hi = watermarks(self.consumer, tp)
@@ -81,6 +86,7 @@ class Restorer:
                     store.apply_restored((), hi)
                 continue
             pending[p] = start
+            hi_of[p] = hi
         if not pending:
             log.info("restore: partitions %s are up to date with the changelog", sorted(stores))
             return 0
@@ -89,8 +95,17 @@ class Restorer:
         applied = 0
         counts = {p: 0 for p in pending}
         deadline = time.monotonic() + timeout
+        report_at = time.monotonic() + PROGRESS_EVERY
+        total = {p: hi_of[p] - starts[p] for p in starts}
         try:
             while pending:
+                for p in cancelled & set(pending):
+                    del pending[p]
+                if time.monotonic() >= report_at:
+                    report_at = time.monotonic() + PROGRESS_EVERY
+                    rate = applied / (time.monotonic() - t0)
+                    log.info("restoring: %s (%.0f records/s)", ", ".join(
+                        f"p{p} {counts[p]}/{total[p]}" for p in sorted(pending)), rate)
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"restoring {self.topic} partitions {sorted(pending)} did not reach "
                                        f"their end within {timeout} s")

@@ -1,0 +1,304 @@
+"""The transactional producer: one open transaction at a time, and every
+librdkafka error class mapped to one of three outcomes.
+
+- COMMITTED: the transaction committed.
+- REWIND: it was aborted (an abortable error); the caller rewinds to what
+  Kafka says is committed and goes on with the same producer.
+- REPLACE: the outcome is unknown or the producer is unusable (fatal,
+  fenced, a timed-out commit/abort/send-offsets, a call that outlived its
+  bound). The producer is dropped without another transactional call and a
+  new one takes its transactional.id: its `init_transactions` bumps the
+  epoch, which settles the old transaction on the coordinator (librdkafka has
+  no transactions v2, KIP-890, so a timed-out commit is never retried on the
+  same producer: a late marker could land in the next transaction). The
+  caller then rewinds.
+
+Records are attributed to the invocation that made them (`owner`): when a
+commit fails because a record can never be produced (too large, topic gone,
+not authorised), the owners are reported as poisoned, so the rewind fails
+those invocations instead of replaying them forever.
+
+Every blocking call runs on this producer's `Worker` (see worker.py).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
+
+from oncely.processor.worker import Stuck, Worker
+
+log = logging.getLogger("oncely.producer")
+
+_FENCED = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH,
+           KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED}
+# Errors that belong to one record (it can never be produced as it is), not
+# to the broker or the transaction.
+RECORD_FAULTS = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE,
+                 KafkaError.INVALID_RECORD, KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC,
+                 KafkaError._UNKNOWN_PARTITION, KafkaError.TOPIC_AUTHORIZATION_FAILED,
+                 KafkaError.POLICY_VIOLATION, KafkaError.TOPIC_EXCEPTION}
+# A process that has abandoned this many stuck producers gives up (exits;
+# a supervisor restarts it): librdkafka is not recovering in this process.
+MAX_ABANDONED = 3
+
+
+class Outcome(enum.Enum):
+    COMMITTED = "committed"
+    REWIND = "rewind"
+    REPLACE = "replace"
+
+
+class GiveUp(Exception):
+    """The process cannot get a working producer; exit and be restarted."""
+
+
+@dataclass
+class TxnStats:
+    commits: int = 0
+    aborts: int = 0
+    replacements: int = 0
+    abandoned: int = 0
+    poisoned: int = 0
+
+
+@dataclass
+class _Open:
+    """What the open transaction holds."""
+
+    produced: int = 0
+    awaited: int = 0                       # records for the app's own log
+    error: KafkaError | None = None        # a produce() that failed at once
+    faults: list[tuple[bytes, str]] = field(default_factory=list)  # (owner, why)
+
+
+class TxnProducer:
+    def __init__(self, conf: dict[str, Any], bound: float, call_timeout: float, log_topic: str,
+                 interrupt: threading.Event) -> None:
+        self.conf = conf
+        self.bound = bound                # the watchdog's limit for one blocking call
+        self.call_timeout = call_timeout  # librdkafka's own timeout for it
+        self.log_topic = log_topic
+        self.interrupt = interrupt
+        self.stats = TxnStats()
+        self.txn = _Open()
+        self._producer: Producer | None = None
+        self._worker: Worker | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """A producer with an open transaction; retried (each try bounded)
+        until it works or a stop is requested."""
+        attempt = 0
+        while True:
+            attempt += 1
+            worker = Worker(f"producer-{self.stats.replacements + attempt}", self.interrupt)
+            try:
+                p = worker.call(lambda: Producer(self.conf), self.bound, "creating the producer")
+                self._init(worker, p)
+                worker.call(p.begin_transaction, self.bound, "begin_transaction")
+            except Stuck as e:
+                self._count_abandoned()
+                if e.interrupted:
+                    raise
+                continue
+            except KafkaException as e:
+                worker.close()
+                raise GiveUp(f"cannot start a transactional producer: {e.args[0]}") from None
+            self._producer, self._worker = p, worker
+            self.txn = _Open()
+            return
+
+    def _init(self, worker: Worker, p: Producer) -> None:
+        """init_transactions, again while librdkafka calls the error
+        retriable (the coordinator is loading or unreachable)."""
+        while True:
+            try:
+                worker.call(lambda: p.init_transactions(self.call_timeout), self.bound, "init_transactions")
+                return
+            except KafkaException as e:
+                err = e.args[0]
+                if not err.retriable() or err.fatal():
+                    raise
+                if self.interrupt.is_set():
+                    raise Stuck("init_transactions", 0.0, interrupted=True) from None
+                log.warning("init_transactions: %s; trying again", err)
+
+    def _count_abandoned(self) -> None:
+        self.stats.abandoned += 1
+        if self.stats.abandoned >= MAX_ABANDONED and not self.interrupt.is_set():
+            raise GiveUp(f"{self.stats.abandoned} Kafka producers got stuck in librdkafka calls; exiting so that "
+                         "a supervisor restarts the process (its state is safe in Kafka)")
+
+    def replace(self, why: str) -> None:
+        """Drop the producer (without another transactional call) and start
+        a new one under the same transactional.id."""
+        log.error("replacing the transactional producer: %s", why)
+        self.stats.replacements += 1
+        self._drop()
+        self.start()
+
+    def _drop(self) -> None:
+        p, worker = self._producer, self._worker
+        self._producer = self._worker = None
+        if p is None or worker is None:
+            return
+        if worker.stuck:
+            self._count_abandoned()  # never touch it again; its thread stays blocked
+            return
+        box = [p]
+        del p
+
+        def destroy() -> None:
+            box[0].purge(in_queue=True, in_flight=True)
+            box.clear()  # the last reference: rd_kafka_destroy runs here, on the worker
+
+        try:
+            worker.call(destroy, self.bound, "closing the old producer")
+        except Stuck:
+            self._count_abandoned()
+        except KafkaException:
+            box.clear()
+        worker.close()
+
+    def close(self) -> None:
+        """Abort what is open and close (bounded; a stuck producer is left)."""
+        p, worker = self._producer, self._worker
+        if p is None or worker is None:
+            return
+        if not worker.stuck:
+            try:
+                worker.call(lambda: p.abort_transaction(min(5.0, self.call_timeout)), self.bound, "abort on close")
+            except (KafkaException, Stuck):
+                pass
+        self._drop()
+
+    @property
+    def ready(self) -> bool:
+        return self._producer is not None
+
+    # -- the open transaction -------------------------------------------------------
+
+    def produce(self, topic: str, key: bytes | None, value: bytes | None,
+                headers: list[tuple[str, bytes]] | None = None, partition: int | None = None,
+                owner: bytes | None = None, on_delivery: Callable[[Any, Any], None] | None = None) -> None:
+        """Add a record to the open transaction. A failure poisons the
+        transaction (the commit then aborts), and its owner with it."""
+        kwargs: dict[str, Any] = {"key": key, "value": value}
+        if headers:
+            kwargs["headers"] = headers
+        if partition is not None:
+            kwargs["partition"] = partition
+        if owner is not None:
+            kwargs["on_delivery"] = self._attributed(owner, on_delivery)
+        elif on_delivery is not None:
+            kwargs["on_delivery"] = on_delivery
+        p = self._producer
+        assert p is not None, "no producer"
+        txn = self.txn
+        while True:
+            try:
+                p.produce(topic, **kwargs)
+                break
+            except BufferError:
+                p.poll(0.01)
+            except KafkaException as e:
+                err = e.args[0]
+                if txn.error is None:
+                    txn.error = err
+                if owner is not None and err.code() in RECORD_FAULTS:
+                    txn.faults.append((owner, f"a record for {topic} cannot be produced: {err.str()}"))
+                return
+        txn.produced += 1
+        if topic == self.log_topic:
+            txn.awaited += 1
+
+    def _attributed(self, owner: bytes, then: Callable[[Any, Any], None] | None) -> Callable[[Any, Any], None]:
+        txn = self.txn
+
+        def delivered(err: Any, msg: Any) -> None:
+            if err is not None and err.code() in RECORD_FAULTS:
+                txn.faults.append((owner, f"a record for {msg.topic()} cannot be produced: {err.str()}"))
+            if then is not None:
+                then(err, msg)
+
+        return delivered
+
+    def poll(self) -> None:
+        """Serve delivery reports that are ready (never blocks)."""
+        if self._producer is not None:
+            self._producer.poll(0)
+
+    # -- commit and abort -------------------------------------------------------------
+
+    def commit(self, offsets: list[TopicPartition], group_metadata: Any) -> tuple[Outcome, str,
+                                                                                     list[tuple[bytes, str]]]:
+        """Commit the open transaction (with the consumer offsets) and open
+        the next one. Returns the outcome, why, and the poisoned owners."""
+        p, worker, txn = self._producer, self._worker, self.txn
+        assert p is not None and worker is not None
+        during = "flush"
+        try:
+            if txn.error is None:
+                left = worker.call(lambda: p.flush(self.call_timeout), self.bound, "flush")
+                if left and not txn.faults:
+                    return self._replace_now(f"{left} records not delivered within {self.call_timeout} s"), \
+                        "undelivered records", []
+            if txn.faults or txn.error is not None:
+                why = "; ".join(w for _, w in txn.faults[:3]) or f"produce failed: {txn.error}"
+                return self.abort(why), why, list(txn.faults)
+            if offsets:
+                during = "send_offsets_to_transaction"
+                worker.call(lambda: p.send_offsets_to_transaction(offsets, group_metadata, self.call_timeout),
+                            self.bound, during)
+            during = "commit_transaction"
+            worker.call(lambda: p.commit_transaction(self.call_timeout), self.bound, during)
+        except Stuck as e:
+            return self._replace_now(str(e)), str(e), []
+        except KafkaException as e:
+            outcome = self._classify(e.args[0], during)
+            return outcome, f"{during}: {e.args[0]}", []
+        self.stats.commits += 1
+        self._begin()
+        return Outcome.COMMITTED, "", []
+
+    def _classify(self, err: KafkaError, during: str) -> Outcome:
+        if err.fatal() or err.code() in _FENCED:
+            return self._replace_now(f"{during}: {err}")
+        if err.txn_requires_abort():
+            return self.abort(f"{during}: {err}")
+        # Retriable (a timeout) or anything else: the outcome is unknown.
+        return self._replace_now(f"{during} (outcome unknown): {err}")
+
+    def abort(self, why: str) -> Outcome:
+        """Abort the open transaction and open the next one: REWIND, or
+        REPLACE when the abort itself fails or times out."""
+        log.warning("aborting the transaction: %s", why)
+        self.stats.aborts += 1
+        p, worker = self._producer, self._worker
+        assert p is not None and worker is not None
+        try:
+            worker.call(lambda: p.abort_transaction(self.call_timeout), self.bound, "abort_transaction")
+        except (Stuck, KafkaException) as e:
+            return self._replace_now(f"abort_transaction: {e}")
+        self._begin()
+        return Outcome.REWIND
+
+    def _begin(self) -> None:
+        self.txn = _Open()
+        p, worker = self._producer, self._worker
+        assert p is not None and worker is not None
+        try:
+            worker.call(p.begin_transaction, self.bound, "begin_transaction")
+        except (Stuck, KafkaException) as e:
+            self.replace(f"begin_transaction: {e}")
+
+    def _replace_now(self, why: str) -> Outcome:
+        self.replace(why)
+        return Outcome.REPLACE
