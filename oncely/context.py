@@ -9,6 +9,7 @@ anything again; a different operation pauses the invocation.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import random as _random
 import uuid as _uuid
@@ -195,16 +196,23 @@ class Context:
         """Run a side effect once: its result (JSON or bytes) is journaled and
         returned again on replay without calling `fn`. A TerminalError from
         `fn` is journaled too; any other exception fails the attempt, which is
-        retried (and `fn` runs again)."""
+        retried (and `fn` runs again).
+
+        An `async def` fn runs on the event loop; a plain function runs in a
+        worker thread, so a long blocking step (an HTTP call with requests, a
+        file, a sleep) does not stop the other invocations or the commits."""
         entry = self._step("run", name)
         if entry is not None:
             if entry.error is not None:
                 raise TerminalError(entry.error)
             return decode_value(entry.value) if entry.value is not None else None  # type: ignore[return-value]
         try:
-            result = fn(*args)
-            if inspect.isawaitable(result):
-                result = await result
+            if inspect.iscoroutinefunction(fn):
+                result = await fn(*args)
+            else:
+                result = await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
+                if inspect.isawaitable(result):
+                    result = await result
         except TerminalError as e:
             self._record(Entry("run", name, error=e.message))
             raise

@@ -113,6 +113,18 @@ class Assignment:
         self.active.clear()
         self._recover(tps)
 
+    def reset(self, consumer: Consumer) -> None:
+        """The consumer was replaced: nothing is owned until the group
+        assigns again (the stores stay open for that)."""
+        for part in self.partitions.values():
+            part.close()
+            part.store.drop_overlay()
+        self.partitions.clear()
+        self.active.clear()
+        self.recovering.clear()
+        self.committed.clear()
+        self.consumer = consumer
+
     def owned(self) -> list[TP]:
         return sorted(self.active | set(self.recovering))
 

@@ -103,6 +103,7 @@ class CommitLoop:
         # instead of being replayed after every rewind.
         self.poisoned: dict[bytes, str] = {}
         self.rewinds = 0
+        self.consumer_restarts = 0
         self._fault: str | None = None
         self._last_commit = time.monotonic()
         self._stopping = False
@@ -307,8 +308,9 @@ class CommitLoop:
         if err is not None:
             if err.code() == KafkaError._PARTITION_EOF:
                 return
-            if err.fatal():
-                raise KafkaException(err)
+            if err.fatal() or err.code() == KafkaError._FATAL:
+                self._replace_consumer(str(err))
+                return
             log.warning("consumer: %s", err)
             return
         topic, p, offset = m.topic(), m.partition(), m.offset()
@@ -342,6 +344,32 @@ class CommitLoop:
                 self._ingest(sub, m)
         self.consumed[(topic, p)] = offset + 1
         self.pending_records += 1
+
+    def _replace_consumer(self, why: str) -> None:
+        """A consumer with a fatal error (e.g. a static member fenced after
+        its session expired in a broker outage) reads nothing more: abort
+        the open transaction (our membership is gone), drop the consumer
+        and join the group with a new one."""
+        log.error("replacing the consumer: %s", why)
+        self.consumer_restarts += 1
+        old = self.consumer
+        assert self.assignment is not None and self.txn is not None
+        self.consumed.clear()
+        self.pending_records = 0
+        if self.txn.ready:
+            self.txn.abort(f"consumer failed: {why}")
+        closer = Worker("close-consumer", self.interrupt)
+        try:
+            closer.call(old.close, self.bound, "closing the failed consumer")  # type: ignore[union-attr]
+        except Stuck:
+            self.txn.stats.abandoned += 1
+        except Exception as e:
+            log.warning("closing the failed consumer: %s", e)
+        closer.close()
+        self.consumer = self._new_consumer()
+        self.assignment.reset(self.consumer)
+        self.consumer.subscribe([self.app.log_topic, *self.sources], on_assign=self._on_assign,
+                                on_revoke=self._on_revoke, on_lost=self._on_lost)
 
     def _ingest(self, sub: Any, m: Any) -> None:
         """A source record becomes an Invoke on the log (or a dead letter) in
@@ -387,6 +415,10 @@ class CommitLoop:
         try:
             self.start()
             await self._loop(stop)
+        except Stuck as e:
+            if not e.interrupted:
+                raise
+            log.warning("stopping while Kafka does not answer: %s", e)
         finally:
             await self.shutdown()
 
@@ -441,14 +473,24 @@ class CommitLoop:
 
     async def _loop(self, stop: asyncio.Event) -> None:
         cfg = self.cfg
-        consumer, assignment, txn = self.consumer, self.assignment, self.txn
-        assert consumer is not None and assignment is not None and txn is not None
+        assignment, txn = self.assignment, self.txn
+        assert assignment is not None and txn is not None
         idle = 0.0
-        while not stop.is_set():
+        while not stop.is_set() and not self.interrupt.is_set():
             assignment.poll()
-            msgs = consumer.consume(500, timeout=0)
+            consumer = self.consumer  # replaced after a fatal error
+            assert consumer is not None
+            try:
+                msgs = consumer.consume(500, timeout=0)
+            except KafkaException as e:
+                if not e.args[0].fatal():
+                    raise
+                self._replace_consumer(str(e.args[0]))
+                continue
             for m in msgs:
                 self._handle(m)
+                if self.consumer is not consumer:
+                    break  # replaced: the rest belongs to the old membership
             if msgs:
                 self._apply_backpressure()
             now = int(time.time() * 1000)

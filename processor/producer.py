@@ -24,6 +24,7 @@ Every blocking call runs on this producer's `Worker` (see worker.py).
 from __future__ import annotations
 
 import enum
+from collections import Counter
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -64,7 +65,7 @@ class TxnStats:
     aborts: int = 0
     replacements: int = 0
     abandoned: int = 0
-    poisoned: int = 0
+    replaced_for: Counter = field(default_factory=Counter)
 
 
 @dataclass
@@ -136,12 +137,17 @@ class TxnProducer:
             raise GiveUp(f"{self.stats.abandoned} Kafka producers got stuck in librdkafka calls; exiting so that "
                          "a supervisor restarts the process (its state is safe in Kafka)")
 
-    def replace(self, why: str) -> None:
+    def replace(self, why: str, cause: str = "other") -> None:
         """Drop the producer (without another transactional call) and start
-        a new one under the same transactional.id."""
+        a new one under the same transactional.id. `cause`: stuck, fatal,
+        unknown-outcome, abort-failed, begin-failed (counted per cause)."""
+        self.stats.replaced_for[cause] += 1
+        self._drop()
+        if self.interrupt.is_set():
+            log.warning("dropped the transactional producer (%s); stopping, so no new one", why)
+            return
         log.error("replacing the transactional producer: %s", why)
         self.stats.replacements += 1
-        self._drop()
         self.start()
 
     def _drop(self) -> None:
@@ -243,38 +249,38 @@ class TxnProducer:
         the next one. Returns the outcome, why, and the poisoned owners."""
         p, worker, txn = self._producer, self._worker, self.txn
         assert p is not None and worker is not None
-        during = "flush"
+        if txn.error is not None:  # a produce() failed at once: nothing of it may commit
+            why = "; ".join(w for _, w in txn.faults[:3]) or f"produce failed: {txn.error}"
+            return self.abort(why), why, list(txn.faults)
+        during = "send_offsets_to_transaction"
         try:
-            if txn.error is None:
-                left = worker.call(lambda: p.flush(self.call_timeout), self.bound, "flush")
-                if left and not txn.faults:
-                    return self._replace_now(f"{left} records not delivered within {self.call_timeout} s"), \
-                        "undelivered records", []
-            if txn.faults or txn.error is not None:
-                why = "; ".join(w for _, w in txn.faults[:3]) or f"produce failed: {txn.error}"
-                return self.abort(why), why, list(txn.faults)
             if offsets:
-                during = "send_offsets_to_transaction"
                 worker.call(lambda: p.send_offsets_to_transaction(offsets, group_metadata, self.call_timeout),
                             self.bound, during)
             during = "commit_transaction"
+            # It flushes first; a record that failed makes it abortable.
             worker.call(lambda: p.commit_transaction(self.call_timeout), self.bound, during)
         except Stuck as e:
-            return self._replace_now(str(e)), str(e), []
+            return self._replace_now("stuck", str(e)), str(e), []
         except KafkaException as e:
-            outcome = self._classify(e.args[0], during)
-            return outcome, f"{during}: {e.args[0]}", []
+            err = e.args[0]
+            if err.txn_requires_abort() and not err.fatal():
+                try:  # delivery reports of the failed records name their owners
+                    worker.call(lambda: p.poll(0), self.bound, "poll")
+                except Stuck as stuck:
+                    return self._replace_now("stuck", str(stuck)), str(stuck), []
+            return self._classify(err, during), f"{during}: {err}", list(txn.faults)
         self.stats.commits += 1
         self._begin()
         return Outcome.COMMITTED, "", []
 
     def _classify(self, err: KafkaError, during: str) -> Outcome:
         if err.fatal() or err.code() in _FENCED:
-            return self._replace_now(f"{during}: {err}")
+            return self._replace_now("fatal", f"{during}: {err}")
         if err.txn_requires_abort():
             return self.abort(f"{during}: {err}")
         # Retriable (a timeout) or anything else: the outcome is unknown.
-        return self._replace_now(f"{during} (outcome unknown): {err}")
+        return self._replace_now("unknown-outcome", f"{during} (outcome unknown): {err}")
 
     def abort(self, why: str) -> Outcome:
         """Abort the open transaction and open the next one: REWIND, or
@@ -286,7 +292,7 @@ class TxnProducer:
         try:
             worker.call(lambda: p.abort_transaction(self.call_timeout), self.bound, "abort_transaction")
         except (Stuck, KafkaException) as e:
-            return self._replace_now(f"abort_transaction: {e}")
+            return self._replace_now("abort-failed", f"abort_transaction: {e}")
         self._begin()
         return Outcome.REWIND
 
@@ -297,8 +303,8 @@ class TxnProducer:
         try:
             worker.call(p.begin_transaction, self.bound, "begin_transaction")
         except (Stuck, KafkaException) as e:
-            self.replace(f"begin_transaction: {e}")
+            self.replace(f"begin_transaction: {e}", "begin-failed")
 
-    def _replace_now(self, why: str) -> Outcome:
-        self.replace(why)
+    def _replace_now(self, cause: str, why: str) -> Outcome:
+        self.replace(why, cause)
         return Outcome.REPLACE

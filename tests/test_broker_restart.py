@@ -23,7 +23,7 @@ import pytest
 import oncely
 from oncely.local_kafka import LocalKafka
 from oncely.testing import unique_name
-from support import ProcessorProcess, changelog_state, wait_until
+from support import ProcessorProcess, changelog_state, wait_for_app_topics, wait_until
 
 # Resume bound after the broker answers again: the consumer's session
 # (10 s) may have expired, a rejoin follows, and a stuck transactional call
@@ -65,6 +65,7 @@ def test_processing_resumes_after_broker_stops_and_kills(tmp_path: Path) -> None
     resumed: dict[str, float] = {}
     try:
         proc.start()
+        wait_for_app_topics(bootstrap, name)
         traffic = Traffic(bootstrap, name)
         traffic.send(1500)
         wait_until(traffic.exact, 90, 0.5, "the first sums")

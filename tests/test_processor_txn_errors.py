@@ -2,7 +2,8 @@
 
 - fenced: another producer takes the processor's transactional.id;
 - abortable: the broker rejects the transaction's changelog records;
-- retriable: the broker is frozen (SIGSTOP) so transaction calls time out.
+- unknown outcome: the broker is frozen (SIGSTOP) during commits, so they
+  time out; the producer is replaced, never asked to commit again.
 
 After each, every key's state must still be exact: nothing of an aborted or
 fenced transaction may survive, nothing committed may be lost.
@@ -114,10 +115,14 @@ def test_abortable_error_aborts_rewinds_and_state_stays_exact(kafka: str, tmp_pa
     finally:
         runner.stop()
     assert runner.processor.aborts >= 2
-    assert runner.processor.producer_restarts == 0, "an abortable error must not replace the producer"
+    # An abortable error is aborted, not answered by a new producer. (A
+    # commit that times out afterwards, while librdkafka bumps the epoch, has
+    # an unknown outcome and does replace it: that is the other branch.)
+    causes = runner.processor.txn.stats.replaced_for
+    assert set(causes) <= {"unknown-outcome"}, f"an abortable error replaced the producer: {causes}"
 
 
-def test_retriable_timeouts_are_retried_not_aborted(tmp_path: Path) -> None:
+def test_a_commit_timed_out_in_a_frozen_broker_replaces_the_producer(tmp_path: Path) -> None:
     # A broker of its own: this test freezes it.
     broker = LocalKafka(data_dir=tmp_path / "broker")
     info = broker.start()
@@ -150,6 +155,9 @@ def test_retriable_timeouts_are_retried_not_aborted(tmp_path: Path) -> None:
     finally:
         runner.stop()
         broker.stop()
-    p = runner.processor
-    assert p.txn_retries >= 1, "no transaction call timed out: the freeze did not hit a commit"
-    assert p.aborts == 0 and p.producer_restarts == 0, "a retriable error must be retried, not aborted"
+    # A commit that times out has an unknown outcome (no transactions v2 in
+    # librdkafka: a late marker could land in the next transaction), so it
+    # is never retried on the same producer: a new one settles it.
+    causes = runner.processor.txn.stats.replaced_for
+    assert causes["unknown-outcome"] + causes["stuck"] >= 1, "no transaction call timed out: the freeze missed"
+    assert set(causes) <= {"unknown-outcome", "stuck"}, f"unexpected replacements: {causes}"
