@@ -20,7 +20,8 @@ import fastavro
 import fastavro.validation
 import orjson
 
-from oncely.errors import ConfigError
+from oncely.errors import ConfigError, RecordTooLarge
+from oncely.processor.protocol import CLIENT_MAX_BYTES, RECORD_OVERHEAD
 from oncely.shuffle.targets import key_bytes
 
 Headers = list[tuple[str, bytes]]
@@ -133,6 +134,9 @@ class Sinks:
         self._json = JsonSerializer()
         self._topic_exists = topic_exists
         self._known: set[str] = set(declared)
+        # max.message.bytes per topic (read at start) and the client's own.
+        self.topic_max: dict[str, int] = {}
+        self.client_max = CLIENT_MAX_BYTES
         self._missing_until: dict[str, float] = {}
 
     def record(self, topic: str, value: Any, key: Any, headers: Any) -> tuple[str, bytes | None, bytes, Headers | None]:
@@ -143,7 +147,11 @@ class Sinks:
             serializer: Serializer = self._json
         else:
             serializer = sink.serializer
-        return topic, record_key(key), serializer.serialize(value), headers_of(headers)
+        data = serializer.serialize(value)
+        limit = min(self.client_max, self.topic_max.get(topic, self.client_max)) - RECORD_OVERHEAD
+        if len(data) > limit:
+            raise RecordTooLarge(f"ctx.emit({topic!r}): the value", len(data), limit, topic)
+        return topic, record_key(key), data, headers_of(headers)
 
     def _require(self, topic: str) -> None:
         if topic in self._known:

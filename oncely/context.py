@@ -161,6 +161,7 @@ class Context:
             encoded = encode_value(value)
         except TypeError as e:
             raise TypeError(f"ctx.set({name!r}): the value is neither JSON-serialisable nor bytes: {e}") from None
+        self._call.limits.check_state(f"ctx.set({name!r}): the value", len(encoded))
         if self._step("set", name) is None:
             self._record(Entry("set", name))
         self._writes[name] = encoded
@@ -220,6 +221,7 @@ class Context:
             encoded = encode_value(result)
         except TypeError as e:
             raise TerminalError(f"ctx.run({name!r}) returned a value that is neither JSON nor bytes: {e}") from None
+        self._call.limits.check_state(f"ctx.run({name!r}): the result", len(encoded))
         self._record(Entry("run", name, value=encoded))
         return decode_value(encoded)
 
@@ -258,10 +260,12 @@ class Context:
         transaction that completes this invocation, once: a replay does not
         emit again, and an invocation that fails emits nothing. A value that
         does not fit the format raises ValueError here."""
-        is_new = self._step("emit", topic) is None
         if self._call.effects is None:
             raise RuntimeError("ctx.emit: this executor has no sinks")
+        # A value that cannot be emitted raises before taking an index, so a
+        # handler that catches the error replays in step with its journal.
         record = self._call.effects.record(topic, value, key, headers)
+        is_new = self._step("emit", topic) is None
         if is_new:
             self._record(Entry("emit", topic))
         self._emits.append(record)
@@ -280,6 +284,7 @@ class Context:
         # A target that cannot be sent to raises before taking an index, so
         # a handler that catches the error replays in step with its journal.
         resolved = self._call.effects.target(target, args, call=False)
+        self._call.limits.check_message(f"ctx.send({name}): the payload", len(resolved.payload))
         entry = self._step("send", name)
         if entry is not None:
             return format_id(entry.value) if entry.value else ""
@@ -298,6 +303,7 @@ class Context:
         (or pass several to `oncely.gather`)."""
         name = _target_name(target, args)
         resolved = self._call.effects.target(target, args, call=True)  # raises before taking an index
+        self._call.limits.check_message(f"ctx.call({name}): the payload", len(resolved.payload))
         entry = self._step("call", name)
         index = self._index - 1
         if entry is None:

@@ -26,6 +26,20 @@ class TerminalError(OncelyError):
         self.code = code
 
 
+class RecordTooLarge(TerminalError):
+    """A value is larger than the Kafka topic it must be written to accepts
+    (its max.message.bytes, or the client's message.max.bytes). Raised where
+    the value is made (ctx.set, ctx.run, ctx.emit, ctx.send/call, a handler's
+    result), so the handler can catch it; uncaught, the invocation fails at
+    once and is dead-lettered: a retry would make the same value."""
+
+    def __init__(self, what: str, size: int, limit: int, topic: str) -> None:
+        super().__init__(f"{what} is {size} bytes; topic {topic} accepts at most {limit} bytes per record "
+                         "(its max.message.bytes, less the record's key and overhead)")
+        self.size = size
+        self.limit = limit
+
+
 class NonDeterminismError(BaseException):
     """A replayed handler issued a different operation than its journal holds.
 

@@ -88,8 +88,11 @@ def ensure_topics(admin: AdminClient, app: "App", timeout: float = 30.0) -> dict
                 f"expects {app.partitions}. The partition count is fixed when an app is created: use "
                 f"partitions={have}, or migrate to a new app name."
             )
-    res = ConfigResource(ConfigResource.Type.TOPIC, app.changelog_topic)
-    configs = admin.describe_configs([res])[res].result(timeout)
+    limited = [app.log_topic, app.changelog_topic, *app.sinks]
+    resources = {t: ConfigResource(ConfigResource.Type.TOPIC, t) for t in limited}
+    described = admin.describe_configs(list(resources.values()))
+    every = {t: described[r].result(timeout) for t, r in resources.items()}
+    configs = every[app.changelog_topic]
     policy = configs["cleanup.policy"].value
     if "compact" not in policy:
         raise ConfigError(
@@ -97,7 +100,9 @@ def ensure_topics(admin: AdminClient, app: "App", timeout: float = 30.0) -> dict
             f"is deleted. Set it with: kafka-configs.sh --alter --entity-type topics --entity-name "
             f"{app.changelog_topic} --add-config cleanup.policy=compact"
         )
-    return {"changelog_delete_retention_ms": int(configs["delete.retention.ms"].value)}
+    return {"changelog_delete_retention_ms": int(configs["delete.retention.ms"].value),
+            # What each topic accepts per record: values are checked where made.
+            "max_message_bytes": {t: int(c["max.message.bytes"].value) for t, c in every.items()}}
 
 
 def _wait_for(admin: AdminClient, names: list[str], timeout: float) -> None:

@@ -42,6 +42,7 @@ from oncely.processor.executor import LocalExecutor
 from oncely.processor.identity import StateDirLock, group_instance_id, transactional_id
 from oncely.processor.partition import PartitionProcessor
 from oncely.processor.producer import Outcome, TxnProducer
+from oncely.processor.protocol import CLIENT_MAX_BYTES, limits_for
 from oncely.processor.restore import Restorer
 from oncely.processor.store import PartitionStore
 from oncely.processor.worker import Stuck, Worker
@@ -95,6 +96,10 @@ class CommitLoop:
         self.source_start = OFFSET_END if reset in ("latest", "largest", "end") else OFFSET_BEGINNING
         self.executor = LocalExecutor(app)
         self.sinks = Sinks(app.sinks, self._topic_exists)
+        client_max = int(config.kafka.get("message.max.bytes", CLIENT_MAX_BYTES))
+        topic_max = self.facts.get("max_message_bytes", {})
+        self.limits = limits_for(app.changelog_topic, app.log_topic, topic_max, client_max)
+        self.sinks.topic_max, self.sinks.client_max = topic_max, client_max
         self.bound = config.txn_call_timeout + WATCHDOG_SLACK
         self.consumed: dict[tuple[str, int], int] = {}
         self.pending_records = 0
@@ -270,11 +275,12 @@ class CommitLoop:
             self._last_commit = time.monotonic()
             return False
         offsets = [TopicPartition(t, p, o) for (t, p), o in self.consumed.items()]
-        outcome, why, faults = txn.commit(offsets, consumer.consumer_group_metadata() if offsets else None)
-        if outcome is not Outcome.COMMITTED:
-            for owner, reason in faults:
+        result = txn.commit(offsets, consumer.consumer_group_metadata() if offsets else None)
+        if result.outcome is not Outcome.COMMITTED:
+            for owner, reason in result.faults:
                 self.poisoned.setdefault(owner, reason)
-            self._settle(outcome)
+            self._poison_missing_topics(result.undelivered)
+            self._settle(result.outcome)
             return False
         # Committed: make RocksDB reflect it, with the changelog offset.
         txn.poll()
@@ -289,6 +295,32 @@ class CommitLoop:
         if self.on_commit:
             self.on_commit()
         return True
+
+    def _poison_missing_topics(self, undelivered: list[tuple[bytes, str]]) -> None:
+        """Records that never left because their topic is gone (a sink
+        deleted after start): librdkafka retries them until the commit times
+        out, every time. Their owners fail instead."""
+        topics = {t for _, t in undelivered if t not in self.app.internal_topics}
+        if not topics:
+            return
+        worker = Worker("metadata", self.interrupt)
+        try:
+            existing = worker.call(lambda: self._admin().list_topics(timeout=self.cfg.txn_call_timeout).topics,
+                                   self.bound, "list_topics")
+        except Exception as e:  # the broker may be the problem: decide nothing
+            log.warning("cannot check the topics of undelivered records: %s", e)
+            return
+        finally:
+            worker.close()
+        for owner, topic in undelivered:
+            if topic in topics and topic not in existing:
+                self.poisoned.setdefault(owner, f"a record for {topic} cannot be produced: the topic does not exist "
+                                                "(deleted after the processor started?)")
+
+    def _admin(self) -> Any:
+        from confluent_kafka.admin import AdminClient
+
+        return AdminClient(self._base_conf())
 
     def _settle(self, outcome: Outcome) -> None:
         """After an abort or a replaced producer: rewind every partition."""
@@ -387,7 +419,7 @@ class CommitLoop:
 
     def _new_partition(self, p: int, store: PartitionStore) -> PartitionProcessor:
         return PartitionProcessor(self.app, p, store, self.executor, self, self.cfg.net_effects, self.sinks,
-                                  poisoned=self.poisoned)
+                                  poisoned=self.poisoned, limits=self.limits)
 
     def _open_store(self, p: int) -> PartitionStore:
         store = PartitionStore(self.root / str(p), self.app.name, self.app.partitions, p)

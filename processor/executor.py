@@ -97,5 +97,9 @@ class LocalExecutor:
             encoded = encode_value(value)
         except TypeError as e:
             return Outcome("terminal", error=f"the handler's return value is neither JSON nor bytes: {e}")
+        try:
+            call.limits.check_message("the handler's return value", len(encoded))
+        except TerminalError as e:
+            return Outcome("terminal", error=e.message)
         writes, cleared = ctx._state_changes()
         return Outcome("completed", value=encoded, state=writes, cleared_all=cleared, emits=ctx._emits)

@@ -34,7 +34,7 @@ from oncely import schemas
 from oncely.egress.dead_letters import dead_letter
 from oncely.processor import keys
 from oncely.processor.effects import InvocationEffects, now_ms
-from oncely.processor.protocol import Entry, Executor, HandlerCall, Outcome, Running
+from oncely.processor.protocol import Entry, Executor, HandlerCall, Limits, Outcome, Running
 from oncely.processor.store import PartitionStore
 from oncely.shuffle.ids import format_id
 from oncely.shuffle.routing import partition_for
@@ -148,6 +148,7 @@ class PartitionProcessor:
         net_effects: bool = True,
         effects: Any = None,
         poisoned: dict[bytes, str] | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.app = app
         self.partition = partition
@@ -159,6 +160,8 @@ class PartitionProcessor:
         # Invocations that must fail when they next start, with the reason
         # (shared with the commit loop; it survives rewinds).
         self.poisoned: dict[bytes, str] = poisoned if poisoned is not None else {}
+        self.limits = limits or Limits()
+        self.poison_failed: list[bytes] = []  # poisoned invocations failed in the open transaction
         self.invocations: dict[bytes, Invocation] = {}
         self.queues: dict[bytes, _KeyQueue] = {}
         self.active: set[Invocation] = set()
@@ -373,8 +376,10 @@ class PartitionProcessor:
     # -- execution ----------------------------------------------------------------
 
     def _start(self, inv: Invocation) -> None:
-        why = self.poisoned.pop(inv.id, None) if self.poisoned else None
+        why = self.poisoned.get(inv.id) if self.poisoned else None
         if why is not None:
+            # Forgotten only once its failure commits: a rewind may replay it.
+            self.poison_failed.append(inv.id)
             self._fail(inv, "unproducible" if why.startswith("a record") else "internal-error", why)
             return
         inv.phase = RUNNING
@@ -385,7 +390,7 @@ class PartitionProcessor:
             invocation_id=inv.id, service=invoke["service"], handler=invoke["handler"], key=invoke["key"],
             payload=invoke["payload"], payload_format=invoke["payload_format"], attempt=inv.attempt,
             journal=inv.journal, state=state, source=invoke.get("source"), subscription=invoke.get("subscription"),
-            effects=InvocationEffects(self, inv),
+            effects=InvocationEffects(self, inv), limits=self.limits,
         )
         self.active.add(inv)
         inv.running = self.executor.start(call, lambda outcome: self._apply_outcome(inv, outcome))
@@ -792,6 +797,9 @@ class PartitionProcessor:
 
     def after_commit(self, changelog_offset: int | None) -> None:
         self.store.commit(changelog_offset)
+        for inv_id in self.poison_failed:
+            self.poisoned.pop(inv_id, None)
+        self.poison_failed.clear()
 
     # -- inspection -----------------------------------------------------------------
 

@@ -76,6 +76,19 @@ class _Open:
     awaited: int = 0                       # records for the app's own log
     error: KafkaError | None = None        # a produce() that failed at once
     faults: list[tuple[bytes, str]] = field(default_factory=list)  # (owner, why)
+    # Owned records without a delivery report yet: seq -> (owner, topic).
+    unacked: dict[int, tuple[bytes, str]] = field(default_factory=dict)
+    seq: int = 0
+
+
+@dataclass
+class CommitResult:
+    outcome: Outcome
+    why: str = ""
+    faults: list[tuple[bytes, str]] = field(default_factory=list)  # owners whose records failed
+    # Owned records still undelivered when the commit failed (owner, topic):
+    # a topic deleted since start shows only as records that never leave.
+    undelivered: list[tuple[bytes, str]] = field(default_factory=list)
 
 
 class TxnProducer:
@@ -202,7 +215,7 @@ class TxnProducer:
         if partition is not None:
             kwargs["partition"] = partition
         if owner is not None:
-            kwargs["on_delivery"] = self._attributed(owner, on_delivery)
+            kwargs["on_delivery"] = self._attributed(owner, topic, on_delivery)
         elif on_delivery is not None:
             kwargs["on_delivery"] = on_delivery
         p = self._producer
@@ -225,10 +238,15 @@ class TxnProducer:
         if topic == self.log_topic:
             txn.awaited += 1
 
-    def _attributed(self, owner: bytes, then: Callable[[Any, Any], None] | None) -> Callable[[Any, Any], None]:
+    def _attributed(self, owner: bytes, topic: str,
+                    then: Callable[[Any, Any], None] | None) -> Callable[[Any, Any], None]:
         txn = self.txn
+        txn.seq += 1
+        seq = txn.seq
+        txn.unacked[seq] = (owner, topic)
 
         def delivered(err: Any, msg: Any) -> None:
+            txn.unacked.pop(seq, None)
             if err is not None and err.code() in RECORD_FAULTS:
                 txn.faults.append((owner, f"a record for {msg.topic()} cannot be produced: {err.str()}"))
             if then is not None:
@@ -243,15 +261,14 @@ class TxnProducer:
 
     # -- commit and abort -------------------------------------------------------------
 
-    def commit(self, offsets: list[TopicPartition], group_metadata: Any) -> tuple[Outcome, str,
-                                                                                     list[tuple[bytes, str]]]:
+    def commit(self, offsets: list[TopicPartition], group_metadata: Any) -> CommitResult:
         """Commit the open transaction (with the consumer offsets) and open
         the next one. Returns the outcome, why, and the poisoned owners."""
         p, worker, txn = self._producer, self._worker, self.txn
         assert p is not None and worker is not None
         if txn.error is not None:  # a produce() failed at once: nothing of it may commit
             why = "; ".join(w for _, w in txn.faults[:3]) or f"produce failed: {txn.error}"
-            return self.abort(why), why, list(txn.faults)
+            return CommitResult(self.abort(why), why, list(txn.faults))
         during = "send_offsets_to_transaction"
         try:
             if offsets:
@@ -261,18 +278,20 @@ class TxnProducer:
             # It flushes first; a record that failed makes it abortable.
             worker.call(lambda: p.commit_transaction(self.call_timeout), self.bound, during)
         except Stuck as e:
-            return self._replace_now("stuck", str(e)), str(e), []
+            undelivered = list(txn.unacked.values())
+            return CommitResult(self._replace_now("stuck", str(e)), str(e), list(txn.faults), undelivered)
         except KafkaException as e:
             err = e.args[0]
             if err.txn_requires_abort() and not err.fatal():
                 try:  # delivery reports of the failed records name their owners
                     worker.call(lambda: p.poll(0), self.bound, "poll")
                 except Stuck as stuck:
-                    return self._replace_now("stuck", str(stuck)), str(stuck), []
-            return self._classify(err, during), f"{during}: {err}", list(txn.faults)
+                    return CommitResult(self._replace_now("stuck", str(stuck)), str(stuck))
+            undelivered = list(txn.unacked.values())
+            return CommitResult(self._classify(err, during), f"{during}: {err}", list(txn.faults), undelivered)
         self.stats.commits += 1
         self._begin()
-        return Outcome.COMMITTED, "", []
+        return CommitResult(Outcome.COMMITTED)
 
     def _classify(self, err: KafkaError, during: str) -> Outcome:
         if err.fatal() or err.code() in _FENCED:

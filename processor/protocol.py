@@ -48,6 +48,44 @@ class Entry:
         return cls(e["kind"], e["name"], e["value"], e["error"], e["completed"])
 
 
+# Bytes of a record that are not its value: key, headers, batch overhead.
+RECORD_OVERHEAD = 1024
+CLIENT_MAX_BYTES = 1_000_000  # librdkafka's default message.max.bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The largest value a handler may make, per destination: state values,
+    step results and a handler's result are changelog records; send and call
+    payloads travel on the log and are kept in the callee's status record."""
+
+    changelog_topic: str = "changelog"
+    state: int = CLIENT_MAX_BYTES - RECORD_OVERHEAD
+    log_topic: str = "log"
+    message: int = CLIENT_MAX_BYTES - RECORD_OVERHEAD
+
+    def check_state(self, what: str, size: int) -> None:
+        if size > self.state:
+            from oncely.errors import RecordTooLarge
+
+            raise RecordTooLarge(what, size, self.state, self.changelog_topic)
+
+    def check_message(self, what: str, size: int) -> None:
+        if size > self.message:
+            from oncely.errors import RecordTooLarge
+
+            raise RecordTooLarge(what, size, self.message, self.log_topic)
+
+
+def limits_for(changelog_topic: str, log_topic: str, topic_max: dict[str, int], client_max: int) -> Limits:
+    """Limits from the topics' max.message.bytes and the client's own."""
+
+    def room(topic: str) -> int:
+        return min(client_max, topic_max.get(topic, client_max)) - RECORD_OVERHEAD
+
+    return Limits(changelog_topic, room(changelog_topic), log_topic, min(room(log_topic), room(changelog_topic)))
+
+
 class StateReader(Protocol):
     """Committed state of one key (before this invocation's own writes)."""
 
@@ -74,6 +112,7 @@ class HandlerCall:
     # The processor's hooks for effects: `effects.record(topic, value, key,
     # headers)` turns an emit into a complete record (egress.sinks.Sinks).
     effects: Any = None
+    limits: Limits = Limits()
 
 
 OutcomeStatus = Literal["completed", "terminal", "retry", "paused"]

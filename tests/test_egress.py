@@ -62,7 +62,7 @@ def test_enriched_orders_exactly_once_under_kill9(kafka: str, tmp_path: Path) ->
             _send(kafka, source, records[b * size:(b + 1) * size])
             if b in (2, 5, 8):
                 # Kill while this run works on the batch just sent.
-                wait_until(lambda: "assigned [('" in proc.log_text().split("===== start")[-1], 60, 0.1,
+                wait_until(lambda: "running [('" in proc.log_text().split("===== start")[-1], 60, 0.1,
                            "the processor to own partitions")
                 wait_until(lambda: len(read_to_end(kafka, out)) > before, 60, 0.2, "this run's committed output")
                 time.sleep(rng.uniform(0.0, 0.4))

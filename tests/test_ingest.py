@@ -101,7 +101,7 @@ def test_ingest_with_duplicates_exact_under_kill9(kafka: str, tmp_path: Path) ->
             if b in (2, 5, 8):
                 # Kill while it processes the batch just sent: this run owns
                 # partitions and has committed state changes of its own.
-                wait_until(lambda: "assigned [('" in proc.log_text().split("===== start")[-1], 60, 0.1,
+                wait_until(lambda: "running [('" in proc.log_text().split("===== start")[-1], 60, 0.1,
                            "the processor to own partitions")
                 wait_until(lambda: sum(_totals(kafka, app)[1].values()) > before, 60, 0.2,
                            "committed progress of this run")
@@ -110,7 +110,7 @@ def test_ingest_with_duplicates_exact_under_kill9(kafka: str, tmp_path: Path) ->
                 kills += 1
                 proc.start()
         assert kills >= 3
-        assert proc.log_text().count("assigned [('") >= 3, "the kills did not hit a working processor"
+        assert proc.log_text().count("running [('") >= 3, "the kills did not hit a working processor"
         wait_until(lambda: _totals(kafka, app) == (dict(sums), dict(counts)), 300, 2.0,
                    "every customer's total over distinct orders")
         assert proc.stop() == 0

@@ -119,12 +119,12 @@ def test_counter_exact_with_two_processes_one_killed(kafka: str, tmp_path: Path)
         wait_until(lambda: _log_exists(kafka, app), 60, what="the app's topics")
         # Both processes own partitions before the stream starts (with
         # cooperative rebalancing the newcomer's first assignment is empty).
-        wait_until(lambda: "assigned [('" in a.log_text() and "assigned [('" in b.log_text(), 60,
+        wait_until(lambda: "running [('" in a.log_text() and "running [('" in b.log_text(), 60,
                    what="both processes to own partitions")
         b_log_at_kill = 0
 
         def b_took_over() -> bool:
-            return "assigned [('" in b.log_text()[b_log_at_kill:]
+            return "running [('" in b.log_text()[b_log_at_kill:]
 
         def on_batch(i: int) -> None:
             nonlocal b_log_at_kill
@@ -136,7 +136,7 @@ def test_counter_exact_with_two_processes_one_killed(kafka: str, tmp_path: Path)
             if i == 26:
                 a.start()       # and gets some back: a restores them from the changelog
             if i == 30:
-                wait_until(lambda: "assigned [('" in a.log_text().split("===== start #2")[-1], 60, 0.2,
+                wait_until(lambda: "running [('" in a.log_text().split("===== start #2")[-1], 60, 0.2,
                            "the restarted a to get partitions back")
 
         sums, counts = _send_stream(client, app, rng, on_batch)
@@ -148,7 +148,7 @@ def test_counter_exact_with_two_processes_one_killed(kafka: str, tmp_path: Path)
         # owned last; a fresh process restoring all partitions from the
         # changelog holds the exact sums.
         c = ProcessorProcess("tests.apps.counter:app", kafka, tmp_path / "b", env, tmp_path / "c.log").start()
-        wait_until(lambda: "assigned" in c.log_text().split("===== start")[-1], 60, what="c assigned")
+        wait_until(lambda: "running [(" in c.log_text().split("===== start")[-1], 60, what="c assigned")
         time.sleep(1)
         assert c.stop() == 0
         _assert_store_matches(tmp_path / "b", app, sums, counts)
@@ -202,7 +202,7 @@ def test_state_rebuilt_from_changelog_after_state_dir_deleted(kafka: str, tmp_pa
         assert store_kv(state, app, PARTITIONS) == before
         shutil.rmtree(state)
         proc = ProcessorProcess("tests.apps.counter:app", kafka, state, env, tmp_path / "p2.log").start()
-        wait_until(lambda: "assigned" in proc.log_text(), 60, what="assignment after restart")
+        wait_until(lambda: "running [(" in proc.log_text(), 60, what="partitions running after restart")
         time.sleep(0.5)
         assert proc.stop() == 0
         after = store_kv(state, app, PARTITIONS)

@@ -29,7 +29,7 @@ def _env(app: str, results: str, **extra: str) -> dict[str, str]:
 def _owns_partitions(p: ProcessorProcess) -> bool:
     """The process's current run got log partitions (cooperative rebalances
     only add or take some, so it keeps some once it has been given any)."""
-    return "assigned [('" in p.log_text().split("===== start #")[-1]
+    return "running [('" in p.log_text().split("===== start #")[-1]
 
 
 def test_scatter_gather_exact_with_two_processes_killed(kafka: str, tmp_path: Path) -> None:
@@ -73,7 +73,7 @@ def test_scatter_gather_exact_with_two_processes_killed(kafka: str, tmp_path: Pa
     logs = "".join(p.log_text() for p in procs)
     assert sum(p.starts for p in procs) == 2 + rounds
     assert "resumed by replay" in logs, "no kill hit a gather in flight"
-    assert any(run.count("assigned [('") >= 2 for p in procs for run in p.log_text().split("===== start #")), \
+    assert any(run.count("running [('") >= 2 for p in procs for run in p.log_text().split("===== start #")), \
         "no process took over partitions of the other"
     for j in range(hubs):
         key = f"h{j}".encode()

@@ -1,0 +1,102 @@
+"""One record that can never be produced must not stall the process.
+
+A 2 MB state value is larger than the changelog accepts: it is refused where
+it is made (ctx.set raises RecordTooLarge), so the invocation fails on its
+own. A record for a sink topic deleted after start fails only when the
+transaction is committed: the commit aborts, the record's invocation is
+failed with the reason, and every other invocation commits after the rewind
+instead of the same transaction being replayed forever.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from confluent_kafka.admin import AdminClient
+
+import oncely
+from oncely.testing import create_topic, read_to_end, unique_name
+from support import InProcessProcessor, changelog_state, wait_until
+
+
+def test_poison_invocations_are_dead_lettered_and_the_rest_flows(kafka: str, tmp_path: Path) -> None:
+    name = unique_name("poison")
+    doomed = create_topic(kafka, unique_name("doomed"), 1)
+    app = oncely.App(name, partitions=4, bootstrap=kafka, state_dir=str(tmp_path))
+    app.sink(doomed)
+    counter = app.keyed("counter")
+    caught: list[str] = []
+
+    @counter.handler
+    async def add(ctx: oncely.Context, amount: int) -> None:
+        ctx.set("n", ctx.get("n", 0) + amount)
+
+    @counter.handler
+    async def big(ctx: oncely.Context) -> None:
+        ctx.set("blob", "x" * 2_000_000)
+
+    @counter.handler
+    async def big_caught(ctx: oncely.Context) -> None:
+        try:
+            ctx.set("blob", "x" * 2_000_000)
+        except oncely.RecordTooLarge as e:
+            caught.append(str(e))
+        ctx.set("small", 1)
+
+    @counter.handler
+    async def emit(ctx: oncely.Context, i: int) -> None:
+        ctx.set("emitted", i)
+        ctx.emit(doomed, {"i": i})
+
+    runner = InProcessProcessor(app).start()
+    sums: dict[bytes, int] = {}
+    rng = random.Random(3)
+    client = oncely.Client(kafka, app=name)
+
+    def traffic(n: int) -> None:
+        for _ in range(n):
+            key = f"k{rng.randrange(40)}"
+            amount = rng.randint(1, 9)
+            client.send(counter.add, key, amount)
+            sums[key.encode()] = sums.get(key.encode(), 0) + amount
+        client.flush()
+
+    def exact() -> bool:
+        state = changelog_state(kafka, name)
+        return {k: v for (_, k, n), v in state.items() if n == "n"} == sums
+
+    try:
+        traffic(500)
+        client.send(counter.emit, "e-before", 1)
+        client.flush()
+        wait_until(exact, 60, 0.5, "the first sums")
+        admin = AdminClient({"bootstrap.servers": kafka})
+        admin.delete_topics([doomed])[doomed].result(30)
+        traffic(200)
+        client.send(counter.big, "big", None)
+        client.send(counter.big_caught, "caught", None)
+        client.send(counter.emit, "e-after", 2)
+        traffic(300)
+        client.send(counter.emit, "e-after-2", 3)
+        traffic(300)
+        wait_until(exact, 120, 0.5, "exact sums for every other key")
+
+        def dead() -> dict[bytes, dict[str, str]]:
+            return {r.key: {k: v.decode() for k, v in r.headers} for r in read_to_end(kafka, f"{name}.dlq")}
+
+        wait_until(lambda: len(dead()) >= 3, 60, 0.5, "three dead letters")
+        letters = dead()
+    finally:
+        runner.stop()
+    assert set(letters) == {b"big", b"e-after", b"e-after-2"}, letters
+    assert letters[b"big"]["oncely.reason"] == "terminal"
+    assert "ctx.set('blob')" in letters[b"big"]["oncely.error"] and "2000003 bytes" in letters[b"big"]["oncely.error"]
+    for key in (b"e-after", b"e-after-2"):
+        assert letters[key]["oncely.reason"] == "unproducible", letters[key]
+        assert doomed in letters[key]["oncely.error"], letters[key]
+    state = changelog_state(kafka, name)
+    assert state.get(("counter", b"caught", "small")) == 1 and len(caught) == 1, "a caught RecordTooLarge"
+    assert ("counter", b"big", "blob") not in state
+    assert state.get(("counter", b"e-before", "emitted")) == 1
+    assert ("counter", b"e-after", "emitted") not in state, "a failed invocation's state must not commit"
