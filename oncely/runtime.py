@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import importlib
 import logging
 import os
@@ -11,7 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 from confluent_kafka.admin import AdminClient
 
@@ -22,6 +23,7 @@ from oncely.processor.producer import GiveUp
 from oncely.topics import ensure_topics
 
 log = logging.getLogger("oncely")
+T = TypeVar("T")
 
 
 def load_app(spec: str) -> App:
@@ -148,6 +150,20 @@ class ProcessorThread:
         if self.error:
             raise self.error
         return self
+
+    def on_loop(self, fn: Callable[[], T], timeout: float = 10.0) -> T:
+        """`fn()` run on the processor's loop thread, between two of its
+        steps: how a test reads the processor's live state consistently."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn())
+            except BaseException as e:
+                fut.set_exception(e)
+
+        self.loop.call_soon_threadsafe(run)
+        return fut.result(timeout)
 
     def stop(self, timeout: float = 60.0) -> None:
         """Stop as SIGTERM would (commit, close, leave the group) and wait."""

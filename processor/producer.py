@@ -268,7 +268,8 @@ class TxnProducer:
         assert p is not None and worker is not None
         if txn.error is not None:  # a produce() failed at once: nothing of it may commit
             why = "; ".join(w for _, w in txn.faults[:3]) or f"produce failed: {txn.error}"
-            return CommitResult(self.abort(why), why, list(txn.faults))
+            undelivered = list(txn.unacked.values())
+            return CommitResult(self.abort(why), why, list(txn.faults), undelivered)
         during = "send_offsets_to_transaction"
         try:
             if offsets:

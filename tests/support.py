@@ -107,3 +107,26 @@ def store_kv(state_dir: Path, app: str, partitions: int) -> dict[bytes, bytes]:
         finally:
             store.close()
     return out
+
+
+def caught_up(bootstrap: str, group: str, topics: list[str]) -> bool:
+    """The group has committed offsets at the end of every partition of
+    `topics`: everything read so far is processed and its output committed
+    (an observable point, where a fixed sleep would only hope)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from oncely.kafka_io import watermarks
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "isolation.level": "read_committed",
+                  "enable.auto.commit": False})
+    try:
+        for topic in topics:
+            md = c.list_topics(topic, timeout=10).topics[topic]
+            tps = [TopicPartition(topic, p) for p in md.partitions]
+            for tp in c.committed(tps, timeout=10):
+                _, high = watermarks(c, TopicPartition(topic, tp.partition))
+                if tp.offset < high and high > 0:
+                    return False
+        return True
+    finally:
+        c.close()

@@ -60,7 +60,8 @@ def test_a_duplicate_of_a_suspended_invocation_is_dropped_and_the_original_resum
         names = ["keyed/k1", "free/s1"]
         wait_until(lambda: all(n in seen["awk"] for n in names), 30, 0.05, "both awakeables")
         parts = runner.processor.partitions
-        wait_until(lambda: sum(p.suspended for p in parts.values()) == 2, 30, 0.1, "both to suspend")
+        wait_until(lambda: runner.on_loop(lambda: sum(p.suspended for p in parts.values())) == 2, 30, 0.1,
+                   "both to suspend")
 
         # A client retry with the same idempotency key, and a re-delivered
         # copy of the stateless Invoke (as a replay without new ids makes).
@@ -71,7 +72,7 @@ def test_a_duplicate_of_a_suspended_invocation_is_dropped_and_the_original_resum
                    and b[1]["service"] == "free"]
         assert len(invokes) == 1
         produce(kafka, app.log_topic, [(invokes[0].key, invokes[0].value)], partition=invokes[0].partition)
-        wait_until(lambda: sum(p.stats.duplicates for p in parts.values()) == 2, 30, 0.1,
+        wait_until(lambda: runner.on_loop(lambda: sum(p.stats.duplicates for p in parts.values())) == 2, 30, 0.1,
                    "both duplicates to be recognised")
 
         for n in names:

@@ -16,7 +16,7 @@ from confluent_kafka import Producer
 import oncely
 from oncely.egress import dead_letters as dl
 from oncely.testing import create_topic, read_to_end, unique_name
-from support import (REPO, InProcessProcessor, ProcessorProcess, changelog_state, wait_for_app_topics,
+from support import (REPO, InProcessProcessor, ProcessorProcess, caught_up, changelog_state, wait_for_app_topics,
                      wait_until)
 
 AVSC = REPO / "tests/apps/deposit.avsc"
@@ -70,7 +70,9 @@ def test_enriched_orders_exactly_once_under_kill9(kafka: str, tmp_path: Path) ->
                 proc.start()
         got = wait_until(lambda: (r := read_to_end(kafka, out)) and len(r) >= len(orders) and r, 300, 2.0,
                          "every enriched order")
-        time.sleep(2)  # anything extra would show now
+        # Anything extra would be committed with the offsets of its input:
+        # wait until every input (source and log) is consumed and committed.
+        wait_until(lambda: caught_up(kafka, app, [source, f"{app}.log"]), 120, 0.5, "the processor to catch up")
         got = read_to_end(kafka, out)
         assert proc.stop() == 0
     finally:

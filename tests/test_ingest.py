@@ -21,7 +21,7 @@ from oncely.admin import changelog_latest
 from oncely.egress import dead_letters as dl
 from oncely.processor import keys
 from oncely.testing import create_topic, read_to_end, unique_name
-from support import (REPO, ProcessorProcess, changelog_state, state_from, store_kv, wait_for_app_topics,
+from support import (REPO, ProcessorProcess, caught_up, changelog_state, state_from, store_kv, wait_for_app_topics,
                      wait_until)
 
 
@@ -157,7 +157,7 @@ def test_replay_without_new_ids_changes_nothing_and_with_new_ids_doubles(kafka: 
 
         same = _summary(_replay(kafka, "tests.apps.orders:app", env, "--topic", source, "--from-offset", "0"))
         assert same == {"read": 3000, "invoked": 0, "deduplicated": 3000, "dead": 0}
-        time.sleep(2)
+        wait_until(lambda: caught_up(kafka, app, [f"{app}.log"]), 120, 0.5, "the processor to catch up")
         assert _totals(kafka, app)[0] == dict(sums), "a replay without --new-ids changed state"
 
         # --new-ids on partition 0, offsets [100, 600): those 500 records count twice.
@@ -169,7 +169,7 @@ def test_replay_without_new_ids_changes_nothing_and_with_new_ids_doubles(kafka: 
         for _, k, v, _ in part0[100:600]:
             doubled[k] += orjson.loads(v)["amount"]
         wait_until(lambda: _totals(kafka, app)[0] == doubled, 120, 1.0, "the replayed contributions doubled")
-        time.sleep(2)
+        wait_until(lambda: caught_up(kafka, app, [f"{app}.log"]), 120, 0.5, "the processor to catch up")
         assert _totals(kafka, app)[0] == doubled
         assert proc.stop() == 0
     finally:

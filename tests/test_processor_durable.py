@@ -25,6 +25,11 @@ def _tokens(bootstrap: str, app: str) -> dict[str, str]:
     return {k.decode(): v for (_, k, name), v in changelog_state(bootstrap, app).items() if name == "token"}
 
 
+def _journaled(bootstrap: str, app: str) -> int:
+    """Invocations with a committed journal entry 0 (their ctx.run result)."""
+    return sum(1 for k in changelog_latest(bootstrap, app) if k[:1] == keys.JOURNAL and keys.journal_index(k) == 0)
+
+
 def _wait_topics(client: oncely.Client, app: str) -> None:
     wait_until(lambda: _try_partitions(client, app), 60, 0.3, "the app's topics")
 
@@ -53,7 +58,7 @@ def test_run_results_are_journaled_across_kill9(kafka: str, tmp_path: Path) -> N
             client.send("job", k, "work", 0)
         client.flush()
         wait_until(lambda: len(_lines(effects)) >= len(first), 60, 0.1, "the first effects")
-        time.sleep(1.0)
+        wait_until(lambda: _journaled(kafka, app) >= len(first), 60, 0.2, "their journal entries committed")
         proc.kill9()
         proc.start()
         wait_until(lambda: set(first) <= set(_tokens(kafka, app)), 90, 1.0, "all first tokens in state")
@@ -99,7 +104,7 @@ def test_changed_handler_is_paused_not_continued(kafka: str, tmp_path: Path) -> 
             client.send("job", k, "work", 0)
         client.flush()
         wait_until(lambda: len(_lines(effects)) == len(ks), 60, 0.1, "the effects")
-        time.sleep(1.0)  # the journal entries are committed
+        wait_until(lambda: _journaled(kafka, app) >= len(ks), 60, 0.2, "their journal entries committed")
         proc.kill9()
         proc.env = {**env, "HANDLER_VERSION": "2"}
         proc.start()
@@ -184,7 +189,9 @@ def test_retry_backoff_survives_kill9(kafka: str, tmp_path: Path) -> None:
         client.send("svc", "f1", "flaky_twice", 0)
         client.flush()
         wait_until(lambda: runs.exists() and "flaky f1 0" in runs.read_text(), 60, 0.05, "the first attempt")
-        time.sleep(0.8)  # attempt 0's failure and its 3 s backoff are committed
+        wait_until(lambda: any(schemas.decode("invocation_status", v)["phase"] == "BACKING_OFF"
+                               for k, v in changelog_latest(kafka, app).items() if k[:1] == keys.STATUS),
+                   30, 0.1, "attempt 0's failure and its 3 s backoff committed")
         proc.kill9()
         proc.start()
         wait_until(lambda: changelog_state(kafka, app).get(("svc", b"f1", "done")) == 1, 60, 0.5, "completion")

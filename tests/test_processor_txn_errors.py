@@ -140,8 +140,9 @@ def test_a_commit_timed_out_in_a_frozen_broker_replaces_the_producer(tmp_path: P
         for i in range(10):
             stream.client.send("counter", f"nap{i}", "nap", 1.0 + i * 0.25)
         stream.client.flush()
-        wait_until(lambda: sum(inv.waiting for part in runner.processor.partitions.values()
-                               for inv in part.active) == 10, 30, 0.01, "ten sleeping invocations")
+        wait_until(lambda: runner.on_loop(lambda: sum(inv.waiting for part in runner.processor.partitions.values()
+                                                      for inv in part.active)) == 10, 30, 0.01,
+                   "ten sleeping invocations")
         os.kill(info.pid, signal.SIGSTOP)
         try:
             time.sleep(4)

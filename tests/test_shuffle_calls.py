@@ -135,8 +135,9 @@ def test_awakeables_resolve_reject_and_refuse_a_second_completion(kafka: str, tm
         client.flush()
         wait_until(lambda: len(seen["awk"]) == 3, 30, 0.1, "three awakeables")
         cl = runner.processor
-        wait_until(lambda: sum(p.suspended for p in cl.partitions.values()) == 3, 30, 0.1, "suspension")
-        assert sum(len(p.invocations) for p in cl.partitions.values()) == 0
+        wait_until(lambda: runner.on_loop(lambda: sum(p.suspended for p in cl.partitions.values())) == 3, 30, 0.1,
+                   "suspension")
+        assert runner.on_loop(lambda: sum(len(p.invocations) for p in cl.partitions.values())) == 0
         resolver = oncely.Client(kafka)
         resolver.resolve_awakeable(seen["awk"]["r1"], {"v": 1})
         resolver.reject_awakeable(seen["awk"]["r2"], "no stock")
@@ -215,7 +216,8 @@ def test_a_resolution_that_arrives_before_its_awakeable_is_kept_for_it(kafka: st
         inv = client.send(late, "k", None)
         client.flush()
         awk = format_awakeable(name, partition_for(b"k", 4), parse_id(inv), 1)
-        wait_until(lambda: any(p.invocations for p in runner.processor.partitions.values()), 30, 0.05, "the start")
+        wait_until(lambda: runner.on_loop(lambda: any(p.invocations for p in runner.processor.partitions.values())),
+                   30, 0.05, "the start")
         client.resolve_awakeable(awk, "early")
         with pytest.raises(oncely.AwakeableError, match="already completed"):
             client.resolve_awakeable(awk, "twice")
@@ -249,7 +251,7 @@ def test_a_duplicate_delivery_of_a_call_is_recognised_and_answered_again(kafka: 
 
         wait_until(lambda: responses() == 2, 30, 0.3, "the callee to answer the copy again")
         time.sleep(0.5)
-        dups = sum(p.stats.duplicates for p in runner.processor.partitions.values())
+        dups = runner.on_loop(lambda: sum(p.stats.duplicates for p in runner.processor.partitions.values()))
     finally:
         runner.stop()
     assert dups == 1
@@ -270,7 +272,8 @@ def test_an_invocation_woken_but_not_yet_run_is_not_suspended(kafka: str, tmp_pa
         wait_until(lambda: "w" in seen["awk"], 30, 0.05, "the awakeable")
         _, p, inv_id, index = parse_awakeable(seen["awk"]["w"])
         part = runner.processor.partitions[p]
-        wait_until(lambda: part.invocations.get(inv_id) is not None and part.invocations[inv_id].waiting, 30, 0.05,
+        wait_until(lambda: runner.on_loop(lambda: inv_id in part.invocations and part.invocations[inv_id].waiting),
+                   30, 0.05,
                    "the wait")
         done = threading.Event()
 
