@@ -246,6 +246,8 @@ class CommitLoop:
         """Commit one transaction; returns True when it committed."""
         txn, consumer = self.txn, self.consumer
         assert txn is not None and consumer is not None
+        if not txn.ready:
+            return False  # dropped on a stop request; nothing can commit now
         if not force and not self._dirty():
             self._last_commit = time.monotonic()
             return False
