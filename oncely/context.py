@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 import orjson
 
-from oncely.errors import NonDeterminismError, TerminalError
+from oncely.errors import NonDeterminismError, TerminalError, UsageError
 from oncely.processor.protocol import TAG_BYTES, TAG_JSON, Entry, HandlerCall
 from oncely.shuffle.ids import format_id
 
@@ -132,7 +132,7 @@ class Context:
 
     def _require_state(self, op: str) -> None:
         if not self._keyed:
-            raise TypeError(
+            raise UsageError(
                 f"ctx.{op}: service {self._call.service!r} is stateless; state belongs to keyed "
                 "services (app.keyed)"
             )
@@ -155,11 +155,11 @@ class Context:
         invocation at once and to others when it completes."""
         self._require_state("set")
         if not isinstance(name, str) or not name:
-            raise TypeError("ctx.set: the state name must be a non-empty str")
+            raise UsageError("ctx.set: the state name must be a non-empty str")
         try:
             encoded = encode_value(value)
         except TypeError as e:
-            raise TypeError(f"ctx.set({name!r}): the value is neither JSON-serialisable nor bytes: {e}") from None
+            raise UsageError(f"ctx.set({name!r}): the value is neither JSON-serialisable nor bytes: {e}") from None
         if self._step("set", name) is None:
             self._record(Entry("set", name))
         self._writes[name] = encoded
@@ -377,7 +377,7 @@ async def gather(*futures: Awaitable[Any]) -> list[Any]:
 def _millis(d: "timedelta | float") -> int:
     seconds = d.total_seconds() if isinstance(d, timedelta) else float(d)
     if seconds < 0:
-        raise ValueError("a duration must not be negative")
+        raise UsageError("a duration must not be negative")
     return int(seconds * 1000)
 
 
@@ -389,4 +389,4 @@ def _target_name(target: Any, args: tuple) -> str:
         return f"{target.service.name}/{target.name}"
     if isinstance(target, str) and len(args) >= 2 and isinstance(args[1], str):
         return f"{target}/{args[1]}"
-    raise TypeError('a target is a handler (e.g. cart.expire) or ("service", key, "handler", payload)')
+    raise UsageError('a target is a handler (e.g. cart.expire) or ("service", key, "handler", payload)')
