@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from confluent_kafka.admin import AdminClient
-
 from oncely.app import App
 from oncely.errors import ConfigError
+from oncely.preflight import connect_app
 from oncely.processor.commit_loop import CommitLoop
 from oncely.topics import ensure_topics
 
@@ -43,12 +42,7 @@ async def serve(app: App, stop: asyncio.Event | None = None,
     """Run the app's processor in this event loop until `stop` is set (or
     SIGTERM/SIGINT arrives); returns the stopped loop (for its counters)."""
     cfg = app.config
-    if not cfg.bootstrap:
-        raise ConfigError(
-            "no Kafka bootstrap address: pass --bootstrap HOST:PORT, App(..., bootstrap=...) "
-            "or set ONCELY_KAFKA_BOOTSTRAP"
-        )
-    admin = AdminClient({"bootstrap.servers": cfg.bootstrap, **cfg.kafka})
+    admin = connect_app(app)  # settings checked and the broker reached before any topic is created
     facts = ensure_topics(admin, app)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
