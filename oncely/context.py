@@ -271,7 +271,7 @@ class Context:
         name = _target_name(target, args)
         # A target that cannot be sent to raises before taking an index, so
         # a handler that catches the error replays in step with its journal.
-        resolved = self._call.effects.target(target, args, call=False)
+        resolved = self._resolve(target, args, call=False)
         entry = self._step("send", name)
         if entry is not None:
             return format_id(entry.value) if entry.value else ""
@@ -279,6 +279,12 @@ class Context:
         callee = self._call.effects.send(resolved, index, delay_ms)
         self._record(Entry("send", name, value=callee))
         return format_id(callee)
+
+    def _resolve(self, target: Any, args: tuple, call: bool) -> Any:
+        try:
+            return self._call.effects.target(target, args, call=call)
+        except TypeError as e:  # a malformed target: a bug in the handler
+            raise UsageError(str(e)) from None
 
     def call(self, target: Any, *args: Any) -> "DurableFuture":
         """Invoke another handler and get its result: `await ctx.call(handler,
@@ -289,7 +295,7 @@ class Context:
         issued at once; await the returned future when the result is needed
         (or pass several to `oncely.gather`)."""
         name = _target_name(target, args)
-        resolved = self._call.effects.target(target, args, call=True)  # raises before taking an index
+        resolved = self._resolve(target, args, call=True)  # raises before taking an index
         entry = self._step("call", name)
         index = self._index - 1
         if entry is None:
