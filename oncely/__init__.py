@@ -8,11 +8,12 @@ produced records and consumer offsets.
 from oncely.app import App, Handler, RetryPolicy, Service
 from oncely.client import Client
 from oncely.context import Context, DurableFuture, gather
-from oncely.errors import AwakeableError, ConfigError, NonDeterminismError, OncelyError, TerminalError
+from oncely.errors import (AwakeableError, ConfigError, NonDeterminismError, OncelyError, TerminalError,
+                           UsageError)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "App", "AwakeableError", "Client", "ConfigError", "Context", "DurableFuture", "Handler", "NonDeterminismError",
-    "OncelyError", "RetryPolicy", "Service", "TerminalError", "gather",
+    "OncelyError", "RetryPolicy", "Service", "TerminalError", "UsageError", "gather",
 ]
