@@ -92,8 +92,12 @@ def remembered_ids(bootstrap: str, app: "App", config: dict) -> tuple[set[bytes]
 def dead_lettered(bootstrap: str, app: "App", topic: str, config: dict) -> set[tuple[str, int, int]]:
     """(subscription, partition, offset) of the records of `topic` the
     app's DLQ holds from its subscriptions."""
-    out = set()
-    for r in read_to_end(bootstrap, app.dlq_topic, config=config):
+    out: set[tuple[str, int, int]] = set()
+    try:
+        records = read_to_end(bootstrap, app.dlq_topic, config=config)
+    except ValueError:  # the app never ran: no dead letters yet
+        return out
+    for r in records:
         sub, src = r.header(H_SUBSCRIPTION), r.header(dl.H_SOURCE_TOPIC)
         if sub is not None and src is not None and src.decode() == topic:
             out.add((sub.decode(), int(r.header(dl.H_SOURCE_PARTITION) or -1),

@@ -171,7 +171,13 @@ def tail_cmd(topic: str | None, dlq_app: str | None, from_beginning: bool, last:
         raise click.UsageError("name a TOPIC, or --dlq APP for an app's dead letters")
     name = topic or f"{dlq_app}.dlq"
     settings = connect(bootstrap, kafka)
-    _topic(_admin(bootstrap, settings), name)
+    try:
+        _topic(_admin(bootstrap, settings), name)
+    except ConfigError:
+        if dlq_app is None:
+            raise
+        raise ConfigError(f"app {dlq_app!r} has no topic {name} at {bootstrap}: check the name (an app's topics "
+                          "are created when it first runs)") from None
     stopping: list[bool] = []
     if follow:
         signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
