@@ -21,6 +21,7 @@ from typing import Any, Callable
 LOGGER_NAME = "oncely.kafka"
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _NUMBERS = re.compile(r"\d+")
+_SUPPRESSED = re.compile(r", \d+ identical error\(s\) suppressed")  # librdkafka's own collapsing
 
 
 class KafkaLogRouter:
@@ -41,7 +42,7 @@ class KafkaLogRouter:
         if not self.logger.isEnabledFor(level):
             return
         text = msg % args if args else msg
-        kind = _NUMBERS.sub("#", text)
+        kind = _NUMBERS.sub("#", _SUPPRESSED.sub("", text))
         with self._lock:
             now = self._clock()
             seen = self._seen.get(kind)
