@@ -145,7 +145,7 @@ def replay_cmd(app_spec: str, topic: str, partitions: tuple[int, ...], from_offs
 
 for _command in (kafka, inspect, invocations, awakeable, topics, produce_cmd, tail_cmd):
     main.add_command(_command)
-add_log_level(main, {"run": "INFO", "restore": "INFO", "replay": "INFO"})
+add_log_level(main, {"run": "INFO", "restore": "INFO", "replay": "INFO", "demo": "ERROR"})
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from typing import Any, Callable, TypeVar
 import click
 
 from oncely.errors import AwakeableError, ConfigError
+from oncely.local_kafka import LocalKafkaError
 from oncely.logs import LEVELS, setup_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -18,13 +19,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 class Group(click.Group):
     """A command group whose commands fail with one sentence: a ConfigError
-    (or a refused awakeable) raised anywhere below becomes `Error: ...` and
-    exit status 1, never a traceback."""
+    (or a refused awakeable, or a local broker that cannot start) raised
+    anywhere below becomes `Error: ...` and exit status 1, never a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (ConfigError, AwakeableError) as e:
+        except (ConfigError, AwakeableError, LocalKafkaError) as e:
             raise click.ClickException(str(e)) from None
 
 

@@ -108,13 +108,14 @@ def run_demo(bootstrap: str | None, records_n: int, customers_n: int, kills: int
     from oncely.admin import read_state
     from oncely.errors import ConfigError
     from oncely.kafka_io import create_topic, read_to_end
-    from oncely.local_kafka import KAFKA_VERSION, LocalKafka
+    from oncely.local_kafka import KAFKA_VERSION, LocalKafka, check_java
 
     broker = None
     if not bootstrap:
         local = LocalKafka()
         if local.status() is None:
             if not local.jars_cached():
+                check_java()
                 echo(f"downloading Apache Kafka {KAFKA_VERSION} (first run only)...")
             echo("starting a local Apache Kafka broker (as `oncely kafka start` would)...")
             broker = local
