@@ -67,9 +67,15 @@ def test_quickstart(kafka: str, tmp_path: Path) -> None:
             proc.kill9()
 
 
-def _order(customer: str, amount: int) -> tuple[str, str]:
+def _order(kafka: str, customer: str, amount: int, copies: int = 1) -> str:
+    """Produce an order to `orders` with `oncely produce`, `copies` times
+    (as a retrying producer would); returns its id."""
     oid = f"o-{uuid.uuid4().hex[:8]}"
-    return oid, orjson.dumps({"id": oid, "customer": customer, "amount": amount}).decode()
+    value = orjson.dumps({"id": oid, "customer": customer, "amount": amount}).decode()
+    for _ in range(copies):
+        _ok("produce", "orders", "--key", customer, "--value", value, "--header", f"Idempotency-Key={oid}",
+            kafka=kafka)
+    return oid
 
 
 def test_subscriptions(kafka: str, tmp_path: Path) -> None:
@@ -78,10 +84,7 @@ def test_subscriptions(kafka: str, tmp_path: Path) -> None:
     customer = f"alice-{uuid.uuid4().hex[:6]}"
     try:
         wait_for_app_topics(kafka, "order-totals")
-        oid, value = _order(customer, 5)
-        for _ in range(2):  # a producer's retry: the same Idempotency-Key is processed once
-            _ok("produce", "orders", "--key", customer, "--value", value, "--header", f"Idempotency-Key={oid}",
-                kafka=kafka)
+        _order(kafka, customer, 5, copies=2)  # a producer's retry: the same Idempotency-Key is processed once
         _ok("produce", "orders", "--value", "not json", kafka=kafka)
         wait_until(lambda: _state(kafka, "order-totals", "customers", customer).get("total") == 5, 60, 0.5, "total")
         dead = wait_until(lambda: "oncely.reason: undecodable" in (t := _ok("tail", "--dlq", "order-totals",
@@ -100,9 +103,7 @@ def test_emit(kafka: str, tmp_path: Path) -> None:
     customer = f"bob-{uuid.uuid4().hex[:6]}"
     try:
         wait_for_app_topics(kafka, "order-audit")
-        oid, value = _order(customer, 7)
-        _ok("produce", "orders", "--key", customer, "--value", value, "--header", f"Idempotency-Key={oid}",
-            kafka=kafka)
+        oid = _order(kafka, customer, 7)
 
         def mine(topic: str) -> list:
             return [r for r in read_to_end(kafka, topic) if r.key == customer.encode()]
