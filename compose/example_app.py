@@ -8,7 +8,7 @@ and runs `oncely run $ONCELY_APP`, so any module here can be the app.
 
 import oncely
 
-app = oncely.App("shop", partitions=8)
+app = oncely.App("compose-counter", partitions=8)
 
 counter = app.keyed("counter")
 

@@ -12,7 +12,7 @@ import os
 
 import oncely
 
-app = oncely.App(os.environ.get("ENRICH_APP", "shop"), partitions=8)
+app = oncely.App(os.environ.get("ENRICH_APP", "enrichment"), partitions=8)
 ORDERS = os.environ.get("ORDERS_TOPIC", "orders")
 ENRICHED = os.environ.get("ENRICHED_TOPIC", "enriched-orders")
 

@@ -7,6 +7,13 @@ changes nothing (the tool skips ids the changelog already remembers; the
 target partition drops any other duplicate). With `new_ids` every record
 becomes a new invocation and is processed again.
 
+Records whose invocation failed (a handler error after its retries, or a
+TerminalError) are counted as "failed earlier" and not invoked again: their
+path is `oncely invocations retry`. A record that is dead-lettered again
+(still undecodable, say) is not written to the DLQ a second time when the
+DLQ already holds it for the same subscription; it is counted as "already
+dead-lettered".
+
 Invokes are produced with an idempotent (not transactional) producer: the
 tool commits no offsets. Re-running an interrupted replay without new ids is
 safe; re-running a `new_ids` replay processes the range once more.
@@ -23,10 +30,12 @@ from typing import TYPE_CHECKING, Callable
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from oncely import schemas
+from oncely.egress import dead_letters as dl
 from oncely.errors import ConfigError
-from oncely.ingest.router import Routed, route
+from oncely.ingest.router import H_SUBSCRIPTION, Routed, route
+from oncely.kafka_io import read_to_end, watermarks
+from oncely.logs import kafka_conf_logging
 from oncely.processor import keys
-from oncely.kafka_io import watermarks
 
 if TYPE_CHECKING:
     from oncely.app import App
@@ -38,10 +47,18 @@ class ReplaySummary:
     invoked: int = 0
     deduplicated: int = 0
     dead_lettered: int = 0
+    already_dead: int = 0
+    failed_earlier: int = 0
 
     def __str__(self) -> str:
-        return (f"records read {self.read}, invoked {self.invoked}, deduplicated {self.deduplicated}, "
+        text = (f"records read {self.read}, invoked {self.invoked}, deduplicated {self.deduplicated}, "
                 f"dead-lettered {self.dead_lettered}")
+        if self.already_dead:
+            text += f", already dead-lettered {self.already_dead} (not written again)"
+        if self.failed_earlier:
+            text += (f", failed earlier {self.failed_earlier} (not invoked: retry them with "
+                     "`oncely invocations retry`)")
+        return text
 
 
 def parse_time(text: str) -> int:
@@ -55,21 +72,62 @@ def parse_time(text: str) -> int:
     return int(t.timestamp() * 1000)
 
 
-def remembered_ids(bootstrap: str, app: "App", config: dict) -> set[bytes]:
-    """Invocation ids the app's changelog says were accepted: in flight
-    (suspended included), finished (not expired) or failed."""
+def remembered_ids(bootstrap: str, app: "App", config: dict) -> tuple[set[bytes], set[bytes]]:
+    """Invocation ids the app's changelog says were accepted (the
+    partition's own duplicate rule): (completed or still in flight,
+    suspended included; failed). Expired ones are forgotten."""
     from oncely.admin import changelog_latest
 
     now = time.time() * 1000
-    known = set()
+    completed, failed = set(), set()
     for k, v in changelog_latest(bootstrap, app.name, config=config).items():
-        space = k[:1]
-        if space == keys.DEDUP:
-            if schemas.decode("dedup_entry", v)["expires_at_ms"] > now:
-                known.add(k[1:])
-        elif space in keys.ACCEPTED:  # in flight (suspended too) or failed: the partition's own rule
-            known.add(k[1:])
-    return known
+        if k[:1] == keys.DEDUP:
+            entry = schemas.decode("dedup_entry", v)
+            if entry["expires_at_ms"] > now:
+                (failed if entry["failed"] else completed).add(k[1:])
+        elif k[:1] == keys.FAILED:
+            failed.add(k[1:])
+        elif k[:1] == keys.STATUS:  # in flight: a replay must not start it again
+            completed.add(k[1:])
+    return completed - failed, failed
+
+
+def dead_lettered(bootstrap: str, app: "App", topic: str, config: dict) -> set[tuple[str, int, int]]:
+    """(subscription, partition, offset) of the records of `topic` the
+    app's DLQ holds from its subscriptions."""
+    out: set[tuple[str, int, int]] = set()
+    try:
+        records = read_to_end(bootstrap, app.dlq_topic, config=config)
+    except ValueError:  # the app never ran: no dead letters yet
+        return out
+    for r in records:
+        sub, src = r.header(H_SUBSCRIPTION), r.header(dl.H_SOURCE_TOPIC)
+        if sub is not None and src is not None and src.decode() == topic:
+            out.add((sub.decode(), int(r.header(dl.H_SOURCE_PARTITION) or -1),
+                     int(r.header(dl.H_SOURCE_OFFSET) or -1)))
+    return out
+
+
+def _check_order(start: int | str | None, stop: int | str | None) -> None:
+    """An inverted range is a mistake, not an empty replay."""
+    if start is None or stop is None:
+        return
+    a, b = (start, stop) if isinstance(start, int) else (parse_time(start), parse_time(str(stop)))
+    if a >= b:
+        raise ConfigError(f"the range [{start}, {stop}) is empty: its start must come before its end")
+
+
+def _nonempty(topic: str, span: str, lows: dict[int, int], ends: dict[int, int], starts: dict[int, int],
+              stops: dict[int, int]) -> dict[int, tuple[int, int]]:
+    """[from, to) per partition, without the empty ones; a ConfigError
+    when no partition holds a record of the range (past the end, say)."""
+    ranges = {p: (max(lows[p], starts[p]), min(ends[p], stops[p])) for p in starts}
+    ranges = {p: r for p, r in ranges.items() if r[0] < r[1]}
+    if not ranges:
+        held = ", ".join(f"[{p}] {lows[p]}..{ends[p] - 1}" if ends[p] > lows[p] else f"[{p}] none"
+                         for p in sorted(starts))
+        raise ConfigError(f"nothing to replay: {topic} holds no record in {span} (offsets held: {held})")
+    return ranges
 
 
 def _offsets_at(consumer: Consumer, topic: str, parts: list[int], ms: int, ends: dict[int, int]) -> dict[int, int]:
@@ -97,10 +155,12 @@ def replay(
         raise ConfigError("give exactly one of --from-offset and --from-time")
     if to_offset is not None and to_time is not None:
         raise ConfigError("give at most one of --to-offset and --to-time")
+    _check_order(from_offset, to_offset)
+    _check_order(from_time, to_time)
     bootstrap = app.config.bootstrap
     if not bootstrap:
         raise ConfigError("no Kafka bootstrap address: pass --bootstrap or set ONCELY_KAFKA_BOOTSTRAP")
-    conf = {"bootstrap.servers": bootstrap, **app.config.kafka}
+    conf = {**kafka_conf_logging(), "bootstrap.servers": bootstrap, **app.config.kafka}
     conf.pop("auto.offset.reset", None)
     consumer = Consumer({**conf, "group.id": f"{app.name}-replay", "enable.auto.commit": False,
                          "isolation.level": "read_committed", "enable.partition.eof": True})
@@ -126,13 +186,12 @@ def replay(
             stops = _offsets_at(consumer, topic, parts, parse_time(to_time), ends)
         else:
             stops = {p: (to_offset if to_offset is not None else ends[p]) for p in parts}
-        ranges = {p: (max(lows[p], starts[p]), min(ends[p], stops[p])) for p in parts}  # type: ignore[type-var]
-        ranges = {p: r for p, r in ranges.items() if r[0] < r[1]}
+        span = f"[{from_offset if from_time is None else from_time}, {to_offset or to_time or 'end'})"
+        ranges = _nonempty(topic, span, lows, ends, starts, stops)  # type: ignore[arg-type]
         if on_total:
             on_total(sum(b - a for a, b in ranges.values()))
-        if not ranges:
-            return summary
-        known = set() if new_ids else remembered_ids(bootstrap, app, conf)
+        known, failed = (set(), set()) if new_ids else remembered_ids(bootstrap, app, conf)
+        dead = dead_lettered(bootstrap, app, topic, conf)
         salt = f"replay-{uuid.uuid4().hex}" if new_ids else None
 
         def on_delivery(err: KafkaError | None, _msg: object) -> None:
@@ -159,11 +218,15 @@ def replay(
                 for sub in subs:
                     out = route(app.name, app.partitions, sub, m, id_salt=salt)
                     if isinstance(out, Routed):
-                        if out.invocation_id in known:
-                            summary.deduplicated += 1
+                        if out.invocation_id in known or out.invocation_id in failed:
+                            summary.deduplicated += out.invocation_id in known
+                            summary.failed_earlier += out.invocation_id in failed
                             continue
                         target, k, v, h, part = app.log_topic, out.key, out.value, None, out.partition
                         summary.invoked += 1
+                    elif (sub.name, p, m.offset()) in dead:
+                        summary.already_dead += 1
+                        continue
                     else:
                         target, k, v, h, part = app.dlq_topic, out.key, out.value, out.headers, None
                         summary.dead_lettered += 1

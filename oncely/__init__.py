@@ -9,11 +9,11 @@ from oncely.app import App, Handler, RetryPolicy, Service
 from oncely.client import Client
 from oncely.context import Context, DurableFuture, gather
 from oncely.errors import (AwakeableError, ConfigError, NonDeterminismError, OncelyError, RecordTooLarge,
-                           TerminalError)
+                           TerminalError, UsageError)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "App", "AwakeableError", "Client", "ConfigError", "Context", "DurableFuture", "Handler", "NonDeterminismError",
-    "OncelyError", "RecordTooLarge", "RetryPolicy", "Service", "TerminalError", "gather",
+    "OncelyError", "RecordTooLarge", "RetryPolicy", "Service", "TerminalError", "UsageError", "gather",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from datetime import timedelta
 from typing import Any, Awaitable, Callable
 
@@ -141,40 +141,69 @@ class AppConfig:
     def load_env(self, env: dict[str, str]) -> None:
         """Apply ONCELY_<FIELD> variables; a malformed value is a ConfigError."""
         for f in fields(self):
-            if f.name == "kafka":
-                continue
             name = f"ONCELY_{f.name.upper()}"
             raw = env.get(name)
-            if raw is None or raw == "":
+            if f.name == "kafka" or raw is None or raw == "":
                 continue
-            current = getattr(self, f.name)
+            kind = _kind(f)
             try:
-                if isinstance(current, bool):
+                if kind is bool:
                     if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
                         raise ValueError(raw)
                     value: Any = raw.lower() in ("1", "true", "yes")
-                elif isinstance(current, int):
-                    value = int(raw)
-                elif isinstance(current, float):
-                    value = float(raw)
                 else:
-                    value = raw
+                    value = kind(raw)
             except ValueError:
-                raise ConfigError(f"{name}={raw!r} is not a valid {type(current).__name__}") from None
+                raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
             setattr(self, f.name, value)
         if env.get("ONCELY_KAFKA_BOOTSTRAP"):
             self.bootstrap = env["ONCELY_KAFKA_BOOTSTRAP"]
-        # Kafka client settings: ONCELY_KAFKA_SECURITY_PROTOCOL=SASL_SSL is
-        # security.protocol=SASL_SSL (lower case, '_' -> '.').
-        for name, raw in env.items():
-            if name.startswith("ONCELY_KAFKA_") and name != "ONCELY_KAFKA_BOOTSTRAP" and raw != "":
-                self.kafka[name[len("ONCELY_KAFKA_"):].lower().replace("_", ".")] = raw
+        self.kafka.update(kafka_from_env(env))
+
+    def update(self, settings: dict[str, Any], where: str = "App()") -> None:
+        """Apply settings given as arguments (they win over the environment).
+        An unknown name or a value of the wrong type is a ConfigError."""
+        known = {f.name: f for f in fields(self)}
+        for name, value in settings.items():
+            f = known.get(name)
+            if f is None:
+                raise ConfigError(f"{where} got an unknown setting {name!r}; the settings are: "
+                                  f"{', '.join(sorted(known))}")
+            kind = _kind(f)
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                article = "an" if kind.__name__[0] in "aeiou" else "a"
+                raise ConfigError(f"{where} setting {name}={value!r} must be {article} {kind.__name__}")
+            if kind is dict:
+                self.kafka.update({str(k): v for k, v in value.items()})
+            else:
+                setattr(self, name, value)
+
+
+def _kind(f: Any) -> type:
+    """The type a setting takes, from its default (bootstrap: str)."""
+    if f.default_factory is not MISSING:
+        return type(f.default_factory())
+    return str if f.default is None else type(f.default)
+
+
+def kafka_from_env(env: dict[str, str]) -> dict[str, str]:
+    """Kafka client settings from ONCELY_KAFKA_<SETTING> variables:
+    ONCELY_KAFKA_SECURITY_PROTOCOL=SASL_SSL is security.protocol=SASL_SSL
+    (lower case, '_' -> '.'); ONCELY_KAFKA_BOOTSTRAP is the bootstrap."""
+    return {name[len("ONCELY_KAFKA_"):].lower().replace("_", "."): raw for name, raw in env.items()
+            if name.startswith("ONCELY_KAFKA_") and name != "ONCELY_KAFKA_BOOTSTRAP" and raw != ""}
 
 
 class App:
     """An oncely application: its services, and the topics `<name>.log`,
     `<name>.changelog` and `<name>.dlq` with `partitions` partitions (fixed at
-    creation; changing it is a migration)."""
+    creation; changing it is a migration).
+
+    Every AppConfig setting is a keyword argument (e.g. `max_batch=1000`,
+    `create_sink_topics=True`); a setting not given comes from its
+    ONCELY_<SETTING> variable, else its default."""
 
     def __init__(
         self,
@@ -186,6 +215,7 @@ class App:
         commit_interval: float | None = None,
         kafka: dict[str, str] | None = None,
         retry: RetryPolicy | None = None,
+        **settings: Any,
     ) -> None:
         if not _APP_NAME.match(name) or len(name) > 200:
             raise ConfigError(
@@ -201,14 +231,9 @@ class App:
         self.default_retry = retry or RetryPolicy()
         self.config = AppConfig()
         self.config.load_env(dict(os.environ))
-        if bootstrap:
-            self.config.bootstrap = bootstrap
-        if state_dir is not None:
-            self.config.state_dir = state_dir
-        if commit_interval is not None:
-            self.config.commit_interval = commit_interval
-        if kafka:
-            self.config.kafka.update(kafka)
+        named = {"bootstrap": bootstrap or None, "state_dir": state_dir, "commit_interval": commit_interval,
+                 "kafka": kafka}
+        self.config.update({**{k: v for k, v in named.items() if v is not None}, **settings}, f"App({name!r})")
 
     # topics
     @property

@@ -14,6 +14,7 @@ from oncely import schemas
 from oncely.app import App, Handler
 from oncely.context import encode_value
 from oncely.errors import AwakeableError, ConfigError
+from oncely.logs import kafka_conf_logging
 from oncely.shuffle.envelope import invoke_record
 from oncely.shuffle.ids import format_id, idempotent_id, parse_awakeable, random_id
 from oncely.shuffle.routing import partition_for
@@ -34,9 +35,9 @@ class Client:
         if not self.bootstrap:
             raise ConfigError("Client needs a bootstrap address (argument or ONCELY_KAFKA_BOOTSTRAP)")
         self.app_name = app.name if isinstance(app, App) else app
-        conf = {"bootstrap.servers": self.bootstrap, "enable.idempotence": True, "linger.ms": 5, **(kafka or {})}
-        self._producer = Producer(conf)
-        self._admin_conf = {"bootstrap.servers": self.bootstrap, **(kafka or {})}
+        base = {**kafka_conf_logging(), "bootstrap.servers": self.bootstrap}
+        self._producer = Producer({**base, "enable.idempotence": True, "linger.ms": 5, **(kafka or {})})
+        self._admin_conf = {**base, **(kafka or {})}
         self._partitions: dict[str, int] = {}
         self._errors: list[str] = []
         self._consumer: Consumer | None = None

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 import orjson
 
-from oncely.errors import NonDeterminismError, TerminalError
+from oncely.errors import NonDeterminismError, TerminalError, UsageError
 from oncely.processor.protocol import TAG_BYTES, TAG_JSON, Entry, HandlerCall
 from oncely.shuffle.ids import format_id
 
@@ -133,7 +133,7 @@ class Context:
 
     def _require_state(self, op: str) -> None:
         if not self._keyed:
-            raise TypeError(
+            raise UsageError(
                 f"ctx.{op}: service {self._call.service!r} is stateless; state belongs to keyed "
                 "services (app.keyed)"
             )
@@ -156,11 +156,11 @@ class Context:
         invocation at once and to others when it completes."""
         self._require_state("set")
         if not isinstance(name, str) or not name:
-            raise TypeError("ctx.set: the state name must be a non-empty str")
+            raise UsageError("ctx.set: the state name must be a non-empty str")
         try:
             encoded = encode_value(value)
         except TypeError as e:
-            raise TypeError(f"ctx.set({name!r}): the value is neither JSON-serialisable nor bytes: {e}") from None
+            raise UsageError(f"ctx.set({name!r}): the value is neither JSON-serialisable nor bytes: {e}") from None
         self._call.limits.check_state(f"ctx.set({name!r}): the value", len(encoded))
         if self._step("set", name) is None:
             self._record(Entry("set", name))
@@ -283,7 +283,7 @@ class Context:
         name = _target_name(target, args)
         # A target that cannot be sent to raises before taking an index, so
         # a handler that catches the error replays in step with its journal.
-        resolved = self._call.effects.target(target, args, call=False)
+        resolved = self._resolve(target, args, call=False)
         self._call.limits.check_message(f"ctx.send({name}): the payload", len(resolved.payload))
         entry = self._step("send", name)
         if entry is not None:
@@ -292,6 +292,12 @@ class Context:
         callee = self._call.effects.send(resolved, index, delay_ms)
         self._record(Entry("send", name, value=callee))
         return format_id(callee)
+
+    def _resolve(self, target: Any, args: tuple, call: bool) -> Any:
+        try:
+            return self._call.effects.target(target, args, call=call)
+        except TypeError as e:  # a malformed target: a bug in the handler
+            raise UsageError(str(e)) from None
 
     def call(self, target: Any, *args: Any) -> "DurableFuture":
         """Invoke another handler and get its result: `await ctx.call(handler,
@@ -302,7 +308,7 @@ class Context:
         issued at once; await the returned future when the result is needed
         (or pass several to `oncely.gather`)."""
         name = _target_name(target, args)
-        resolved = self._call.effects.target(target, args, call=True)  # raises before taking an index
+        resolved = self._resolve(target, args, call=True)  # raises before taking an index
         self._call.limits.check_message(f"ctx.call({name}): the payload", len(resolved.payload))
         entry = self._step("call", name)
         index = self._index - 1
@@ -391,7 +397,7 @@ async def gather(*futures: Awaitable[Any]) -> list[Any]:
 def _millis(d: "timedelta | float") -> int:
     seconds = d.total_seconds() if isinstance(d, timedelta) else float(d)
     if seconds < 0:
-        raise ValueError("a duration must not be negative")
+        raise UsageError("a duration must not be negative")
     return int(seconds * 1000)
 
 
@@ -403,4 +409,4 @@ def _target_name(target: Any, args: tuple) -> str:
         return f"{target.service.name}/{target.name}"
     if isinstance(target, str) and len(args) >= 2 and isinstance(args[1], str):
         return f"{target}/{args[1]}"
-    raise TypeError('a target is a handler (e.g. cart.expire) or ("service", key, "handler", payload)')
+    raise UsageError('a target is a handler (e.g. cart.expire) or ("service", key, "handler", payload)')

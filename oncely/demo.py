@@ -74,18 +74,49 @@ def _sequential(records: list[tuple]) -> dict[str, tuple[int, str]]:
     return out
 
 
-def run_demo(bootstrap: str | None, records_n: int, customers_n: int, kills: int,
-             echo: Callable[[str], None]) -> bool:
+def _produce_killing(bootstrap: str, topic: str, records: list[tuple], kills: int, rng: random.Random,
+                     restart: Callable[[], None], echo: Callable[[str], None]) -> None:
+    """Produce the records in ten chunks, killing the processor -9 after
+    `kills` of them (`restart` kills and starts it again). The producer is
+    gone when this returns, so it says nothing when the broker stops."""
     from confluent_kafka import Producer
 
+    from oncely.logs import kafka_conf_logging
+
+    producer = Producer({**kafka_conf_logging(), "bootstrap.servers": bootstrap, "enable.idempotence": True,
+                         "linger.ms": 5})
+    chunks = 10
+    kill_after = {round(chunks * (i + 1) / (kills + 1)) - 1 for i in range(kills)}
+    step = len(records) // chunks + 1
+    for c in range(chunks):
+        for key, value, headers in records[c * step:(c + 1) * step]:
+            while True:
+                try:
+                    producer.produce(topic, key=key, value=value, headers=headers)
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+        producer.flush(60)
+        if c in kill_after:
+            time.sleep(rng.uniform(1.0, 2.0))
+            restart()
+            echo(f"  kill -9 the processor after {min(len(records), (c + 1) * step)} records; restarting it")
+
+
+def run_demo(bootstrap: str | None, records_n: int, customers_n: int, kills: int,
+             echo: Callable[[str], None]) -> bool:
     from oncely.admin import read_state
-    from oncely.local_kafka import LocalKafka
+    from oncely.errors import ConfigError
     from oncely.kafka_io import create_topic, read_to_end
+    from oncely.local_kafka import KAFKA_VERSION, LocalKafka, check_java
 
     broker = None
     if not bootstrap:
         local = LocalKafka()
         if local.status() is None:
+            if not local.jars_cached():
+                check_java()
+                echo(f"downloading Apache Kafka {KAFKA_VERSION} (first run only)...")
             echo("starting a local Apache Kafka broker (as `oncely kafka start` would)...")
             broker = local
         bootstrap = local.start().bootstrap
@@ -95,7 +126,7 @@ def run_demo(bootstrap: str | None, records_n: int, customers_n: int, kills: int
     log_path = os.path.join(tempfile.gettempdir(), f"oncely-{name}.log")
     env = {**os.environ, "ENRICH_APP": name, "ORDERS_TOPIC": topic, "ENRICHED_TOPIC": enriched,
            "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "oncely.cli", "run", "oncely.examples.enrichment:app", "--bootstrap", bootstrap,
+    cmd = [sys.executable, "-m", "oncely", "run", "oncely.examples.enrichment:app", "--bootstrap", bootstrap,
            "--state-dir", state_dir]
 
     def start() -> subprocess.Popen:
@@ -112,26 +143,15 @@ def run_demo(bootstrap: str | None, records_n: int, customers_n: int, kills: int
         proc = start()
         rng = random.Random()
         records, totals, counts, dups, bad = _sample(records_n, customers_n, rng)
-        producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
         t0 = time.monotonic()
-        chunks = 10
-        kill_after = {round(chunks * (i + 1) / (kills + 1)) - 1 for i in range(kills)}
-        step = len(records) // chunks + 1
-        for c in range(chunks):
-            for key, value, headers in records[c * step:(c + 1) * step]:
-                while True:
-                    try:
-                        producer.produce(topic, key=key, value=value, headers=headers)
-                        break
-                    except BufferError:
-                        producer.poll(0.05)
-            producer.flush(60)
-            if c in kill_after:
-                time.sleep(rng.uniform(1.0, 2.0))
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                echo(f"  kill -9 the processor after {min(len(records), (c + 1) * step)} records; restarting it")
-                proc = start()
+
+        def restart() -> None:
+            nonlocal proc
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            proc = start()
+
+        _produce_killing(bootstrap, topic, records, kills, rng, restart, echo)
         echo(f"produced {len(records)} records: {records_n} orders, {dups} duplicates, {bad} malformed; "
              "waiting for the processor...")
         deadline = time.monotonic() + 300
@@ -140,7 +160,7 @@ def run_demo(bootstrap: str | None, records_n: int, customers_n: int, kills: int
         while time.monotonic() < deadline:
             try:
                 state = read_state(bootstrap, name)
-            except ValueError:  # the changelog does not exist yet
+            except ConfigError:  # the changelog does not exist yet
                 state = {}
             got_totals = {k: v for (_, k, n), v in state.items() if n == "total"}
             got_counts = {k: v for (_, k, n), v in state.items() if n == "orders"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import TracebackType
+
 
 class OncelyError(Exception):
     """Base of oncely's own errors."""
@@ -38,6 +40,28 @@ class RecordTooLarge(TerminalError):
                          "(its max.message.bytes, less the record's key and overhead)")
         self.size = size
         self.limit = limit
+
+
+class UsageError(TerminalError, TypeError, ValueError):
+    """A handler used `ctx` wrongly: a state value that is neither JSON nor
+    bytes, state in a stateless service, a malformed target or duration.
+    That is a bug in the handler, so retrying cannot help: the invocation
+    fails at once, and the report names the handler's line. Also a TypeError
+    and a ValueError, so code that caught those before still does."""
+
+
+def user_location(tb: TracebackType | None) -> str | None:
+    """`file:line` of the deepest frame of `tb` outside oncely's own modules
+    (the example apps count as user code): where the user's code went wrong,
+    rather than where oncely noticed it."""
+    found = None
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        internal = (module == "oncely" or module.startswith("oncely.")) and not module.startswith("oncely.examples")
+        if not internal:
+            found = tb
+        tb = tb.tb_next
+    return f"{found.tb_frame.f_code.co_filename}:{found.tb_lineno}" if found is not None else None
 
 
 class NonDeterminismError(BaseException):

@@ -10,11 +10,13 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
+
+from oncely.logs import kafka_conf_logging
 
 
 # Metadata races of a topic created a moment ago (no leader elected yet, or
@@ -45,7 +47,7 @@ def unique_name(prefix: str = "t") -> str:
 
 def create_topic(bootstrap: str, name: str, partitions: int = 1, config: dict[str, str] | None = None) -> str:
     """Create a topic and wait until its metadata is visible."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient({**kafka_conf_logging(), "bootstrap.servers": bootstrap})
     admin.create_topics([NewTopic(name, partitions, 1, config=config or {})])[name].result(30)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -65,6 +67,7 @@ class Record:
     partition: int = 0
     offset: int = 0
     topic: str = ""
+    timestamp: int = 0  # ms since the epoch
 
     def header(self, name: str) -> bytes | None:
         for k, v in self.headers:
@@ -86,6 +89,7 @@ def produce(
     topic: str,
     records: Iterable[Any],
     partition: int | None = None,
+    config: dict[str, Any] | None = None,
 ) -> int:
     """Produce records (idempotently) and wait for all acknowledgements.
 
@@ -93,7 +97,8 @@ def produce(
     str is UTF-8 encoded, bytes kept, anything else JSON-encoded.
     Returns the number of records produced.
     """
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
+    producer = Producer({**kafka_conf_logging(), **(config or {}), "bootstrap.servers": bootstrap,
+                         "enable.idempotence": True, "linger.ms": 5})
     errors: list[str] = []
 
     def on_delivery(err, _msg):
@@ -139,7 +144,24 @@ def read_to_end(
     Under read_committed the end is the last stable offset, so records of open
     transactions are not waited for and aborted ones are never returned.
     """
+    return list(iter_records(bootstrap, topic, isolation=isolation, timeout=timeout, config=config))
+
+
+def iter_records(
+    bootstrap: str,
+    topic: str,
+    start: Callable[[int, int], int] | None = None,
+    follow: Callable[[], bool] | None = None,
+    isolation: Literal["read_committed", "read_uncommitted"] = "read_committed",
+    timeout: float = 60.0,
+    config: dict[str, Any] | None = None,
+) -> Iterator[Record]:
+    """The records of every partition of `topic`, from `start(low, high)` of
+    each (default: low, the beginning) to the end it has when reached. With
+    `follow`, keep reading new records for as long as it returns True.
+    Raises ValueError when the topic does not exist."""
     consumer = Consumer({
+        **kafka_conf_logging(),
         **(config or {}),
         "bootstrap.servers": bootstrap,
         "group.id": unique_name("oncely-read"),
@@ -156,21 +178,20 @@ def read_to_end(
         tmeta = md.topics.get(topic)
         if tmeta is None or tmeta.error is not None:
             raise ValueError(f"topic {topic} does not exist")
-        parts = sorted(tmeta.partitions)
         pending = set()
         assignment = []
-        for p in parts:
+        for p in sorted(tmeta.partitions):
             lo, hi = watermarks(consumer, TopicPartition(topic, p))
-            if hi > lo:
+            first = max(lo, start(lo, hi)) if start else lo
+            if hi > first or follow:
                 pending.add(p)
-                assignment.append(TopicPartition(topic, p, lo))
-        out: list[Record] = []
+                assignment.append(TopicPartition(topic, p, first))
         if not pending:
-            return out
+            return
         consumer.assign(assignment)
         deadline = time.monotonic() + timeout
-        while pending:
-            if time.monotonic() > deadline:
+        while follow() if follow else pending:
+            if not follow and time.monotonic() > deadline:
                 raise TimeoutError(f"reading {topic}: partitions {sorted(pending)} did not reach their end")
             for m in consumer.consume(1000, timeout=0.5):
                 err = m.error()
@@ -179,7 +200,7 @@ def read_to_end(
                         pending.discard(m.partition())
                         continue
                     raise RuntimeError(f"reading {topic}: {err}")
-                out.append(Record(m.key(), m.value(), list(m.headers() or []), m.partition(), m.offset(), topic))
-        return out
+                yield Record(m.key(), m.value(), list(m.headers() or []), m.partition(), m.offset(), topic,
+                             m.timestamp()[1])
     finally:
         consumer.close()

@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from confluent_kafka.admin import AdminClient
-
 from oncely.app import App
 from oncely.errors import ConfigError
+from oncely.preflight import connect_app
 from oncely.processor.commit_loop import CommitLoop
 from oncely.processor.producer import GiveUp
 from oncely.topics import ensure_topics
@@ -72,12 +71,7 @@ async def serve(app: App, stop: asyncio.Event | None = None,
     stop = stop or asyncio.Event()
     interrupt = threading.Event()
     _on_signals(asyncio.get_running_loop(), stop, interrupt)
-    if not cfg.bootstrap:
-        raise ConfigError(
-            "no Kafka bootstrap address: pass --bootstrap HOST:PORT, App(..., bootstrap=...) "
-            "or set ONCELY_KAFKA_BOOTSTRAP"
-        )
-    admin = AdminClient({"bootstrap.servers": cfg.bootstrap, **cfg.kafka})
+    admin = connect_app(app)  # settings checked and the broker reached before any topic is created
     facts = ensure_topics(admin, app)
     processor = CommitLoop(app, cfg, facts, interrupt)
     if on_created is not None:

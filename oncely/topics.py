@@ -40,54 +40,31 @@ def ensure_topics(admin: AdminClient, app: "App", timeout: float = 30.0) -> dict
     md = admin.list_topics(timeout=timeout)
     brokers = max(1, len(md.brokers))
     replication = min(3, brokers)
-    missing = [name for name in specs if name not in md.topics]
-    if missing:
-        futures = admin.create_topics(
-            [NewTopic(n, specs[n][0], replication, config=specs[n][1]) for n in missing],
-            operation_timeout=timeout,
-        )
-        for name, fut in futures.items():
-            try:
-                fut.result(timeout)
-                log.info("created topic %s (%d partitions)", name, specs[name][0])
-            except Exception as e:
-                if "TOPIC_ALREADY_EXISTS" not in str(e):
-                    raise ConfigError(f"could not create topic {name}: {e}") from None
-        _wait_for(admin, list(specs), timeout)
-        md = admin.list_topics(timeout=timeout)
+    # Refuse before creating anything, so a typo leaves nothing behind.
     absent = [t for t in app.source_topics if t not in md.topics]
     if absent:
         raise ConfigError(
-            f"source topic(s) {absent} of app {app.name!r} do not exist: create them (oncely does not create "
-            "topics it only reads), or fix the name in app.subscribe()"
+            f"source topic(s) {absent} of app {app.name!r} do not exist: create them (`oncely topics create`; "
+            "oncely does not create topics it only reads), or fix the name in app.subscribe()"
         )
     missing_sinks = [t for t in app.sinks if t not in md.topics]
     if missing_sinks and not app.config.create_sink_topics:
         raise ConfigError(
-            f"sink topic(s) {missing_sinks} of app {app.name!r} do not exist: create them, or let oncely create "
-            "them with App(...).config.create_sink_topics = True (or ONCELY_CREATE_SINK_TOPICS=1)"
+            f"sink topic(s) {missing_sinks} of app {app.name!r} do not exist: create them (`oncely topics create`), "
+            "or let oncely create them with App(..., create_sink_topics=True) (or ONCELY_CREATE_SINK_TOPICS=1)"
         )
-    if missing_sinks:
-        futures = admin.create_topics(
-            [NewTopic(t, app.sinks[t].partitions or app.partitions, replication) for t in missing_sinks],
-            operation_timeout=timeout,
-        )
-        for name, fut in futures.items():
-            try:
-                fut.result(timeout)
-                log.info("created sink topic %s", name)
-            except Exception as e:
-                if "TOPIC_ALREADY_EXISTS" not in str(e):
-                    raise ConfigError(f"could not create sink topic {name}: {e}") from None
-        _wait_for(admin, missing_sinks, timeout)
     for name in (app.log_topic, app.changelog_topic):
-        have = len(md.topics[name].partitions)
+        have = len(md.topics[name].partitions) if name in md.topics else app.partitions
         if have != app.partitions:
             raise ConfigError(
                 f"topic {name} has {have} partitions but App({app.name!r}, partitions={app.partitions}) "
                 f"expects {app.partitions}. The partition count is fixed when an app is created: use "
                 f"partitions={have}, or migrate to a new app name."
             )
+    missing = {name: specs[name] for name in specs if name not in md.topics}
+    missing.update({t: (app.sinks[t].partitions or app.partitions, {}) for t in missing_sinks})
+    if missing:
+        create_topics(admin, missing, replication, timeout)
     limited = [app.log_topic, app.changelog_topic, *app.sinks]
     resources = {t: ConfigResource(ConfigResource.Type.TOPIC, t) for t in limited}
     described = admin.describe_configs(list(resources.values()))
@@ -103,6 +80,28 @@ def ensure_topics(admin: AdminClient, app: "App", timeout: float = 30.0) -> dict
     return {"changelog_delete_retention_ms": int(configs["delete.retention.ms"].value),
             # What each topic accepts per record: values are checked where made.
             "max_message_bytes": {t: int(c["max.message.bytes"].value) for t, c in every.items()}}
+
+
+def create_topics(admin: AdminClient, topics: dict[str, tuple[int, dict[str, str]]], replication: int | None = None,
+                  timeout: float = 30.0) -> list[str]:
+    """Create topics {name: (partitions, config)} and wait until they are
+    visible; one that exists already is left as it is. Returns the names
+    created. Replication: min(3, brokers) unless given."""
+    if replication is None:
+        replication = min(3, max(1, len(admin.list_topics(timeout=timeout).brokers)))
+    futures = admin.create_topics([NewTopic(n, parts, replication, config=conf) for n, (parts, conf) in topics.items()],
+                                  operation_timeout=timeout)
+    created = []
+    for name, fut in futures.items():
+        try:
+            fut.result(timeout)
+            created.append(name)
+            log.info("created topic %s (%d partitions)", name, topics[name][0])
+        except Exception as e:
+            if "TOPIC_ALREADY_EXISTS" not in str(e):
+                raise ConfigError(f"could not create topic {name}: {e}") from None
+    _wait_for(admin, list(topics), timeout)
+    return created
 
 
 def _wait_for(admin: AdminClient, names: list[str], timeout: float) -> None:

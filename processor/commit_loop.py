@@ -37,6 +37,7 @@ from oncely.egress.dead_letters import dead_letter
 from oncely.egress.sinks import Sinks
 from oncely.errors import ConfigError
 from oncely.ingest.router import Routed, route
+from oncely.logs import kafka_conf_logging
 from oncely.processor.assignment import Assignment
 from oncely.processor.executor import LocalExecutor
 from oncely.processor.identity import StateDirLock, group_instance_id, transactional_id
@@ -146,7 +147,8 @@ class CommitLoop:
     # -- Kafka clients --------------------------------------------------------------
 
     def _base_conf(self) -> dict[str, Any]:
-        conf = {"bootstrap.servers": self.cfg.bootstrap, **self.cfg.kafka}
+        # librdkafka's lines through Python logging, repeats collapsed.
+        conf = {**kafka_conf_logging(), "bootstrap.servers": self.cfg.bootstrap, **self.cfg.kafka}
         conf.pop("auto.offset.reset", None)  # applied per source partition in the assignment
         return conf
 

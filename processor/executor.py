@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import traceback
 from typing import TYPE_CHECKING, Callable
 
 import orjson
 
 from oncely.context import Context, encode_value
-from oncely.errors import NonDeterminismError, TerminalError
+from oncely.errors import NonDeterminismError, TerminalError, UsageError, user_location
 from oncely.processor.protocol import HandlerCall, Outcome
+from oncely.shuffle.ids import format_id
 
 if TYPE_CHECKING:
     from oncely.app import App
@@ -26,9 +26,17 @@ def decode_input(payload: bytes, fmt: str) -> object:
 
 
 def _describe(exc: BaseException) -> str:
-    tb = traceback.extract_tb(exc.__traceback__)
-    where = f" (at {tb[-1].filename}:{tb[-1].lineno})" if tb else ""
-    return f"{type(exc).__name__}: {exc}{where}"
+    """The error with the user's line (not the oncely line that noticed it)."""
+    where = user_location(exc.__traceback__)
+    return f"{type(exc).__name__}: {exc}" + (f" (at {where})" if where else "")
+
+
+def _log_failure(call: HandlerCall, exc: BaseException) -> None:
+    """The full traceback once, at WARNING, on the first failure; retries
+    only at DEBUG, so a handler failing ten times does not flood the log."""
+    level = logging.WARNING if call.attempt == 0 else logging.DEBUG
+    log.log(level, "%s %s/%s attempt %d raised", format_id(call.invocation_id), call.service, call.handler,
+            call.attempt, exc_info=exc)
 
 
 class LocalExecutor:
@@ -83,12 +91,16 @@ class LocalExecutor:
         except TerminalError as e:
             if ctx.diverged is not None:
                 return Outcome("paused", error=str(ctx.diverged))
+            if isinstance(e, UsageError):
+                _log_failure(call, e)
+                return Outcome("terminal", error=_describe(e))
             return Outcome("terminal", error=e.message)
         except asyncio.CancelledError:
             raise
         except Exception as e:
             if ctx.diverged is not None:
                 return Outcome("paused", error=str(ctx.diverged))
+            _log_failure(call, e)
             return Outcome("retry", error=_describe(e))
         if ctx.diverged is not None:
             # The handler caught the error itself; still never continue.

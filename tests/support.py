@@ -18,15 +18,24 @@ from oncely.processor.store import PartitionStore
 REPO = Path(__file__).resolve().parent.parent
 
 # Read-back helpers the tests take from here.
-__all__ = ["REPO", "InProcessProcessor", "ProcessorProcess", "changelog_latest", "changelog_state", "state_from",
-           "store_kv", "wait_for_app_topics", "wait_until"]
+__all__ = ["REPO", "InProcessProcessor", "ProcessorProcess", "changelog_latest", "changelog_state", "oncely_cli",
+           "state_from", "store_kv", "wait_for_app_topics", "wait_until"]
+
+
+def oncely_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO, stdin: str | None = None,
+               timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the `oncely` command (as `python -m oncely`) and capture its output."""
+    return subprocess.run([sys.executable, "-m", "oncely", *args], cwd=cwd, env={**os.environ, **(env or {})},
+                          input=stdin, capture_output=True, text=True, timeout=timeout)
 
 
 class ProcessorProcess:
     """`oncely run <spec>` in a subprocess, logging to a file."""
 
-    def __init__(self, spec: str, bootstrap: str, state_dir: Path, env: dict[str, str], log: Path) -> None:
+    def __init__(self, spec: str, bootstrap: str, state_dir: Path, env: dict[str, str], log: Path,
+                 cwd: Path = REPO) -> None:
         self.spec = spec
+        self.cwd = cwd
         self.bootstrap = bootstrap
         self.state_dir = state_dir
         self.env = env
@@ -44,7 +53,7 @@ class ProcessorProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "oncely.cli", "run", self.spec, "--bootstrap", self.bootstrap,
                  "--state-dir", str(self.state_dir)],
-                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                cwd=self.cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
             )
         return self
 

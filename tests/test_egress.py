@@ -174,8 +174,11 @@ def test_missing_sink_topic_is_refused_or_created(kafka: str, tmp_path: Path) ->
     name, out = unique_name("nosink"), unique_name("absent")
     app = oncely.App(name, partitions=2, bootstrap=kafka, state_dir=str(tmp_path))
     app.sink(out)
-    with pytest.raises(oncely.ConfigError, match="do not exist: create them, or let oncely create them"):
+    with pytest.raises(oncely.ConfigError, match=r"do not exist: create them \(`oncely topics create`\), or let "
+                                                 r"oncely create them with App\(\.\.\., create_sink_topics=True\)"):
         InProcessProcessor(app).start()
+    with pytest.raises(ValueError):  # refused before any of the app's topics was created
+        read_to_end(kafka, f"{name}.log")
     app.config.create_sink_topics = True
     InProcessProcessor(app).start().stop()
     assert read_to_end(kafka, out) == []  # it exists now

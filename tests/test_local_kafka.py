@@ -222,7 +222,7 @@ def test_cli_start_status_stop_twice(tmp_path, brokers):
         assert re.fullmatch(r"127\.0\.0\.1:\d+", bootstrap), started.stdout
         assert f"Apache Kafka {KAFKA_VERSION} started in" in started.stderr
         if round_ == 2:
-            assert "Resolving" not in started.stderr
+            assert "downloading" not in started.stderr
             assert marker.stat().st_mtime_ns == marker_mtime
         addresses.append(bootstrap)
 
@@ -284,7 +284,7 @@ def test_missing_java_is_explained(tmp_path, brokers):
     env = _env(PATH=str(_bin_dir(tmp_path / "empty-bin")), JAVA_HOME=None)
     result = oncely("kafka", "start", "--data-dir", data, "--cache-dir", cache, env=env)
     assert result.returncode != 0
-    assert "Resolving" not in result.stderr  # Java is checked before any download is announced
+    assert "downloading" not in result.stderr  # Java is checked before any download is announced
     assert "Java is missing" in result.stderr
     assert "JDK 17" in result.stderr
     assert not LocalKafka(data_dir=data, cache_dir=cache).jars_cached()

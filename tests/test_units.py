@@ -343,3 +343,34 @@ def test_a_refused_send_or_call_leaves_the_journal_aligned() -> None:
     run(journal)
     assert [e.kind for e in journal] == ["set"]
     assert run(journal).diverged is None, "the replay of a handler that caught the errors diverged"
+
+
+def test_every_setting_is_an_app_keyword_with_the_environment_as_fallback(monkeypatch) -> None:
+    from dataclasses import fields
+
+    monkeypatch.setenv("ONCELY_MAX_BATCH", "7")
+    monkeypatch.setenv("ONCELY_SUSPEND_AFTER", "5")
+    app = oncely.App("kw", create_sink_topics=True, suspend_after=2, commit_interval=1, kafka={"a.b": "c"})
+    cfg = app.config
+    assert (cfg.create_sink_topics, cfg.suspend_after, cfg.commit_interval, cfg.max_batch) == (True, 2.0, 1.0, 7)
+    assert cfg.kafka == {"a.b": "c"}
+    every = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    assert oncely.App("kw2", **every).config == cfg, "some AppConfig field is not an App keyword"
+    with pytest.raises(ConfigError, match=r"App\('kw3'\) got an unknown setting 'colour'; the settings are: "
+                                          r"bootstrap, commit_drain_share"):
+        oncely.App("kw3", colour="blue")
+    with pytest.raises(ConfigError, match=r"setting max_batch=True must be an int"):
+        oncely.App("kw4", max_batch=True)
+
+
+def test_a_usage_error_names_the_deepest_frame_outside_oncely() -> None:
+    from oncely.errors import UsageError, user_location
+
+    ctx = Context(_call([]), keyed=False)
+    try:
+        ctx.set("n", 1)  # THIS LINE
+    except UsageError as e:
+        where = user_location(e.__traceback__)
+        assert isinstance(e, TerminalError) and isinstance(e, TypeError)
+    line = next(i for i, t in enumerate(Path(__file__).read_text().splitlines(), 1) if "# THIS LINE" in t)
+    assert where == f"{__file__}:{line}"

@@ -1,8 +1,11 @@
 """Test app: a keyed counter. Name and partitions come from the environment
-so each test gets its own topics."""
+so each test gets its own topics; ONCELY_TEST_SETTINGS (JSON) gives more App
+keyword arguments."""
 
 import asyncio
 import os
+
+import orjson
 
 import oncely
 
@@ -10,6 +13,7 @@ app = oncely.App(
     os.environ.get("ONCELY_TEST_APP", "counter-test"),
     partitions=int(os.environ.get("ONCELY_TEST_PARTITIONS", "8")),
     retry=oncely.RetryPolicy(max_attempts=5, initial_interval=0.05, max_interval=0.5),
+    **orjson.loads(os.environ.get("ONCELY_TEST_SETTINGS", "{}")),
 )
 counter = app.keyed("counter")
 SLOW = float(os.environ.get("ONCELY_TEST_SLOW", "0"))
