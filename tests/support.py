@@ -139,3 +139,46 @@ def caught_up(bootstrap: str, group: str, topics: list[str]) -> bool:
         return True
     finally:
         c.close()
+
+
+class CounterTraffic:
+    """Random `counter/add` invocations over `keys` keys, with the exact sum
+    each key must reach (state "n" of service "counter")."""
+
+    def __init__(self, bootstrap: str, app: str, keys: int = 50, seed: int = 5, fresh_client: bool = False) -> None:
+        import random
+
+        self.bootstrap = bootstrap
+        self.app = app
+        self.keys = keys
+        self.sums: dict[bytes, int] = {}
+        self.rng = random.Random(seed)
+        # A fresh client per batch survives a broker restart between batches.
+        self.fresh_client = fresh_client
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        import oncely
+
+        if self._client is None:
+            self._client = oncely.Client(self.bootstrap, app=self.app)
+        return self._client
+
+    def send(self, n: int) -> None:
+        client = self.client
+        try:
+            for _ in range(n):
+                key = f"k{self.rng.randrange(self.keys)}"
+                amount = self.rng.randint(1, 9)
+                client.send("counter", key, "add", amount)
+                self.sums[key.encode()] = self.sums.get(key.encode(), 0) + amount
+            client.flush(60)
+        finally:
+            if self.fresh_client:
+                client.close()
+                self._client = None
+
+    def exact(self) -> bool:
+        state = changelog_state(self.bootstrap, self.app)
+        return {k: v for (s, k, n), v in state.items() if s == "counter" and n == "n"} == self.sums

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from pathlib import Path
@@ -21,28 +20,7 @@ import oncely
 from oncely.context import encode_value
 from oncely.processor import keys
 from oncely.testing import unique_name
-from support import InProcessProcessor, changelog_state, wait_until
-
-
-class Sums:
-    def __init__(self, kafka: str, app: str, partitions: int = 4) -> None:
-        self.kafka = kafka
-        self.app = app
-        self.client = oncely.Client(kafka, app=app)
-        self.sums: dict[bytes, int] = {}
-        self.rng = random.Random(9)
-
-    def send(self, n: int) -> None:
-        for _ in range(n):
-            key = f"k{self.rng.randrange(40)}"
-            amount = self.rng.randint(1, 9)
-            self.client.send("counter", key, "add", amount)
-            self.sums[key.encode()] = self.sums.get(key.encode(), 0) + amount
-        self.client.flush()
-
-    def exact(self) -> bool:
-        state = changelog_state(self.kafka, self.app)
-        return {k: v for (s, k, n), v in state.items() if s == "counter" and n == "n"} == self.sums
+from support import CounterTraffic, InProcessProcessor, changelog_state, wait_until
 
 
 def _app(kafka: str, state_dir: Path, name: str, **config: object) -> tuple[oncely.App, list[float]]:
@@ -75,7 +53,7 @@ def test_a_long_sync_step_runs_once_while_other_keys_commit(kafka: str, tmp_path
     commits: list[float] = []
     try:
         runner.processor.on_commit = lambda: commits.append(time.monotonic())
-        sums = Sums(kafka, name)
+        sums = CounterTraffic(kafka, name, keys=40, seed=9)
         sums.send(100)
         wait_until(sums.exact, 60, 0.3, "the first sums")
         sums.client.send("counter", "sleeper", "slow", 15.0)
@@ -102,7 +80,7 @@ def test_other_partitions_commit_while_one_restores_a_long_changelog(kafka: str,
     b_app, _ = _app(kafka, tmp_path / "b", name, static_membership=False)
     b = InProcessProcessor(b_app).start()
     a: InProcessProcessor | None = None
-    sums = Sums(kafka, name)
+    sums = CounterTraffic(kafka, name, keys=40, seed=9)
     stop_traffic = threading.Event()
     b_stopped = False
     try:

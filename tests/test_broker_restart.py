@@ -12,7 +12,6 @@ must end the process.
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import time
@@ -20,39 +19,14 @@ from pathlib import Path
 
 import pytest
 
-import oncely
 from oncely.local_kafka import LocalKafka
 from oncely.testing import unique_name
-from support import ProcessorProcess, changelog_state, wait_for_app_topics, wait_until
+from support import CounterTraffic, ProcessorProcess, wait_for_app_topics, wait_until
 
 # Resume bound after the broker answers again: the consumer's session
 # (10 s) may have expired, a rejoin follows, and a stuck transactional call
 # is abandoned after txn_call_timeout + 2 s (7 s); restore and replay on top.
 RESUME_BOUND = 45.0
-
-
-class Traffic:
-    def __init__(self, bootstrap: str, app: str) -> None:
-        self.bootstrap = bootstrap
-        self.app = app
-        self.sums: dict[bytes, int] = {}
-        self.rng = random.Random(5)
-
-    def send(self, n: int) -> None:
-        client = oncely.Client(self.bootstrap, app=self.app)
-        try:
-            for _ in range(n):
-                key = f"k{self.rng.randrange(60)}"
-                amount = self.rng.randint(1, 9)
-                client.send("counter", key, "add", amount)
-                self.sums[key.encode()] = self.sums.get(key.encode(), 0) + amount
-            client.flush(60)
-        finally:
-            client.close()
-
-    def exact(self) -> bool:
-        state = changelog_state(self.bootstrap, self.app)
-        return {k: v for (_, k, n), v in state.items() if n == "n"} == self.sums
 
 
 @pytest.mark.slow
@@ -66,7 +40,7 @@ def test_processing_resumes_after_broker_stops_and_kills(tmp_path: Path) -> None
     try:
         proc.start()
         wait_for_app_topics(bootstrap, name)
-        traffic = Traffic(bootstrap, name)
+        traffic = CounterTraffic(bootstrap, name, keys=60, fresh_client=True)
         traffic.send(1500)
         wait_until(traffic.exact, 90, 0.5, "the first sums")
         for label, down, kill in (("stop 10 s", 10, False), ("kill -9", 3, True), ("stop 60 s", 60, False)):

@@ -12,10 +12,8 @@ fenced transaction may survive, nothing committed may be lost.
 from __future__ import annotations
 
 import os
-import random
 import signal
 import time
-from collections import defaultdict
 from pathlib import Path
 
 from confluent_kafka import Producer
@@ -24,7 +22,7 @@ from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, C
 import oncely
 from oncely.local_kafka import LocalKafka
 from oncely.testing import unique_name
-from support import InProcessProcessor, changelog_state, wait_until
+from support import CounterTraffic, InProcessProcessor, changelog_state, wait_until
 
 
 def _counter_app(name: str, bootstrap: str, state_dir: Path, **config) -> oncely.App:
@@ -47,31 +45,12 @@ def _counter_app(name: str, bootstrap: str, state_dir: Path, **config) -> oncely
     return app
 
 
-class Stream:
-    def __init__(self, bootstrap: str, app: str) -> None:
-        self.client = oncely.Client(bootstrap, app=app)
-        self.sums: dict[bytes, int] = defaultdict(int)
-        self.rng = random.Random(11)
-
-    def send(self, n: int) -> None:
-        for _ in range(n):
-            key = f"k{self.rng.randrange(100)}"
-            amount = self.rng.randint(1, 9)
-            self.client.send("counter", key, "add", amount)
-            self.sums[key.encode()] += amount
-        self.client.flush()
-
-    def exact(self, bootstrap: str, app: str) -> bool:
-        state = changelog_state(bootstrap, app)
-        return {k: v for (_, k, n), v in state.items() if n == "n"} == dict(self.sums)
-
-
 def test_fenced_producer_is_replaced_and_state_stays_exact(kafka: str, tmp_path: Path) -> None:
     name = unique_name("fenced")
     app = _counter_app(name, kafka, tmp_path)
     runner = InProcessProcessor(app).start()
     try:
-        stream = Stream(kafka, name)
+        stream = CounterTraffic(kafka, name, keys=100, seed=11)
         stream.send(2000)
         # A zombie with the same transactional.id: init_transactions bumps the
         # epoch, so the processor's open transaction is fenced.
@@ -81,7 +60,7 @@ def test_fenced_producer_is_replaced_and_state_stays_exact(kafka: str, tmp_path:
         stream.send(2000)
         wait_until(lambda: runner.processor.producer_restarts >= 1, 60, 0.2, "the processor to replace its producer")
         stream.send(2000)
-        wait_until(lambda: stream.exact(kafka, name), 90, 1.0, "exact sums after fencing")
+        wait_until(lambda: stream.exact(), 90, 1.0, "exact sums after fencing")
     finally:
         runner.stop()
     assert runner.processor.producer_restarts >= 1
@@ -100,9 +79,9 @@ def test_abortable_error_aborts_rewinds_and_state_stays_exact(kafka: str, tmp_pa
         admin.incremental_alter_configs([r])[r].result(30)
 
     try:
-        stream = Stream(kafka, name)
+        stream = CounterTraffic(kafka, name, keys=100, seed=11)
         stream.send(1000)
-        wait_until(lambda: stream.exact(kafka, name), 60, 0.5, "the first sums")
+        wait_until(lambda: stream.exact(), 60, 0.5, "the first sums")
         # Changelog batches are now too large for the broker (control records,
         # which carry the transaction markers, still fit): produces fail, which
         # makes the transaction abortable.
@@ -111,7 +90,7 @@ def test_abortable_error_aborts_rewinds_and_state_stays_exact(kafka: str, tmp_pa
         wait_until(lambda: runner.processor.aborts >= 2, 60, 0.2, "aborted transactions")
         set_max_bytes(None)
         stream.send(1000)
-        wait_until(lambda: stream.exact(kafka, name), 90, 1.0, "exact sums after aborts")
+        wait_until(lambda: stream.exact(), 90, 1.0, "exact sums after aborts")
     finally:
         runner.stop()
     assert runner.processor.aborts >= 2
@@ -131,9 +110,9 @@ def test_a_commit_timed_out_in_a_frozen_broker_replaces_the_producer(tmp_path: P
     app = _counter_app(name, bootstrap, tmp_path / "state", txn_call_timeout=0.5)
     runner = InProcessProcessor(app).start()
     try:
-        stream = Stream(bootstrap, name)
+        stream = CounterTraffic(bootstrap, name, keys=100, seed=11)
         stream.send(500)
-        wait_until(lambda: stream.exact(bootstrap, name), 60, 0.5, "the first sums")
+        wait_until(lambda: stream.exact(), 60, 0.5, "the first sums")
         # Invocations whose timers fire while the broker is frozen: each
         # firing changes state that must be committed, so commits are bound
         # to reach the frozen broker and time out.
@@ -149,7 +128,7 @@ def test_a_commit_timed_out_in_a_frozen_broker_replaces_the_producer(tmp_path: P
         finally:
             os.kill(info.pid, signal.SIGCONT)
         stream.send(500)
-        wait_until(lambda: stream.exact(bootstrap, name), 90, 1.0, "exact sums after the freeze")
+        wait_until(lambda: stream.exact(), 90, 1.0, "exact sums after the freeze")
         woke = wait_until(lambda: sum(1 for (_, k, n), v in changelog_state(bootstrap, name).items()
                                       if n == "woke" and v == 1) == 10, 60, 0.5, "every nap to wake")
         assert woke
