@@ -114,7 +114,7 @@ class Bench:
         """Preload the records, start the system, time its committed outputs."""
         a = self.args
         source, out = fresh_topics(self.broker.bootstrap, f"peer-{system}", a.partitions, "src", "out")
-        preload(self.broker.bootstrap, source, a.records, a.keys)
+        preload(self.broker.bootstrap, source, a.records, a.keys, a.partitions)
         mark: dict[str, float] = {}
         child: Child | None = None
 
@@ -170,7 +170,7 @@ class Bench:
         reader = OutputReader(self.broker.bootstrap, out, a.partitions, on_record)
         reader.start()
         child = self.spawn(system, source, out)
-        pacer = Pacer(self.broker.bootstrap, source, a.keys, rate=10)  # a trickle until it answers
+        pacer = Pacer(self.broker.bootstrap, source, a.keys, a.partitions, rate=10)  # a trickle until it answers
         pacer.start()
         try:
             if not wait_for(lambda: arrivals, a.timeout, 0.01):

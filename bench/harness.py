@@ -11,6 +11,7 @@ child on exit, and small formatting helpers.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import signal
 import subprocess
@@ -28,6 +29,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from oncely.kafka_io import create_topic
 from oncely.local_kafka import LocalKafka
+from oncely.shuffle.routing import partition_for
 
 BENCH = Path(__file__).resolve().parent
 
@@ -101,22 +103,27 @@ def source_producer(bootstrap: str, linger_ms: int = 5) -> Producer:
     return Producer({"bootstrap.servers": bootstrap, "linger.ms": linger_ms, "enable.idempotence": True})
 
 
-def produce(p: Producer, topic: str, i: int, keys: int) -> None:
+key_partition = functools.lru_cache(maxsize=1 << 16)(partition_for)
+
+
+def produce(p: Producer, topic: str, i: int, keys: int, partitions: int) -> None:
+    """Record i, on the partition a Java producer would choose for its key
+    (murmur2), which is also the key's partition in oncely's log."""
     key, value, ts = order(i, keys)
     while True:
         try:
-            p.produce(topic, key=key, value=value, timestamp=int(ts * 1000),
+            p.produce(topic, key=key, value=value, timestamp=int(ts * 1000), partition=key_partition(key, partitions),
                       headers=[("Idempotency-Key", b"o%d" % i)])
             return
         except BufferError:
             p.poll(0.01)
 
 
-def preload(bootstrap: str, topic: str, n: int, keys: int) -> None:
+def preload(bootstrap: str, topic: str, n: int, keys: int, partitions: int) -> None:
     """Write records 0..n-1 to `topic` and wait until all are acknowledged."""
     p = source_producer(bootstrap)
     for i in range(n):
-        produce(p, topic, i, keys)
+        produce(p, topic, i, keys, partitions)
         if i % 1000 == 0:
             p.poll(0)
     if p.flush(60):
@@ -127,9 +134,9 @@ class Pacer(threading.Thread):
     """Produces records at `rate`/s (numbered from 0) until stopped; `rate`
     may be changed while it runs. Sends in steps of ~2 ms so pacing holds."""
 
-    def __init__(self, bootstrap: str, topic: str, keys: int, rate: float) -> None:
+    def __init__(self, bootstrap: str, topic: str, keys: int, partitions: int, rate: float) -> None:
         super().__init__(daemon=True)
-        self.topic, self.keys, self.rate = topic, keys, rate
+        self.topic, self.keys, self.partitions, self.rate = topic, keys, partitions, rate
         self.producer = source_producer(bootstrap, linger_ms=1)
         self.sent = 0
         self.halt = threading.Event()
@@ -142,7 +149,7 @@ class Pacer(threading.Thread):
                 t0, base, rate = time.monotonic(), self.sent, self.rate
             due = base + int((time.monotonic() - t0) * rate)
             while self.sent < due:
-                produce(self.producer, self.topic, self.sent, self.keys)
+                produce(self.producer, self.topic, self.sent, self.keys, self.partitions)
                 self.sent += 1
             self.producer.poll(0)
             time.sleep(0.002)

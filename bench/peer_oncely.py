@@ -9,8 +9,10 @@ fresh topics:
     BENCH_APP, BENCH_SOURCE, BENCH_OUT, BENCH_PARTITIONS (default 8)
     BENCH_IDEMPOTENCY=1  deduplicate by the Idempotency-Key header (default:
                          by source topic/partition/offset, as the peers do)
-    BENCH_TAG_PID=1      add the process id to each output, so the failover
-                         benchmark can tell which process produced it
+    BENCH_TAG_PID=1      add the process id to each output and to the Kafka
+                         client.id (bench-pid-<pid>), so the failover benchmark
+                         can tell which process produced an output and which
+                         partitions the group gave it
 """
 
 import os
@@ -21,7 +23,7 @@ PID = os.getpid() if os.environ.get("BENCH_TAG_PID") == "1" else None
 OUT = os.environ.get("BENCH_OUT", "bench-out")
 
 app = oncely.App(os.environ.get("BENCH_APP", "bench-peer"), partitions=int(os.environ.get("BENCH_PARTITIONS", "8")),
-                 commit_interval=0.1)
+                 commit_interval=0.1, kafka={"client.id": f"bench-pid-{PID}"} if PID else None)
 customers = app.keyed("customers")
 app.sink(OUT)
 
