@@ -11,12 +11,15 @@ and emits one output per input, exactly once, with 100 ms commits:
 Each system runs in its own process, so its CPU time is its own. Measured
 from outside, by a read_committed reader of the output topic:
 
-  records/s     `--records` preloaded records: (N - n0) / (t_N - t0), where t0
-                is when the first output became visible and n0 how many were
-                visible then (startup and group join are excluded; reported
-                apart as "first output s", from process start);
-  CPU s / 1k    the process's user+system CPU over the same window, per 1,000
-                records; the broker's CPU in that window likewise;
+  first output  seconds from process start to the first committed output
+                of a trickle (20 records/s) on empty topics: startup, group
+                join, restore;
+  records/s     once warmed up and idle, the process is stopped (SIGSTOP),
+                `--records` records are preloaded, and it is let go
+                (SIGCONT): records / seconds from then until the last output
+                is visible as committed;
+  CPU s / 1k    the process's user+system CPU over the same span, per 1,000
+                records; the broker's CPU over it likewise;
   latency       at a paced `--rate` records/s (after a 2 s warm-up), from the
                 source record's timestamp to its output being read under
                 read_committed, p50 / p99;
@@ -26,8 +29,9 @@ from outside, by a read_committed reader of the output topic:
 Ratios oncely/quix and oncely/raw come from the same run; on a shared
 2-core machine only those are worth quoting.
 
---profile runs only oncely's throughput run with py-spy attached and prints
-the top frames by own and cumulative time (profile_frames.py).
+--profile runs only oncely's throughput run, with py-spy attached from the
+SIGCONT on, and prints the top frames by own and cumulative time
+(profile_frames.py).
 
 Usage: python bench/bench_peers.py [--bootstrap HOST:PORT] [--records 100000]
        [--systems raw,quix,oncely] [--rate 1000] [--latency-seconds 10]
@@ -45,6 +49,7 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -111,51 +116,54 @@ class Bench:
         return Child(run, argv, self.log, env=env)
 
     def throughput(self, system: str, res: Result, profile: Path | None = None) -> None:
-        """Preload the records, start the system, time its committed outputs."""
+        """Start the system on an empty topic and warm it up with a trickle
+        (the time to its first output is its startup); stop it (SIGSTOP),
+        preload --records records, let it go (SIGCONT) and time until the
+        last of them is visible as committed output. CPU is read at both ends."""
         a = self.args
         source, out = fresh_topics(self.broker.bootstrap, f"peer-{system}", a.partitions, "src", "out")
-        preload(self.broker.bootstrap, source, a.records, a.keys, a.partitions)
-        mark: dict[str, float] = {}
-        child: Child | None = None
-
-        def on_record(t: float, _k: bytes | None, _v: bytes) -> None:
-            if "t0" not in mark and child is not None:
-                mark.update(t0=t, cpu0=child.cpu(), broker0=self.broker.cpu())
-
-        reader = OutputReader(self.broker.bootstrap, out, a.partitions, on_record)
+        reader = OutputReader(self.broker.bootstrap, out, a.partitions)
         reader.start()
         child = self.spawn(system, source, out)
+        pacer = Pacer(self.broker.bootstrap, source, a.keys, a.partitions, rate=20)
+        pacer.start()
         spy = None
-        if profile is not None:
-            from profile_frames import attach
-            spy = attach(child.pid, profile, self.log)
+        total = a.records
         try:
-            if not wait_for(lambda: "t0" in mark, a.timeout, 0.001):
+            if not reader.wait_count(1, a.timeout):
                 raise TimeoutError(f"no output within {a.timeout:.0f} s")
-            # n0: what was visible at t0, i.e. read before the reader first caught up.
-            wait_for(lambda: reader.caught_up is not None, 30, 0.001)
-            n0 = reader.caught_up or reader.count
-            if not reader.wait_count(a.records, a.timeout):
-                raise TimeoutError(f"{reader.count} of {a.records} outputs within {a.timeout:.0f} s")
-            t_n = reader.seen.times[a.records - 1]
-            cpu, broker_cpu = child.cpu(), self.broker.cpu()
-            done = a.records - n0
-            res.rate = done / max(t_n - mark["t0"], 1e-6)
-            res.cpu_per_1k = (cpu - mark["cpu0"]) / done * 1000 if done else float("nan")
-            res.broker_per_1k = (broker_cpu - mark["broker0"]) / done * 1000 if done else float("nan")
-            res.first_output = mark["t0"] - child.started
-            if n0 > a.records // 2:
-                res.notes.append(f"{system}: {n0} of {a.records} outputs were visible at once; records/s is rough")
+            res.first_output = reader.seen.times[0] - child.started
+            time.sleep(1.0)
+            pacer.stop()
+            warm = pacer.sent
+            total = warm + a.records
+            if not reader.wait_count(warm, a.timeout):
+                raise TimeoutError(f"{reader.count} of {warm} warm-up outputs within {a.timeout:.0f} s")
+            child.signal(signal.SIGSTOP)  # a few seconds: well within session and transaction timeouts
+            preload(self.broker.bootstrap, source, a.records, a.keys, a.partitions, first=warm)
+            t0, cpu0, broker0 = time.time(), child.cpu(), self.broker.cpu()
+            child.signal(signal.SIGCONT)
+            if profile is not None:
+                from profile_frames import attach
+                spy = attach(child.pid, profile, self.log)
+            if not reader.wait_count(total, a.timeout):
+                raise TimeoutError(f"{reader.count - warm} of {a.records} outputs within {a.timeout:.0f} s")
+            t_n, cpu, broker_cpu = reader.seen.times[total - 1], child.cpu(), self.broker.cpu()
+            res.rate = a.records / (t_n - t0)
+            res.cpu_per_1k = (cpu - cpu0) / a.records * 1000
+            res.broker_per_1k = (broker_cpu - broker0) / a.records * 1000
         except TimeoutError as e:
             res.notes.append(f"{system} throughput: {e}; log {self.log}:\n{child.tail()}")
         finally:
+            pacer.stop()
+            child.signal(signal.SIGCONT)
             child.terminate()
             if spy is not None:
                 spy.proc.wait(60)
             time.sleep(1.0)  # the reader sees anything (wrongly) committed late
             reader.stop()
             shutil.rmtree(self.work / child.name, ignore_errors=True)
-        res.exact = exactly_once(reader.seen.values, a.records, a.keys, stateful=system != "raw")
+        res.exact = exactly_once(reader.seen.values, total, a.keys, stateful=system != "raw")
 
     def latency(self, system: str, res: Result) -> None:
         """Pace records at --rate and time source timestamp -> committed output read."""

@@ -119,10 +119,10 @@ def produce(p: Producer, topic: str, i: int, keys: int, partitions: int) -> None
             p.poll(0.01)
 
 
-def preload(bootstrap: str, topic: str, n: int, keys: int, partitions: int) -> None:
-    """Write records 0..n-1 to `topic` and wait until all are acknowledged."""
+def preload(bootstrap: str, topic: str, n: int, keys: int, partitions: int, first: int = 0) -> None:
+    """Write records first..first+n-1 to `topic`; wait until all are acknowledged."""
     p = source_producer(bootstrap)
-    for i in range(n):
+    for i in range(first, first + n):
         produce(p, topic, i, keys, partitions)
         if i % 1000 == 0:
             p.poll(0)
@@ -175,9 +175,7 @@ class Seen:
 class OutputReader(threading.Thread):
     """Reads `topic` from the beginning with read_committed and notes when
     each record became visible. Assigned, not subscribed: no group join
-    delays the first read. `on_record(t, key, value)` runs on this thread.
-    `caught_up` is how many records had been read when a read first came
-    back short after the first record: what was visible when it appeared."""
+    delays the first read. `on_record(t, key, value)` runs on this thread."""
 
     BATCH = 1000
 
@@ -187,7 +185,6 @@ class OutputReader(threading.Thread):
         self.seen = Seen()
         self.on_record = on_record
         self.halt = threading.Event()
-        self.caught_up: int | None = None
         self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-reader-{uuid.uuid4().hex[:8]}",
                                   "isolation.level": "read_committed", "enable.auto.commit": False,
                                   "fetch.wait.max.ms": 5})
@@ -214,8 +211,6 @@ class OutputReader(threading.Thread):
                     s.keys.append(m.key())
                     if self.on_record:
                         self.on_record(now, m.key(), m.value())
-            if self.caught_up is None and s.times and len(msgs) < self.BATCH:
-                self.caught_up = len(s.times)
         self.consumer.close()
 
     def wait_count(self, n: int, timeout: float) -> bool:
@@ -268,6 +263,13 @@ class Child:
 
     def cpu(self) -> float:
         return cpu_seconds(self.ps)
+
+    def signal(self, sig: int) -> None:
+        """Send `sig` to the process and everything in its session."""
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
 
     def kill9(self) -> None:
         """SIGKILL the process and everything in its session."""
