@@ -20,6 +20,8 @@ from pathlib import Path
 
 from harness import Child, table
 
+TRUNK = 0.9
+
 
 def attach(pid: int, out: Path, log: Path, rate: int = 200) -> Child:
     """Record `pid` with py-spy until it exits; the raw stacks go to `out`.
@@ -78,12 +80,16 @@ def report(raw: Path, top: int = 25) -> str:
     def rows(c: Counter[str], n: int) -> list[tuple[str, str, str]]:
         return [(f"{100 * v / total:5.1f} %", str(v), k) for k, v in c.most_common(n)]
 
+    # The trunk (entry point, click, the event loop) is on nearly every stack
+    # and says nothing; leave it out of the cumulative table.
+    branches = Counter({k: v for k, v in cum.items() if v < TRUNK * total})
+
     return "\n\n".join([
         f"py-spy: {total} samples (threads busy; idle waits excluded), {raw}",
         "By own time (the frame on top of the stack):\n" + table(["own", "samples", "function (file)"],
                                                                   rows(own, top)),
-        "By cumulative time (the frame anywhere on the stack):\n" + table(["cum", "samples", "function (file)"],
-                                                                          rows(cum, top)),
+        f"By cumulative time (the frame anywhere on the stack; frames on more than {TRUNK:.0%} of the stacks "
+        "left out):\n" + table(["cum", "samples", "function (file)"], rows(branches, top)),
         "Files by own time:\n" + table(["own", "samples", "file"], rows(files, 12)),
     ])
 
