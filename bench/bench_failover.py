@@ -21,7 +21,8 @@ with the admin API. Measured `--repeat` times each, with the median:
         handler of it; a source partition: the survivor consumed a record
         produced after the kill), and until it has done so on all of them.
         The dead one is then restarted and the group left to settle before
-        the next repetition (the victim alternates).
+        the next repetition. The victim alternates between the process with
+        more log partitions (where handlers run) and the other one.
 
 At the end every input must be in the output exactly once (read_committed).
 
@@ -195,10 +196,16 @@ def restart(fleet: Fleet, clean: bool, timeout: float) -> tuple[float | None, fl
     return (seen[0] if seen else None), stop
 
 
-def takeover(fleet: Fleet, victim: str, survivor: str, timeout: float) -> tuple[float | None, float | None, str]:
-    """(ii): kill -9 `victim`; (seconds to the survivor's first output on one
+def takeover(fleet: Fleet, prefer_log: bool, timeout: float) -> tuple[str, float | None, float | None, str]:
+    """(ii): kill -9 one of two processes (the one with more log partitions,
+    or the other); (its slot, seconds to the survivor's first output on one
     of its partitions, seconds until on all of them, what it owned)."""
     owned = fleet.settle(timeout)
+
+    def logs_of(slot: str) -> int:
+        return sum(1 for t, _p in owned.get(fleet.procs[slot].pid, set()) if t == fleet.log_topic)
+
+    victim, survivor = sorted(("a", "b"), key=logs_of, reverse=prefer_log)
     dead, alive = fleet.procs[victim].pid, fleet.procs[survivor].pid
     logs = {p for t, p in owned.get(dead, set()) if t == fleet.log_topic}
     sources = {p for t, p in owned.get(dead, set()) if t == fleet.source}
@@ -218,7 +225,7 @@ def takeover(fleet: Fleet, victim: str, survivor: str, timeout: float) -> tuple[
         return not left
 
     complete = fleet.scan(t0, prove, timeout)
-    return (taken[0] if taken else None), (taken[-1] if complete and taken else None), what
+    return victim, (taken[0] if taken else None), (taken[-1] if complete and taken else None), what
 
 
 def summary(rows: list[tuple[str, list[float | None]]]) -> str:
@@ -270,11 +277,10 @@ def main() -> None:
             fleet.settle(args.timeout)
         fleet.start("b")
         for n in range(args.repeat):
-            victim, survivor = ("a", "b") if n % 2 == 0 else ("b", "a")
-            first, every, what = takeover(fleet, victim, survivor, args.timeout)
+            victim, first, every, what = takeover(fleet, prefer_log=n % 2 == 0, timeout=args.timeout)
             firsts.append(first)
             alls.append(every)
-            print(f"(ii)  kill -9 of {victim} ({what}) -> {survivor}'s first output on one of them: {show(first)}, "
+            print(f"(ii)  kill -9 of {victim} ({what}) -> the survivor's first output on one of them: {show(first)}, "
                   f"on all: {show(every)}", flush=True)
             fleet.start(victim)
         fleet.settle(args.timeout)
