@@ -11,11 +11,12 @@ Quix always keeps it), one output per input with `to_topic`, exactly-once,
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 from quixstreams import Application
 from quixstreams.state import State
+
+from peer_args import peer_args
 
 
 def running_total(order: dict, state: State) -> dict:
@@ -25,14 +26,7 @@ def running_total(order: dict, state: State) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bootstrap", required=True)
-    ap.add_argument("--source", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--group", required=True)
-    ap.add_argument("--state-dir", required=True)
-    ap.add_argument("--commit-interval", type=float, default=0.1)
-    args = ap.parse_args()
+    args = peer_args(__doc__, state_dir=True)
     app = Application(
         broker_address=args.bootstrap,
         consumer_group=args.group,

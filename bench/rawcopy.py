@@ -10,12 +10,13 @@ script, as the "raw" system of bench_peers.py (copies until SIGTERM):
 
 from __future__ import annotations
 
-import argparse
 import signal
 import threading
 import time
 
 from confluent_kafka import Consumer, Producer, TopicPartition
+
+from peer_args import peer_args
 
 
 def transactional_copy(bootstrap: str, src: str, dst: str, group: str, records: int | None = None,
@@ -63,13 +64,7 @@ def transactional_copy(bootstrap: str, src: str, dst: str, group: str, records: 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bootstrap", required=True)
-    ap.add_argument("--source", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--group", required=True)
-    ap.add_argument("--commit-interval", type=float, default=0.1)
-    args = ap.parse_args()
+    args = peer_args(__doc__, state_dir=False)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     transactional_copy(args.bootstrap, args.source, args.out, args.group, stop=stop,
