@@ -225,6 +225,9 @@ def takeover(fleet: Fleet, prefer_log: bool, timeout: float) -> tuple[str, float
         return not left
 
     complete = fleet.scan(t0, prove, timeout)
+    if not complete:
+        what += f"; after {timeout:.0f} s still no output from the survivor on " + ", ".join(
+            f"{kind} partition {p}" for kind, p in sorted(left))
     return victim, (taken[0] if taken else None), (taken[-1] if complete and taken else None), what
 
 
