@@ -34,7 +34,7 @@ SIGCONT on, and prints the top frames by own and cumulative time
 (profile_frames.py).
 
 Usage: python bench/bench_peers.py [--bootstrap HOST:PORT] [--records 100000]
-       [--systems raw,quix,oncely] [--rate 1000] [--latency-seconds 10]
+       [--systems raw,quix,oncely] [--repeat 1] [--rate 1000] [--latency-seconds 10]
        [--quix-python PATH] [--profile] [--top 25]
 Without --bootstrap (or ONCELY_KAFKA_BOOTSTRAP) a local broker is started.
 Quix Streams pins confluent-kafka<2.13, so it lives in its own virtualenv:
@@ -62,7 +62,7 @@ from pathlib import Path
 
 import orjson
 
-from harness import BENCH, Broker, Child, OutputReader, Pacer, fmt, fresh_topics, pct, preload, table, wait_for
+from harness import BENCH, Broker, Child, OutputReader, Pacer, fmt, fresh_topics, median, pct, preload, table, wait_for
 from oncely.local_kafka import default_cache_dir
 
 SYSTEMS = {
@@ -248,10 +248,21 @@ def ratio(a: float, b: float) -> str:
     return "—" if a != a or b != b or not b else f"{a / b:.2f}"
 
 
-def print_results(results: dict[str, Result], args: argparse.Namespace) -> None:
+def combine(runs: list[Result]) -> Result:
+    """The medians of repeated runs of one system."""
+    r = Result(runs[0].system)
+    for f in ("rate", "cpu_per_1k", "broker_per_1k", "first_output", "p50", "p99"):
+        setattr(r, f, median([getattr(x, f) for x in runs]))
+    r.samples = ", ".join(x.samples for x in runs)
+    r.exact = next((x.exact for x in runs if x.exact != "yes"), "yes")
+    r.notes = [n for x in runs for n in x.notes]
+    return r
+
+
+def print_results(results: dict[str, Result], args: argparse.Namespace, title: str = "") -> None:
     rows = [(SYSTEMS[s], fmt(r.rate), fmt(r.cpu_per_1k, 3), fmt(r.broker_per_1k, 3), fmt(r.first_output, 1),
              f"{fmt(r.p50)} / {fmt(r.p99)}", r.samples, r.exact) for s, r in results.items()]
-    print(f"\n{args.records:,} records, {args.keys:,} keys, {args.partitions} partitions; "
+    print(f"\n{title}{args.records:,} records, {args.keys:,} keys, {args.partitions} partitions; "
           f"latency at {args.rate:,}/s for {args.latency_seconds:g} s\n")
     print(table(["system", "records/s", "CPU s/1k", "broker CPU s/1k", "first output s",
                  f"e2e p50 / p99 ms at {args.rate:,}/s", "latency samples", "exact"], rows))
@@ -266,9 +277,10 @@ def print_results(results: dict[str, Result], args: argparse.Namespace) -> None:
         if ratios:
             print()
             print(table(["ratio", "records/s", "CPU s/1k", "p50", "p99"], ratios))
-    for r in results.values():
-        for n in r.notes:
-            print(f"\n! {n}")
+    if not title:
+        for r in results.values():
+            for n in r.notes:
+                print(f"\n! {n}")
 
 
 def main() -> None:
@@ -278,6 +290,7 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=1000)
     ap.add_argument("--partitions", type=int, default=8)
     ap.add_argument("--systems", default="raw,quix,oncely", help="comma-separated subset of raw,quix,oncely")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of everything; the table shows medians")
     ap.add_argument("--rate", type=int, default=1000, help="paced rate of the latency runs (records/s)")
     ap.add_argument("--latency-seconds", type=float, default=10.0)
     ap.add_argument("--no-latency", action="store_true", help="throughput runs only")
@@ -300,12 +313,13 @@ def main() -> None:
     broker = Broker(args.bootstrap)
     bench = Bench(args, broker, quix)
     print(f"bootstrap {broker.bootstrap}; logs and state in {bench.work}; quix python {quix or '—'}", flush=True)
-    results = {s: Result(s) for s in SYSTEMS if s in systems}
+    runs: dict[str, list[Result]] = {s: [] for s in SYSTEMS if s in systems}
     try:
         if args.profile:
             raw = bench.work / "oncely.pyspy.raw"
-            bench.throughput("oncely", results["oncely"], profile=raw)
-            print_results(results, args)
+            runs["oncely"].append(Result("oncely"))
+            bench.throughput("oncely", runs["oncely"][0], profile=raw)
+            print_results({"oncely": runs["oncely"][0]}, args)
             print("\n(records/s and CPU above are under the profiler)\n")
             from profile_frames import report
             print(report(raw, args.top))
@@ -317,10 +331,18 @@ def main() -> None:
         if not args.no_latency:
             order += [("latency", s) for s in systems]
         order += [("throughput", s) for s in systems if s != "raw"]
-        for kind, s in order:
-            print(f"{kind} {s} ...", flush=True)
-            getattr(bench, kind)(s, results[s])
-        print_results(results, args)
+        for rep in range(args.repeat):
+            results = {s: Result(s) for s in runs}
+            for kind, s in order:
+                print(f"{kind} {s} ...", flush=True)
+                getattr(bench, kind)(s, results[s])
+            for s, r in results.items():
+                runs[s].append(r)
+            if args.repeat > 1:
+                print_results(results, args, title=f"Run {rep + 1} of {args.repeat}: ")
+        print_results({s: combine(rs) for s, rs in runs.items()}, args)
+        if args.repeat > 1:
+            print(f"\n(medians of {args.repeat} runs; ratios of the medians)")
     finally:
         broker.close()
 
