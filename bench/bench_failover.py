@@ -150,8 +150,13 @@ class Fleet:
             return False
 
         if not wait_for(stable, timeout, 0.5):
-            raise TimeoutError(f"the group did not settle within {timeout:.0f} s (owners {self.owned()}); "
-                               f"log {self.log}")
+            ok, owned = self.owned()
+            now = time.time()
+            with self.lock:
+                quiet = set(range(self.args.partitions)) - {p for t, _pid, p, _ts in self.events[-5000:] if t > now - 5}
+            raise TimeoutError(f"the group did not settle within {timeout:.0f} s: group {'stable' if ok else 'unstable'}"
+                               f", members {sorted(owned)} (live {sorted(self.live())}), no output for 5 s on "
+                               f"partitions {sorted(quiet)}; log {self.log}")
         return got[0]
 
     def _check_alive(self) -> None:
