@@ -154,7 +154,8 @@ class Fleet:
             now = time.time()
             with self.lock:
                 quiet = set(range(self.args.partitions)) - {p for t, _pid, p, _ts in self.events[-5000:] if t > now - 5}
-            raise TimeoutError(f"the group did not settle within {timeout:.0f} s: group {'stable' if ok else 'unstable'}"
+            raise TimeoutError(f"the group did not settle within {timeout:.0f} s: group "
+                               f"{'stable' if ok else 'unstable'}"
                                f", members {sorted(owned)} (live {sorted(self.live())}), no output for 5 s on "
                                f"partitions {sorted(quiet)}; log {self.log}")
         return got[0]
