@@ -51,7 +51,7 @@ from confluent_kafka.admin import AdminClient
 
 from harness import Broker, Child, OutputReader, Pacer, fmt, fresh_topics, key_partition, median, table, wait_for
 
-Owned = dict[int, set[tuple[str, int]]]  # pid -> (topic, partition)s the group gave it
+Owned = dict[str, set[tuple[str, int]]]  # slot -> (topic, partition)s the group gave its process
 
 
 class Fleet:
@@ -74,6 +74,7 @@ class Fleet:
         self.reader = OutputReader(self.bootstrap, self.out, args.partitions, self._on_output)
         self.pacer = Pacer(self.bootstrap, self.source, args.keys, args.partitions, args.rate)
         self.procs: dict[str, Child] = {}
+        self.slot_of: dict[int, str] = {}  # every pid a slot has had
 
     def _on_output(self, t: float, _key: bytes | None, value: bytes) -> None:
         d = orjson.loads(value)
@@ -93,10 +94,11 @@ class Fleet:
         argv = [sys.executable, "-m", "oncely.cli", "run", "peer_oncely:app", "--bootstrap", self.bootstrap,
                 "--state-dir", str(self.work / f"state-{slot}"), "--log-level", "INFO"]
         self.procs[slot] = Child(f"{self.app}/{slot}", argv, self.log, env=env)
+        self.slot_of[self.procs[slot].pid] = slot
         return self.procs[slot]
 
-    def live(self) -> set[int]:
-        return {c.pid for c in self.procs.values() if c.alive()}
+    def live(self) -> set[str]:
+        return {slot for slot, c in self.procs.items() if c.alive()}
 
     def scan(self, since: float, done: Callable[[float, int, int, float], bool], timeout: float) -> bool:
         """Feed each output visible after `since`, in order, to done(visible
@@ -118,7 +120,10 @@ class Fleet:
         return wait_for(look, timeout, 0.002)
 
     def owned(self) -> tuple[bool, Owned]:
-        """(the group is stable, pid -> what it owns), from the admin API."""
+        """(the group is stable, slot -> what its process owns), from the
+        admin API. A member is known by the pid in its client.id; a static
+        member (group.instance.id) that a restart took over may still show
+        the pid of the process before, which belonged to the same slot."""
         try:
             desc = self.admin.describe_consumer_groups([self.app], request_timeout=5)[self.app].result()
         except Exception:  # the coordinator may be moving; ask again
@@ -127,7 +132,7 @@ class Fleet:
         for m in desc.members:
             pid = int(m.client_id.rsplit("-", 1)[1]) if m.client_id.startswith("bench-pid-") else -1
             tps = m.assignment.topic_partitions if m.assignment else []
-            out.setdefault(pid, set()).update((tp.topic, tp.partition) for tp in tps)
+            out.setdefault(self.slot_of.get(pid, f"pid {pid}"), set()).update((tp.topic, tp.partition) for tp in tps)
         return desc.state == ConsumerGroupState.STABLE, out
 
     def settle(self, timeout: float) -> Owned:
@@ -209,12 +214,12 @@ def takeover(fleet: Fleet, prefer_log: bool, timeout: float) -> tuple[str, float
     owned = fleet.settle(timeout)
 
     def logs_of(slot: str) -> int:
-        return sum(1 for t, _p in owned.get(fleet.procs[slot].pid, set()) if t == fleet.log_topic)
+        return sum(1 for t, _p in owned.get(slot, set()) if t == fleet.log_topic)
 
     victim, survivor = sorted(("a", "b"), key=logs_of, reverse=prefer_log)
-    dead, alive = fleet.procs[victim].pid, fleet.procs[survivor].pid
-    logs = {p for t, p in owned.get(dead, set()) if t == fleet.log_topic}
-    sources = {p for t, p in owned.get(dead, set()) if t == fleet.source}
+    alive = fleet.procs[survivor].pid
+    logs = {p for t, p in owned.get(victim, set()) if t == fleet.log_topic}
+    sources = {p for t, p in owned.get(victim, set()) if t == fleet.source}
     left = {("log", p) for p in logs} | {("src", p) for p in sources}
     what = f"{len(logs)} log + {len(sources)} source partitions"
     taken: list[float] = []
