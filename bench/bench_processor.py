@@ -57,6 +57,7 @@ from oncely.local_kafka import LocalKafka
 from oncely.runtime import ProcessorThread
 from oncely.kafka_io import create_topic, read_to_end
 from oncely.shuffle.routing import partition_for
+from rawcopy import transactional_copy
 
 
 def raw_copy(bootstrap: str, records: int, partitions: int) -> float:
@@ -75,43 +76,7 @@ def raw_copy(bootstrap: str, records: int, partitions: int) -> float:
             except BufferError:
                 p.poll(0.01)
     p.flush()
-    group = f"bench-raw-{uuid.uuid4().hex[:8]}"
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "isolation.level": "read_committed",
-                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
-    producer = Producer({"bootstrap.servers": bootstrap, "transactional.id": group, "linger.ms": 5,
-                         "transaction.timeout.ms": 10000})
-    producer.init_transactions()
-    consumer.subscribe([src])
-    producer.begin_transaction()
-    copied = 0
-    offsets: dict[int, int] = {}
-    t0 = None
-    last = time.monotonic()
-    while copied < records:
-        for m in consumer.consume(500, 0.05):
-            if m.error():
-                continue
-            if t0 is None:
-                t0 = time.monotonic()
-            while True:
-                try:
-                    producer.produce(dst, key=m.key(), value=m.value(), partition=m.partition())
-                    break
-                except BufferError:
-                    producer.poll(0.01)
-            offsets[m.partition()] = m.offset() + 1
-            copied += 1
-        if time.monotonic() - last >= 0.1 or copied >= records:
-            if offsets:
-                producer.send_offsets_to_transaction([TopicPartition(src, q, o) for q, o in offsets.items()],
-                                                     consumer.consumer_group_metadata())
-                producer.commit_transaction()
-                producer.begin_transaction()
-                offsets.clear()
-            last = time.monotonic()
-    elapsed = time.monotonic() - (t0 or time.monotonic())
-    producer.abort_transaction()
-    consumer.close()
+    elapsed = transactional_copy(bootstrap, src, dst, f"bench-raw-{uuid.uuid4().hex[:8]}", records)
     return records / elapsed
 
 
