@@ -53,7 +53,7 @@ def ensure_topics(admin: AdminClient, app: "App", timeout: float = 30.0) -> dict
             f"sink topic(s) {missing_sinks} of app {app.name!r} do not exist: create them (`oncely topics create`), "
             "or let oncely create them with App(..., create_sink_topics=True) (or ONCELY_CREATE_SINK_TOPICS=1)"
         )
-    for name in (app.log_topic, app.changelog_topic):
+    for name in (app.log_topic, app.changelog_topic, app.replies_topic):
         have = len(md.topics[name].partitions) if name in md.topics else app.partitions
         if have != app.partitions:
             raise ConfigError(

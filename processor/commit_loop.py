@@ -43,6 +43,7 @@ from oncely.processor.executor import LocalExecutor
 from oncely.processor.identity import StateDirLock, group_instance_id, transactional_id
 from oncely.processor.partition import PartitionProcessor
 from oncely.processor.producer import Outcome, TxnProducer
+from oncely.processor.progress import Progress
 from oncely.processor.protocol import CLIENT_MAX_BYTES, limits_for
 from oncely.processor.restore import Restorer
 from oncely.processor.store import PartitionStore
@@ -120,6 +121,7 @@ class CommitLoop:
         self.assignment: Assignment | None = None
         self._admin_worker: Worker | None = None
         self.on_commit: Callable[[], None] | None = None  # test/metrics hook
+        self.progress = Progress(self)
 
     # -- counters (tests and metrics read them) -------------------------------------
 
@@ -289,9 +291,13 @@ class CommitLoop:
         # Committed: make RocksDB reflect it, with the changelog offset.
         txn.poll()
         assert self.assignment is not None
+        finished = failed = 0
         for p, part in self.partitions.items():
             box = last_record.get(p)
-            part.after_commit(box[0] + 1 if box else None)
+            done, dead = part.after_commit(box[0] + 1 if box else None)
+            finished += done
+            failed += dead
+        self.progress.committed(self.pending_records, finished, failed)
         self.assignment.committed.update(self.consumed)
         self.consumed.clear()
         self.pending_records = 0
@@ -513,7 +519,10 @@ class CommitLoop:
         assert assignment is not None and txn is not None
         idle = 0.0
         while not stop.is_set() and not self.interrupt.is_set():
-            assignment.poll()
+            started = assignment.poll()
+            if started:
+                self.progress.started(started)
+            self.progress.tick()
             consumer = self.consumer  # replaced after a fatal error
             assert consumer is not None
             try:
@@ -572,6 +581,7 @@ class CommitLoop:
                     log.warning("final commit abandoned: %s", e)
         finally:
             self._close_clients()
+            self.progress.stopped()
 
     def _close_clients(self) -> None:
         if self.assignment is not None:

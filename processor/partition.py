@@ -162,6 +162,7 @@ class PartitionProcessor:
         self.poisoned: dict[bytes, str] = poisoned if poisoned is not None else {}
         self.limits = limits or Limits()
         self.poison_failed: list[bytes] = []  # poisoned invocations failed in the open transaction
+        self._counted = (0, 0)  # (finished, failed) already reported as committed
         self.invocations: dict[bytes, Invocation] = {}
         self.queues: dict[bytes, _KeyQueue] = {}
         self.active: set[Invocation] = set()
@@ -795,11 +796,18 @@ class PartitionProcessor:
                 self._persist(inv)
         self.dirty.clear()
 
-    def after_commit(self, changelog_offset: int | None) -> None:
+    def after_commit(self, changelog_offset: int | None) -> tuple[int, int]:
+        """RocksDB now reflects the commit. Returns the invocations finished
+        and failed in it."""
         self.store.commit(changelog_offset)
+        stats = self.stats
+        finished = stats.completed + stats.failed - self._counted[0]
+        failed = stats.failed - self._counted[1]
+        self._counted = (stats.completed + stats.failed, stats.failed)
         for inv_id in self.poison_failed:
             self.poisoned.pop(inv_id, None)
         self.poison_failed.clear()
+        return finished, failed
 
     # -- inspection -----------------------------------------------------------------
 

@@ -76,7 +76,7 @@ class _Open:
     awaited: int = 0                       # records for the app's own log
     error: KafkaError | None = None        # a produce() that failed at once
     faults: list[tuple[bytes, str]] = field(default_factory=list)  # (owner, why)
-    # Owned records without a delivery report yet: seq -> (owner, topic).
+    # Owned records not delivered (yet): seq -> (owner, topic).
     unacked: dict[int, tuple[bytes, str]] = field(default_factory=dict)
     seq: int = 0
 
@@ -246,9 +246,13 @@ class TxnProducer:
         txn.unacked[seq] = (owner, topic)
 
         def delivered(err: Any, msg: Any) -> None:
-            txn.unacked.pop(seq, None)
-            if err is not None and err.code() in RECORD_FAULTS:
+            if err is None:
+                txn.unacked.pop(seq, None)
+            elif err.code() in RECORD_FAULTS:
+                txn.unacked.pop(seq, None)
                 txn.faults.append((owner, f"a record for {msg.topic()} cannot be produced: {err.str()}"))
+            # Any other error (purged by an abort, failed with the whole
+            # transaction) leaves it undelivered: the caller may look closer.
             if then is not None:
                 then(err, msg)
 
@@ -309,8 +313,16 @@ class TxnProducer:
         self.stats.aborts += 1
         p, worker = self._producer, self._worker
         assert p is not None and worker is not None
+        def abort() -> None:
+            # abort_transaction waits for every record in flight, and for
+            # their delivery reports to be served: drop what is still queued,
+            # serve the reports of the rest, then abort.
+            p.purge(in_queue=True, in_flight=False)
+            p.flush(self.call_timeout)
+            p.abort_transaction(self.call_timeout)
+
         try:
-            worker.call(lambda: p.abort_transaction(self.call_timeout), self.bound, "abort_transaction")
+            worker.call(abort, self.bound + self.call_timeout, "abort_transaction")
         except (Stuck, KafkaException) as e:
             return self._replace_now("abort-failed", f"abort_transaction: {e}")
         self._begin()

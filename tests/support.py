@@ -118,25 +118,32 @@ def store_kv(state_dir: Path, app: str, partitions: int) -> dict[bytes, bytes]:
     return out
 
 
-def caught_up(bootstrap: str, group: str, topics: list[str]) -> bool:
-    """The group has committed offsets at the end of every partition of
-    `topics`: everything read so far is processed and its output committed
-    (an observable point, where a fixed sleep would only hope)."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    from oncely.kafka_io import watermarks
+def caught_up(bootstrap: str, group: str, topics: list[str], timeout: float = 30.0) -> bool:
+    """No committed record of `topics` lies past the group's committed
+    offsets: everything is processed and its output committed (an observable
+    point, where a fixed sleep would only hope). Offsets alone cannot say
+    it: a transaction's commit marker takes an offset after its last record."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "isolation.level": "read_committed",
-                  "enable.auto.commit": False})
+                  "enable.auto.commit": False, "enable.partition.eof": True})
     try:
+        tps = []
         for topic in topics:
             md = c.list_topics(topic, timeout=10).topics[topic]
-            tps = [TopicPartition(topic, p) for p in md.partitions]
-            for tp in c.committed(tps, timeout=10):
-                _, high = watermarks(c, TopicPartition(topic, tp.partition))
-                if tp.offset < high and high > 0:
-                    return False
-        return True
+            tps += [TopicPartition(topic, p) for p in md.partitions]
+        starts = [TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
+                  for tp in c.committed(tps, timeout=10)]
+        c.assign(starts)
+        pending = {(tp.topic, tp.partition) for tp in starts}
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            for m in c.consume(100, timeout=0.5):
+                if m.error() is None:
+                    return False  # a record the group has not committed yet
+                if m.error().code() == KafkaError._PARTITION_EOF:
+                    pending.discard((m.topic(), m.partition()))
+        return not pending
     finally:
         c.close()
 

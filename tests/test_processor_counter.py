@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -148,14 +149,22 @@ def test_counter_exact_with_two_processes_one_killed(kafka: str, tmp_path: Path)
         # owned last; a fresh process restoring all partitions from the
         # changelog holds the exact sums.
         c = ProcessorProcess("tests.apps.counter:app", kafka, tmp_path / "b", env, tmp_path / "c.log").start()
-        wait_until(lambda: "running [(" in c.log_text().split("===== start")[-1], 60, what="c assigned")
-        time.sleep(1)
+        # c is b's static group member: it gets b's partitions at once and
+        # a's when a's session times out.
+        wait_until(lambda: _running(c) == set(range(PARTITIONS)), 90, 0.5, "c running every partition")
         assert c.stop() == 0
         _assert_store_matches(tmp_path / "b", app, sums, counts)
     finally:
         for p in (a, b):
             if p.alive():
                 p.kill9()
+
+
+def _running(proc: ProcessorProcess) -> set[int]:
+    """Log partitions the process's current run has started."""
+    run = proc.log_text().split("===== start")[-1]
+    return {int(p) for line in run.splitlines() if "oncely.assignment: running" in line
+            for p in re.findall(r"\.log', (\d+)\)", line)}
 
 
 def _log_exists(bootstrap: str, app: str) -> bool:
