@@ -49,17 +49,18 @@ class _Job:
 
 class Assignment:
     def __init__(self, log_topic: str, root: Path, consumer: Consumer, restorer: Restorer,
+                 fetch_committed: Callable[[list[TopicPartition]], list[TopicPartition]],
                  make_partition: Callable[[int, PartitionStore], PartitionProcessor],
-                 open_store: Callable[[int], PartitionStore], source_start: int, call_timeout: float,
+                 open_store: Callable[[int], PartitionStore], source_start: int,
                  interrupt: threading.Event) -> None:
         self.log_topic = log_topic
         self.root = root
         self.consumer = consumer
         self.restorer = restorer
+        self.fetch_committed = fetch_committed
         self.make_partition = make_partition
         self.open_store = open_store
         self.source_start = source_start
-        self.call_timeout = call_timeout
         self.partitions: dict[int, PartitionProcessor] = {}  # running log partitions
         self.active: set[TP] = set()                          # assigned in the consumer
         self.committed: dict[TP, int] = {}                    # offsets of the last commit
@@ -147,12 +148,12 @@ class Assignment:
         self._submit(job)
 
     def _submit(self, job: _Job) -> None:
-        consumer, restorer = self.consumer, self.restorer
+        fetch, restorer = self.fetch_committed, self.restorer
 
         def recover() -> list[TopicPartition]:
             # With read_committed this waits until no transactional offset
             # commit of a previous owner is pending (KIP-447).
-            offsets = consumer.committed([TopicPartition(*tp) for tp in job.tps], timeout=self.call_timeout)
+            offsets = fetch([TopicPartition(*tp) for tp in job.tps])
             restorer.restore({p: s for p, s in job.stores.items() if p not in job.cancelled},
                              cancelled=job.cancelled)
             return offsets

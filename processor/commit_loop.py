@@ -186,6 +186,21 @@ class CommitLoop:
             conf["group.instance.id"] = group_instance_id(self.root, self.app.name)
         return Consumer(conf)
 
+    def _fetch_committed(self, tps: list[TopicPartition]) -> list[TopicPartition]:
+        """The group's committed offsets (read_committed: waits while a
+        transaction holding offsets for them is open). A fresh consumer each
+        time, on the restore worker: after a broker restart a long-lived
+        client can keep a stale group coordinator, and its fetches then time
+        out for good (seen with the main consumer after a static member was
+        fenced)."""
+        conf = {**self._base_conf(), "group.id": self.app.name, "isolation.level": "read_committed",
+                "enable.auto.commit": False}
+        c = Consumer(conf)
+        try:
+            return c.committed(tps, timeout=self.cfg.txn_call_timeout)
+        finally:
+            c.close()
+
     def _topic_exists(self, topic: str) -> bool:
         from confluent_kafka.admin import AdminClient
 
@@ -447,8 +462,8 @@ class CommitLoop:
         self.txn.start()
         self.consumer = self._new_consumer()
         self.assignment = Assignment(self.app.log_topic, self.root, self.consumer, self.restorer,
-                                     self._new_partition, self._open_store, self.source_start,
-                                     self.cfg.txn_call_timeout, self.interrupt)
+                                     self._fetch_committed, self._new_partition, self._open_store, self.source_start,
+                                     self.interrupt)
         self.consumer.subscribe([self.app.log_topic, *self.sources], on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
 
