@@ -67,6 +67,7 @@ class Assignment:
         self.recovering: dict[TP, int] = {}                   # -> generation of its job
         self.stores: dict[int, PartitionStore] = {}          # every open store
         self._jobs: list[_Job] = []
+        self.failures = 0  # recovery jobs failed in a row
         self._gen = 0
         self._worker = Worker("restore", interrupt)
 
@@ -176,6 +177,7 @@ class Assignment:
             try:
                 offsets = fut.result()
             except Exception as e:
+                self.failures += 1
                 live = [tp for tp in job.tps if self.recovering.get(tp) == job.gen]
                 if live:
                     log.warning("recovering %s failed (%s); trying again in %.0f s", live, e, RETRY_AFTER)
@@ -184,6 +186,7 @@ class Assignment:
                     self._jobs.append(retry)
                 self._close_unowned(job)
                 continue
+            self.failures = 0
             started.extend(self._start(job, offsets))
             self._close_unowned(job)
         return started

@@ -62,6 +62,9 @@ RESERVED = {
 }
 # The watchdog's bound on one blocking client call, beyond librdkafka's own timeout.
 WATCHDOG_SLACK = 2.0
+# Recovery jobs that fail in a row (offset fetches timing out) before the
+# producer is replaced, in case a transaction of ours holds the offsets.
+FETCH_FAILURES_BEFORE_REPLACE = 2
 
 
 class CommitLoop:
@@ -347,6 +350,18 @@ class CommitLoop:
 
         return AdminClient(self._base_conf())
 
+    def _unblock_offsets(self) -> None:
+        """Offset fetches keep timing out: with read_committed they wait
+        while a transaction holding offsets of the group is open, and after a
+        broker restart that can be our own, left open on the coordinator (an
+        abort that did not reach it). A new producer's init_transactions
+        aborts it; the partitions rewind."""
+        assert self.assignment is not None and self.txn is not None
+        self.assignment.failures = 0
+        self.txn.replace("committed offsets cannot be fetched: a transaction of this process may hold them",
+                         "offsets-blocked")
+        self._settle(Outcome.REPLACE)
+
     def _settle(self, outcome: Outcome) -> None:
         """After an abort or a replaced producer: rewind every partition."""
         if outcome is Outcome.COMMITTED:
@@ -535,6 +550,8 @@ class CommitLoop:
         idle = 0.0
         while not stop.is_set() and not self.interrupt.is_set():
             started = assignment.poll()
+            if assignment.failures >= FETCH_FAILURES_BEFORE_REPLACE:
+                self._unblock_offsets()
             if started:
                 self.progress.started(started)
             self.progress.tick()

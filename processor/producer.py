@@ -314,15 +314,11 @@ class TxnProducer:
         p, worker = self._producer, self._worker
         assert p is not None and worker is not None
         def abort() -> None:
-            # abort_transaction waits for every record in flight, and for
-            # their delivery reports to be served: drop what is still queued,
-            # serve the reports of the rest, then abort.
-            p.purge(in_queue=True, in_flight=False)
-            p.flush(self.call_timeout)
+            p.poll(0)  # abort_transaction wants the delivery reports at hand served first
             p.abort_transaction(self.call_timeout)
 
         try:
-            worker.call(abort, self.bound + self.call_timeout, "abort_transaction")
+            worker.call(abort, self.bound, "abort_transaction")
         except (Stuck, KafkaException) as e:
             return self._replace_now("abort-failed", f"abort_transaction: {e}")
         self._begin()
