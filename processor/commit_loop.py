@@ -189,15 +189,15 @@ class CommitLoop:
             conf["group.instance.id"] = group_instance_id(self.root, self.app.name)
         return Consumer(conf)
 
-    def _fetch_committed(self, tps: list[TopicPartition]) -> list[TopicPartition]:
+    def _fetch_committed(self, tps: list[TopicPartition], stable: bool = True) -> list[TopicPartition]:
         """The group's committed offsets (read_committed: waits while a
         transaction holding offsets for them is open). A fresh consumer each
         time, on the restore worker: after a broker restart a long-lived
         client can keep a stale group coordinator, and its fetches then time
         out for good (seen with the main consumer after a static member was
         fenced)."""
-        conf = {**self._base_conf(), "group.id": self.app.name, "isolation.level": "read_committed",
-                "enable.auto.commit": False}
+        conf = {**self._base_conf(), "group.id": self.app.name, "enable.auto.commit": False,
+                "isolation.level": "read_committed" if stable else "read_uncommitted"}
         c = Consumer(conf)
         try:
             return c.committed(tps, timeout=self.cfg.txn_call_timeout)
@@ -351,16 +351,27 @@ class CommitLoop:
         return AdminClient(self._base_conf())
 
     def _unblock_offsets(self) -> None:
-        """Offset fetches keep timing out: with read_committed they wait
-        while a transaction holding offsets of the group is open, and after a
-        broker restart that can be our own, left open on the coordinator (an
-        abort that did not reach it). A new producer's init_transactions
-        aborts it; the partitions rewind."""
-        assert self.assignment is not None and self.txn is not None
-        self.assignment.failures = 0
-        self.txn.replace("committed offsets cannot be fetched: a transaction of this process may hold them",
-                         "offsets-blocked")
-        self._settle(Outcome.REPLACE)
+        """Offset fetches keep timing out. Under read_committed they wait
+        while an offset commit of a transaction is pending, and after a broker
+        restart one of ours can be left pending for good: a TxnOffsetCommit
+        that librdkafka retried after its transaction was aborted. An aborted
+        transaction holding the group's offsets completes it (the marker is
+        per producer id); the partitions rewind."""
+        assignment, txn, consumer = self.assignment, self.txn, self.consumer
+        assert assignment is not None and txn is not None and consumer is not None
+        assignment.failures = 0
+        tps = [TopicPartition(t, p) for t, p in assignment.owned()]
+        worker = Worker("offsets", self.interrupt)
+        try:
+            seen = worker.call(lambda: self._fetch_committed(tps, stable=False), self.bound, "offset fetch")
+        except Exception as e:
+            log.warning("cannot read the group's offsets either: %s", e)
+            return
+        finally:
+            worker.close()
+        # Aborted, so the values do not matter; they only name the group.
+        offsets = [TopicPartition(tp.topic, tp.partition, max(tp.offset, 0)) for tp in seen]
+        self._settle(txn.clear_pending_offsets(offsets, consumer.consumer_group_metadata()))
 
     def _settle(self, outcome: Outcome) -> None:
         """After an abort or a replaced producer: rewind every partition."""

@@ -324,6 +324,24 @@ class TxnProducer:
         self._begin()
         return Outcome.REWIND
 
+    def clear_pending_offsets(self, offsets: list[TopicPartition], group_metadata: Any) -> Outcome:
+        """Abort the open transaction after adding the group's offsets to
+        it. The abort marker the coordinator then writes for our producer id
+        completes every pending offset commit of that id in the group, also
+        a late one from an earlier epoch (a TxnOffsetCommit retried after its
+        transaction ended: without transactions v2 the group coordinator
+        accepts it, and it would hold read_committed offset fetches for good).
+        REWIND, or REPLACE when a call fails."""
+        p, worker = self._producer, self._worker
+        assert p is not None and worker is not None
+        log.warning("clearing pending offset commits of this producer with an aborted transaction")
+        try:
+            worker.call(lambda: p.send_offsets_to_transaction(offsets, group_metadata, self.call_timeout),
+                        self.bound, "send_offsets_to_transaction")
+        except (Stuck, KafkaException) as e:
+            return self._replace_now("offsets-blocked", f"clearing pending offsets: {e}")
+        return self.abort("clearing pending offset commits")
+
     def _begin(self) -> None:
         self.txn = _Open()
         p, worker = self._producer, self._worker
