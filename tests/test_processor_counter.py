@@ -85,7 +85,11 @@ def test_counter_exact_under_kill9(kafka: str, tmp_path: Path) -> None:
         def on_batch(b: int) -> None:
             nonlocal kills
             if b in kill_at:
-                time.sleep(rng.uniform(0.0, 0.6))
+                # Kill a working processor (its partitions running), at a
+                # random moment of its transactions.
+                wait_until(lambda: "ready:" in proc.log_text().split("===== start #")[-1], 60, 0.05,
+                           "the processor to run its partitions")
+                time.sleep(rng.uniform(0.1, 0.6))
                 proc.kill9()
                 kills += 1
                 proc.start()
