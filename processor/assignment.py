@@ -20,7 +20,6 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
@@ -48,13 +47,12 @@ class _Job:
 
 
 class Assignment:
-    def __init__(self, log_topic: str, root: Path, consumer: Consumer, restorer: Restorer,
+    def __init__(self, log_topic: str, consumer: Consumer, restorer: Restorer,
                  fetch_committed: Callable[[list[TopicPartition]], list[TopicPartition]],
                  make_partition: Callable[[int, PartitionStore], PartitionProcessor],
                  open_store: Callable[[int], PartitionStore], source_start: int,
                  interrupt: threading.Event) -> None:
         self.log_topic = log_topic
-        self.root = root
         self.consumer = consumer
         self.restorer = restorer
         self.fetch_committed = fetch_committed
@@ -232,11 +230,6 @@ class Assignment:
         if store is not None:
             store.drop_overlay()
             store.close()
-
-    @property
-    def busy(self) -> bool:
-        """Partitions are still recovering."""
-        return bool(self.recovering)
 
     def close(self) -> None:
         """Stop every partition and close every store (shutdown)."""

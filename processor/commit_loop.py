@@ -487,7 +487,7 @@ class CommitLoop:
                                self.interrupt)
         self.txn.start()
         self.consumer = self._new_consumer()
-        self.assignment = Assignment(self.app.log_topic, self.root, self.consumer, self.restorer,
+        self.assignment = Assignment(self.app.log_topic, self.consumer, self.restorer,
                                      self._fetch_committed, self._new_partition, self._open_store, self.source_start,
                                      self.interrupt)
         self.consumer.subscribe([self.app.log_topic, *self.sources], on_assign=self._on_assign,
