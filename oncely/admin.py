@@ -80,7 +80,7 @@ def _outcome(kv: dict[bytes, bytes], inv_id: bytes) -> str | None:
     """What became of an invocation, by what the changelog holds for it."""
     if keys.failed(inv_id) in kv:
         return "failed"
-    if keys.status(inv_id) in kv:
+    if keys.status(inv_id) in kv or keys.queued(inv_id) in kv:
         return "in flight"
     dedup = kv.get(keys.dedup(inv_id))
     if dedup is not None:
@@ -93,7 +93,7 @@ def invocations_of(kv: dict[bytes, bytes]) -> list[InvocationInfo]:
     backing off, paused) and retained failures (with their retry, if any)."""
     out = []
     for k, v in kv.items():
-        if k[:1] not in (keys.STATUS, keys.FAILED):
+        if k[:1] not in (keys.STATUS, keys.QUEUED, keys.FAILED):
             continue
         st = schemas.decode("invocation_status", v)
         inv = st["invoke"]

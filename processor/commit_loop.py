@@ -117,6 +117,7 @@ class CommitLoop:
         self._fault: str | None = None
         self._last_commit = time.monotonic()
         self._stopping = False
+        self._paused_sources: set[tuple[str, int]] = set()
         self._lock: StateDirLock | None = None
         self.txn: TxnProducer | None = None
         self.consumer: Consumer | None = None
@@ -254,6 +255,7 @@ class CommitLoop:
     def _forget(self, tps: list[tuple[str, int]]) -> None:
         for tp in tps:
             self.consumed.pop(tp, None)
+            self._paused_sources.discard(tp)
         assert self.assignment is not None
         self.assignment.revoke(tps)
 
@@ -262,7 +264,7 @@ class CommitLoop:
     def _dirty(self) -> bool:
         assert self.txn is not None
         return bool(self.consumed) or self.txn.txn.produced > 0 or self._fault is not None or any(
-            p.dirty or p.active or p.store.has_changes() for p in self.partitions.values())
+            p.writer.dirty or p.active or p.store.has_changes() for p in self.partitions.values())
 
     def commit(self, force: bool = False) -> bool:
         """Commit one transaction; returns True when it committed."""
@@ -450,6 +452,7 @@ class CommitLoop:
             log.warning("closing the failed consumer: %s", e)
         closer.close()
         self.consumer = self._new_consumer()
+        self._paused_sources.clear()
         self.assignment.reset(self.consumer)
         self.consumer.subscribe([self.app.log_topic, *self.sources], on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
@@ -469,7 +472,7 @@ class CommitLoop:
                         out.reason)
 
     def _new_partition(self, p: int, store: PartitionStore) -> PartitionProcessor:
-        return PartitionProcessor(self.app, p, store, self.executor, self, self.cfg.net_effects, self.sinks,
+        return PartitionProcessor(self.app, p, store, self.executor, self, self.cfg.net_effects, sinks=self.sinks,
                                   poisoned=self.poisoned, limits=self.limits)
 
     def _open_store(self, p: int) -> PartitionStore:
@@ -505,35 +508,26 @@ class CommitLoop:
         finally:
             await self.shutdown()
 
-    def _apply_backpressure(self) -> None:
-        """Pause log partitions holding too many unfinished invocations.
-
-        A paused partition also holds back the Responses and awakeable
-        results its waiting invocations need, so when none of its
-        invocations progressed for `stall_after` it reads on, whatever it
-        holds: a backlog of callers must not deadlock on its own callees.
-        Waiting invocations read that way are bounded by suspension."""
-        limit = self.cfg.max_inflight_per_partition
-        consumer = self.consumer
-        assert consumer is not None
-        now = time.monotonic()
-        stall_after = max(0.5, 5 * self.cfg.commit_interval)
-        for p, part in self.partitions.items():
-            n = len(part.invocations)
-            if part.progress != part.progress_seen:
-                part.progress_seen, part.progress_at = part.progress, now
-                part.reading_on = False
-            if not part.paused and n >= limit and not part.reading_on:
-                consumer.pause([TopicPartition(self.app.log_topic, p)])
-                part.paused = True
-            elif part.paused and (n < limit // 2 or now - part.progress_at >= stall_after):
-                consumer.resume([TopicPartition(self.app.log_topic, p)])
-                part.paused = False
-                if n >= limit // 2:
-                    # Stalled: read on until something progresses.
-                    part.reading_on = True
-                    log.info("partition %d: %d invocations in flight made no progress for %.1f s; reading on "
-                             "for the completions they wait for", p, n, stall_after)
+    def _pump(self) -> None:
+        """Start queued invocations where there is room. While a log
+        partition has more queued than its in-memory window, the source
+        partitions pause (ordinary backpressure on input); the log itself is
+        never paused, so Responses, awakeable results and timers always
+        apply."""
+        backlog = False
+        for part in self.partitions.values():
+            part.pump()
+            backlog = backlog or part.ready.beyond
+        assignment, consumer = self.assignment, self.consumer
+        assert assignment is not None and consumer is not None
+        if backlog:
+            sources = {tp for tp in assignment.active if tp[0] != self.app.log_topic} - self._paused_sources
+            if sources:
+                consumer.pause([TopicPartition(*tp) for tp in sources])
+                self._paused_sources |= sources
+        elif self._paused_sources:
+            consumer.resume([TopicPartition(*tp) for tp in self._paused_sources & assignment.active])
+            self._paused_sources.clear()
 
     def _in_flight(self) -> int:
         return sum(len(p.invocations) for p in self.partitions.values())
@@ -579,8 +573,7 @@ class CommitLoop:
                 self._handle(m)
                 if self.consumer is not consumer:
                     break  # replaced: the rest belongs to the old membership
-            if msgs:
-                self._apply_backpressure()
+            self._pump()
             now = int(time.time() * 1000)
             for part in self.partitions.values():
                 part.fire_timers(now)
@@ -593,7 +586,6 @@ class CommitLoop:
                     or (txn.txn.awaited and not msgs and since >= cfg.commit_interval * 0.1)):
                 await self._drain()
                 self.commit()
-                self._apply_backpressure()
             if msgs:
                 idle = 0.0
             else:

@@ -5,23 +5,19 @@ sleeps) and its waits (calls, sleeps, awakeables)."""
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import TYPE_CHECKING, Any
 
 from oncely.errors import TerminalError
 from oncely.processor import keys
+from oncely.processor.invocation import now_ms
 from oncely.processor.protocol import Entry
-from oncely.shuffle.envelope import invoke_record
-from oncely.shuffle.ids import child_id, format_awakeable, format_id
-from oncely.shuffle.routing import partition_for
+from oncely.shuffle.delivery import child_invoke
+from oncely.shuffle.ids import format_awakeable
 from oncely.shuffle.targets import Target, resolve
 
 if TYPE_CHECKING:
-    from oncely.processor.partition import Invocation, PartitionProcessor
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
+    from oncely.processor.invocation import Invocation
+    from oncely.processor.partition import PartitionProcessor
 
 
 class InvocationEffects:
@@ -35,9 +31,9 @@ class InvocationEffects:
 
     def record(self, topic: str, value: Any, key: Any, headers: Any) -> tuple:
         """An emitted record, complete (egress.sinks)."""
-        if self.part.effects is None:
+        if self.part.sinks is None:
             raise RuntimeError("ctx.emit: no sinks are configured")
-        return self.part.effects.record(topic, value, key, headers)
+        return self.part.sinks.record(topic, value, key, headers)
 
     def _live(self, op: str) -> PartitionProcessor:
         """The partition, while this invocation is still its live one. A
@@ -68,29 +64,20 @@ class InvocationEffects:
     def call(self, t: Target, index: int) -> bytes:
         """Produce an Invoke of `t` whose Response comes back to this
         partition for journal entry `index`; returns the callee's id."""
-        part = self.part
-        return self._invoke("call", t, index, None,
-                            {"invocation_id": self.inv.id, "partition": part.partition, "journal_index": index})
+        return self._invoke("call", t, index, None, self.part.partition)
 
-    def _invoke(self, op: str, t: Target, index: int, delay_ms: int | None, caller: dict[str, Any] | None) -> bytes:
+    def _invoke(self, op: str, t: Target, index: int, delay_ms: int | None, reply_to: int | None) -> bytes:
         part = self._live(op)
-        app = part.app
-        inv = self.inv
-        callee = child_id(inv.id, index)
-        # A delivery seen twice is recognised by the callee's partition.
-        record = invoke_record(callee, t.service, t.handler, t.key, t.payload, t.payload_format,
-                               idempotency_key=f"child:{format_id(inv.id)}:{index}", caller=caller)
-        routing = t.key if t.key is not None else callee
-        partition = partition_for(routing, app.partitions)
+        callee, d = child_invoke(self.inv.id, index, t, part.app.partitions, reply_to)
         if delay_ms:
-            part.add_timer(now_ms() + delay_ms, inv.id, index, {
-                "kind": "SEND", "partition": partition, "routing_key": routing, "record": record})
+            part.timers.add(now_ms() + delay_ms, self.inv.id, index, {
+                "kind": "SEND", "partition": d.partition, "routing_key": d.key, "record": d.value})
         else:
-            part.out.produce(app.log_topic, routing, record, partition=partition, owner=inv.id)
+            part.out.produce(part.app.log_topic, d.key, d.value, partition=d.partition, owner=self.inv.id)
         return callee
 
     def sleep_until(self, fire_ms: int, index: int) -> None:
-        self._live("sleep").add_timer(fire_ms, self.inv.id, index, {
+        self._live("sleep").timers.add(fire_ms, self.inv.id, index, {
             "kind": "WAKE", "partition": -1, "routing_key": None, "record": None})
 
     def awakeable_id(self, index: int) -> str:
@@ -111,15 +98,11 @@ class InvocationEffects:
 
     async def wait(self, index: int) -> None:
         """Wait until the journal entry at `index` completes."""
-        part = self._live("wait")
+        waits = self._live("wait").waits
         inv = self.inv
-        fut = part.waiter(inv, index)
-        if not inv.awaiting:
-            part._progressed(inv, now_ms())
-        inv.awaiting.append(index)
+        fut = waits.future(inv, index)
+        waits.started(inv, index)
         try:
             await fut
         finally:
-            inv.awaiting.remove(index)
-            if not inv.awaiting:
-                part.idle.pop(inv, None)
+            waits.stopped(inv, index)

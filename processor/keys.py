@@ -13,7 +13,9 @@ META = b"\x00"       # local only, never in the changelog: checkpoint, format
 STATE = b"s"         # s | service | key | name           -> tagged value
 STATUS = b"v"        # v | invocation id                  -> InvocationStatus (in flight)
 JOURNAL = b"j"       # j | invocation id | index u32      -> JournalEntry
-INBOX = b"q"         # q | service | key | seq u64        -> invocation id
+INBOX = b"q"         # q | service | key | seq u64        -> invocation id (waits for its key)
+READY = b"r"         # r | seq u64                        -> invocation id (waits for capacity)
+QUEUED = b"w"        # w | invocation id                  -> InvocationStatus (INBOXED: in an inbox or READY)
 LOCK = b"l"          # l | service | key                  -> invocation id
 TIMER = b"t"         # t | fire ms u64 | invocation id | index u32 -> timer payload
 DEDUP = b"d"         # d | invocation id                  -> DedupEntry
@@ -22,8 +24,8 @@ EXPIRY = b"x"        # x | expiry ms u64 | space tag | invocation id -> b""
 EARLY = b"c"         # c | invocation id | index u32      -> JournalEntry (a completion that came first)
 
 # The spaces that say an invocation id was accepted, one lookup each: in
-# flight (suspended ones live only here), finished (result kept), failed.
-ACCEPTED = (STATUS, DEDUP, FAILED)
+# flight (suspended ones live only here), queued, finished (result kept), failed.
+ACCEPTED = (STATUS, QUEUED, DEDUP, FAILED)
 
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
@@ -68,6 +70,19 @@ def inbox(sk: bytes, seq: int) -> bytes:
 
 def inbox_prefix(sk: bytes) -> bytes:
     return INBOX + sk
+
+
+def ready(seq: int) -> bytes:
+    return READY + _U64.pack(seq)
+
+
+def queued(inv_id: bytes) -> bytes:
+    return QUEUED + inv_id
+
+
+def seq_of(key: bytes) -> int:
+    """The sequence number ending an INBOX or READY key."""
+    return _U64.unpack_from(key, len(key) - 8)[0]
 
 
 def lock(sk: bytes) -> bytes:

@@ -1,109 +1,46 @@
-"""The partition processor: invocations of one log partition.
+"""The partition processor: the invocations of one log partition.
 
-It owns the partition's store and decides, per record and per outcome, what
-changes. It never talks to Kafka itself: records to produce go to the
-`TxnOutput` of the current transaction, and the commit loop decides when the
-overlay becomes a commit.
+It decides, per log record and per outcome, what changes, and delegates the
+parts: key_queues.py (one invocation per key), inbox.py (what waits, in the
+store), writer.py (what of an in-flight invocation is persisted), timers.py
+(durable timers, retries, expiry), waits.py (completions and suspension),
+outcomes.py (what an outcome changes). It never talks to Kafka itself:
+records go to the `TxnOutput` of the open transaction, and the commit loop
+decides when the overlay becomes a commit.
 
-Persistence follows "net effects": an invocation that is accepted and
-finishes between two commits writes only its effects (state, dedup entry,
-outputs). Status, journal, lock and inbox records are written at commit time
-only for invocations still in flight (`prepare_commit`), and deleted when
-such an invocation finishes. With `net_effects=False` every invocation's
-records are written as it goes (for measuring the difference).
-
-Waiting is journaled: a call's Response, a timer or an awakeable result
-completes a journal entry and wakes the coroutine. An invocation that waits
-longer than `suspend_after` is suspended (it then lives only in the store)
-and the completion resumes it by journal replay, the same path as recovery.
+An Invoke starts at once when its key is free and fewer than
+`max_inflight_per_partition` invocations are in memory; otherwise it waits
+in the store's inbox and starts when its key or capacity frees up. Waiting
+invocations are suspended after `suspend_after`, or sooner when queued work
+needs their room; a completion resumes them by journal replay, the same path
+as recovery after a crash.
 """
 
 from __future__ import annotations
 
-import asyncio
-import heapq
 import logging
-import time
-from collections import deque
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
-
-import orjson
+from typing import TYPE_CHECKING, Any
 
 from oncely import schemas
-from oncely.egress.dead_letters import dead_letter
-from oncely.processor import keys
-from oncely.processor.effects import InvocationEffects, now_ms
-from oncely.processor.protocol import Entry, Executor, HandlerCall, Limits, Outcome, Running
+from oncely.processor import keys, outcomes
+from oncely.processor.effects import InvocationEffects
+from oncely.processor.inbox import StoreQueue, put_queued, ready_queue, take_queued
+from oncely.processor.invocation import (BACKING_OFF, COMPLETED, FAILED, INBOXED, PAUSED, RUNNING, SUSPENDED,
+                                         Invocation, PartitionStats, TxnOutput)
+from oncely.processor.key_queues import KeyQueues
+from oncely.processor.protocol import Entry, Executor, HandlerCall, Limits, Outcome
 from oncely.processor.store import PartitionStore
+from oncely.processor.timers import Timers
+from oncely.processor.waits import Waits
+from oncely.processor.writer import InvocationWriter
+from oncely.shuffle.delivery import awakeable_reply
 from oncely.shuffle.ids import format_id
-from oncely.shuffle.routing import partition_for
 
 if TYPE_CHECKING:
     from oncely.app import App
+    from oncely.egress.sinks import Sinks
 
 log = logging.getLogger("oncely.partition")
-
-INBOXED, RUNNING, BACKING_OFF, PAUSED = "INBOXED", "RUNNING", "BACKING_OFF", "PAUSED"
-SUSPENDED = "SUSPENDED"
-TIMER_BATCH = 256
-DEFAULT_RETENTION_MS = 24 * 3600 * 1000
-
-
-class TxnOutput(Protocol):
-    """Adds records to the open Kafka transaction."""
-
-    def produce(self, topic: str, key: bytes | None, value: bytes | None,
-                headers: list[tuple[str, bytes]] | None = None, partition: int | None = None,
-                owner: bytes | None = None) -> None:
-        """`owner`: the invocation the record belongs to (it fails, and
-        nothing else, when the record can never be produced)."""
-
-    def fault(self, inv_id: bytes, why: str) -> None:
-        """An invocation's outcome could not be applied: abort the open
-        transaction; the invocation fails with `why` when it next starts."""
-
-
-@dataclass(eq=False)
-class Invocation:
-    id: bytes
-    invoke: dict[str, Any]
-    sk: bytes | None               # (service, key) for keyed targets
-    seq: int                       # log offset of the Invoke
-    phase: str = INBOXED
-    attempt: int = 0
-    retry_at_ms: int = 0
-    error: str | None = None
-    journal: list[Entry] = field(default_factory=list)
-    running: Running | None = None
-    # What the store holds for it (committed or in the overlay).
-    status_written: bool = False
-    status_dirty: bool = True
-    journal_written: int = 0
-    journal_dirty: set[int] = field(default_factory=set)  # written entries completed since
-    lock_written: bool = False
-    inbox_written: bool = False
-    awaiting: list[int] = field(default_factory=list)  # journal indexes its coroutine awaits right now
-    progress_mark: int = 0  # journal length when it was last seen to progress
-    has_early: bool = False  # completions that arrived before their entry
-
-    @property
-    def waiting(self) -> bool:
-        return bool(self.awaiting)
-
-    @property
-    def target(self) -> str:
-        return f"{self.invoke['service']}/{self.invoke['handler']}"
-
-
-class _KeyQueue:
-    __slots__ = ("holder", "waiting")
-
-    def __init__(self) -> None:
-        # The invocation holding the key's lock; its id (bytes) while it is
-        # suspended and lives only in the store.
-        self.holder: Invocation | bytes | None = None
-        self.waiting: deque[Invocation] = deque()
 
 
 class _KeyState:
@@ -123,135 +60,77 @@ class _KeyState:
         return [k[len(prefix):].decode() for k, _ in self.store.scan(prefix)]
 
 
-@dataclass
-class PartitionStats:
-    accepted: int = 0
-    duplicates: int = 0
-    completed: int = 0
-    failed: int = 0
-    retries: int = 0
-    paused: int = 0
-    resumed: int = 0
-    timers_fired: int = 0
-    suspensions: int = 0
-    responses: int = 0
-
-
 class PartitionProcessor:
-    def __init__(
-        self,
-        app: "App",
-        partition: int,
-        store: PartitionStore,
-        executor: Executor,
-        out: TxnOutput,
-        net_effects: bool = True,
-        effects: Any = None,
-        poisoned: dict[bytes, str] | None = None,
-        limits: Limits | None = None,
-    ) -> None:
+    def __init__(self, app: "App", partition: int, store: PartitionStore, executor: Executor, out: TxnOutput,
+                 net_effects: bool = True, sinks: "Sinks | None" = None, poisoned: dict[bytes, str] | None = None,
+                 limits: Limits | None = None) -> None:
         self.app = app
         self.partition = partition
         self.store = store
         self.executor = executor
         self.out = out
-        self.net_effects = net_effects
-        self.effects = effects
+        self.sinks = sinks
         # Invocations that must fail when they next start, with the reason
         # (shared with the commit loop; it survives rewinds).
         self.poisoned: dict[bytes, str] = poisoned if poisoned is not None else {}
         self.limits = limits or Limits()
+        self.max_inflight = app.config.max_inflight_per_partition
         self.poison_failed: list[bytes] = []  # poisoned invocations failed in the open transaction
         self._counted = (0, 0)  # (finished, failed) already reported as committed
-        self.invocations: dict[bytes, Invocation] = {}
-        self.queues: dict[bytes, _KeyQueue] = {}
-        self.active: set[Invocation] = set()
-        self.dirty: set[Invocation] = set()
-        # Retry timers of backing-off invocations (in memory, like them):
-        # (fire ms, invocation id, -1). Sleeps and delayed sends are TIMER
-        # records in the store, read in fire-time order from `next_timer`.
-        self.timers: list[tuple[int, bytes, int]] = []
-        self.next_timer: int | None = None
-        self.waiters: dict[tuple[bytes, int], asyncio.Future] = {}
-        # Waiting invocations by when they last made progress (ms), oldest
-        # first: the ones idle past `suspend_after` are suspended.
-        self.idle: dict[Invocation, int] = {}
-        self.suspend_after_ms = int(app.config.suspend_after * 1000)
+        self.invocations: dict[bytes, Invocation] = {}  # in memory
+        self.active: set[Invocation] = set()  # with a running coroutine
         self.suspended = 0  # SUSPENDED invocations in the store
+        self.n_paused = 0   # PAUSED ones in memory (they take no capacity)
+        self.keys = KeyQueues(store, lambda: self.suspended > 0)
+        self.ready: StoreQueue = ready_queue(store)
+        self.writer = InvocationWriter(store, net_effects, self.keys.holds)
+        self.timers = Timers(store, self._send_timer, self._wake, self._retry)
+        self.waits = Waits(int(app.config.suspend_after * 1000))
         self.stats = PartitionStats()
         self.closed = False
-        self.paused = False  # consumption paused for backpressure
-        # Invocations finished, suspended or woken: the commit loop reads on
-        # past backpressure when this stops moving (see _apply_backpressure).
-        self.progress = 0
-        self.progress_seen = 0
-        self.progress_at = time.monotonic()
-        self.reading_on = False  # resumed past backpressure until progress shows
-        self._next_expiry_sweep = 0
-        # Without net effects, records of every invocation are written as it
-        # goes; a later delete then leaves a tombstone instead of nothing.
-        self._put_new = store.put_fresh if net_effects else store.put
 
     # -- loading (assignment, restart, rewind) -----------------------------------
 
     def load(self) -> None:
         """Rebuild in-memory invocations from the committed store and resume
         the ones that were running: recovery after a crash and a rewind after
-        an abort are this same path."""
+        an abort are this same path. Queued invocations stay in the store."""
         store = self.store
-        first = store.scan(keys.TIMER, limit=1)
-        self.next_timer = keys.parse_timer(first[0][0])[0] if first else None
+        self.timers.load()
         suspended: set[bytes] = set()
         for k, v in store.scan(keys.STATUS):
             st = schemas.decode("invocation_status", v)
-            inv_id = k[1:]
             if st["phase"] == SUSPENDED:
-                suspended.add(inv_id)  # stays in the store until its completion arrives
-                continue
-            self._from_store(inv_id, st)
+                suspended.add(k[1:])  # stays in the store until its completion arrives
+            else:
+                self._from_store(k[1:], st)
         self.suspended = len(suspended)
+        orphans = []
         for k, v in store.scan(keys.LOCK):
             if v in suspended:
-                self.queues.setdefault(k[1:], _KeyQueue()).holder = v
                 continue
             inv = self.invocations.get(v)
             if inv is None or inv.sk != k[1:]:
                 log.warning("partition %d: lock without its invocation (%s); dropping it", self.partition, format_id(v))
                 store.delete(k)
+                orphans.append(k[1:])
                 continue
-            self.queues.setdefault(inv.sk, _KeyQueue()).holder = inv
-            inv.lock_written = True
-        for k, v in store.scan(keys.INBOX):
-            inv = self.invocations.get(v)
-            if inv is None:
-                store.delete(k)
-                continue
-            self.queues.setdefault(inv.sk, _KeyQueue()).waiting.append(inv)  # key order = seq order
-            inv.inbox_written = True
+            self.keys.take(inv, maybe_queued=True)
+            self.writer.loaded(inv, holds_lock=True)
         for inv in list(self.invocations.values()):
-            if inv.phase == INBOXED:
-                q = self.queues.get(inv.sk) if inv.sk is not None else None
-                if q is None or (q.holder is None and inv not in q.waiting):
-                    # An inbox entry was lost; treat it as newly arrived.
-                    self._enqueue(inv)
-                continue
-            if inv.sk is not None:
-                q = self.queues.setdefault(inv.sk, _KeyQueue())
-                if q.holder is None:
-                    q.holder = inv
-                    self.dirty.add(inv)
+            if inv.sk is not None and not self.keys.holds(inv):
+                log.warning("partition %d: %s has no lock of its key; taking it", self.partition, format_id(inv.id))
+                self.keys.take(inv, maybe_queued=True)
+                self.writer.changed(inv)
             if inv.phase == BACKING_OFF:
-                heapq.heappush(self.timers, (inv.retry_at_ms, inv.id, -1))
+                self.timers.retry_at(inv.retry_at_ms, inv.id)
             else:
                 # RUNNING resumes by replaying its journal; PAUSED invocations
                 # are retried once per (re)start, so a fixed handler resumes them.
                 self.stats.resumed += 1
                 self._start(inv)
-        for sk, q in list(self.queues.items()):
-            if q.holder is None and q.waiting:
-                self._promote(q)
-            elif isinstance(q.holder, bytes) and not q.waiting:
-                del self.queues[sk]  # the lock in the store is enough (see _enqueue)
+        for sk in orphans:
+            self._hand_over(self.keys.orphan(sk))
         if self.invocations or self.suspended:
             log.info("partition %d: loaded %d in-flight invocations (%d resumed by replay), %d suspended",
                      self.partition, len(self.invocations), self.stats.resumed, self.suspended)
@@ -259,16 +138,15 @@ class PartitionProcessor:
     def _from_store(self, inv_id: bytes, st: dict[str, Any]) -> Invocation:
         """An in-flight invocation as the store holds it (status and journal)."""
         invoke = st["invoke"]
-        inv = Invocation(
-            id=inv_id, invoke=invoke, sk=self._sk(invoke), seq=st["seq"], phase=st["phase"],
-            attempt=st["attempt"], retry_at_ms=st["retry_at_ms"], error=st["error"],
-            status_written=True, status_dirty=False,
-        )
+        inv = Invocation(id=inv_id, invoke=invoke, sk=self._sk(invoke), seq=st["seq"], phase=st["phase"],
+                         attempt=st["attempt"], retry_at_ms=st["retry_at_ms"], error=st["error"])
         store = self.store
         inv.journal.extend(Entry.decode(jv) for _, jv in store.scan(keys.journal_prefix(inv_id)))
-        inv.journal_written = len(inv.journal)
         inv.has_early = bool(store.scan(keys.early_prefix(inv_id), limit=1))
         self.invocations[inv_id] = inv
+        self.writer.loaded(inv, holds_lock=False)
+        if inv.phase == PAUSED:
+            self.n_paused += 1
         return inv
 
     def _sk(self, invoke: dict[str, Any]) -> bytes | None:
@@ -286,13 +164,12 @@ class PartitionProcessor:
                 inv.running.cancel()
         self.active.clear()
         self.invocations.clear()
-        self.queues.clear()
-        self.dirty.clear()
+        self.keys.clear()
+        self.writer.clear()
         self.timers.clear()
-        self.next_timer = None
-        self.waiters.clear()
-        self.idle.clear()
-        self.suspended = 0
+        self.waits.clear()
+        self.ready = ready_queue(self.store)
+        self.suspended = self.n_paused = 0
 
     # -- input ----------------------------------------------------------------------
 
@@ -305,92 +182,110 @@ class PartitionProcessor:
             self.lookup(inv_id) if invoke["idempotency_key"] is not None else None)
         if phase is not None:
             self.stats.duplicates += 1
-            if invoke["caller"] is not None and phase in ("COMPLETED", "FAILED"):
+            if invoke["caller"] is not None and phase in (COMPLETED, FAILED):
                 # A finished callee answers its caller again; one in flight
                 # answers when it finishes (the caller is the same one).
-                self._respond_again(inv_id, invoke["caller"])
+                outcomes.respond_again(self, inv_id, invoke["caller"])
             return
-        svc = self.app.services.get(invoke["service"])
-        handler = svc.handlers.get(invoke["handler"]) if svc else None
-        inv = Invocation(id=inv_id, invoke=invoke, sk=self._sk(invoke), seq=offset)
         self.stats.accepted += 1
-        if handler is None:
-            self._dead(inv, "unknown-handler",
-                       f"app {self.app.name!r} has no handler {invoke['service']}.{invoke['handler']}")
+        svc = self.app.services.get(invoke["service"])
+        if svc is None or invoke["handler"] not in svc.handlers:
+            outcomes.dead(self, Invocation(inv_id, invoke, None, offset), "unknown-handler",
+                          f"app {self.app.name!r} has no handler {invoke['service']}.{invoke['handler']}")
             return
         if svc.keyed and invoke["key"] is None:
-            self._dead(inv, "missing-key", f"keyed service {svc.name!r} needs a key; the invocation has none")
+            outcomes.dead(self, Invocation(inv_id, invoke, None, offset), "missing-key",
+                          f"keyed service {svc.name!r} needs a key; the invocation has none")
             return
-        self.invocations[inv_id] = inv
-        self._enqueue(inv)
+        sk = self._sk(invoke)
+        if self._full() or self.ready:
+            put_queued(self.store, invoke, offset)
+            self.ready.push(offset, inv_id)
+            self.stats.inboxed += 1
+        elif sk is not None and self.keys.is_held(sk):
+            put_queued(self.store, invoke, offset)
+            self.keys.wait(sk, offset, inv_id)
+            self.stats.inboxed += 1
+        else:
+            self._begin(invoke, offset, sk)
 
     def lookup(self, inv_id: bytes) -> str | None:
         """Where an invocation id stands on this partition, from the one rule
         every duplicate check uses: its phase while in memory; SUSPENDED while
-        only the store holds it in flight; COMPLETED or FAILED while its
-        outcome is retained; None when the partition never accepted it (or
-        forgot it after the retention)."""
+        only the store holds it in flight; INBOXED while it waits in the
+        inbox; COMPLETED or FAILED while its outcome is retained; None when
+        the partition never accepted it (or forgot it after the retention)."""
         inv = self.invocations.get(inv_id)
         if inv is not None:
             return inv.phase
         get = self.store.get
         if get(keys.status(inv_id)) is not None:
             return SUSPENDED  # load() brings every other in-flight phase into memory
+        if get(keys.queued(inv_id)) is not None:
+            return INBOXED
         if get(keys.failed(inv_id)) is not None:
-            return "FAILED"
+            return FAILED
         if get(keys.dedup(inv_id)) is not None:
-            return "COMPLETED"
+            return COMPLETED
         return None
 
-    def _enqueue(self, inv: Invocation) -> None:
-        if inv.sk is None:
-            self._start(inv)
-            return
-        q = self.queues.get(inv.sk)
-        if q is None:
-            q = self.queues[inv.sk] = _KeyQueue()
-            if self.suspended:
-                # A suspended invocation may hold the key; only the store knows.
-                q.holder = self.store.get(keys.lock(inv.sk))
-        if q.holder is None and not q.waiting:
-            q.holder = inv
-            self._start(inv)
-        else:
-            inv.phase = INBOXED
-            q.waiting.append(inv)
-            self._mark(inv)
+    def _full(self) -> bool:
+        return len(self.invocations) - self.n_paused >= self.max_inflight
 
-    def _promote(self, q: _KeyQueue) -> None:
-        nxt = q.waiting.popleft()
-        q.holder = nxt
-        if nxt.inbox_written:
-            self.store.delete(keys.inbox(nxt.sk, nxt.seq))  # type: ignore[arg-type]
-            nxt.inbox_written = False
-        self._start(nxt)
+    def pump(self) -> None:
+        """Start queued invocations while there is room; when there is none,
+        suspend waiting invocations (the longest idle first) to make it."""
+        ready = self.ready
+        while not self.closed and ready.peek() is not None:
+            if self._full() and not self._make_room():
+                return
+            seq, inv_id = ready.pop()  # type: ignore[misc]
+            invoke = take_queued(self.store, inv_id, remove=False)
+            if invoke is None:
+                log.warning("partition %d: queued %s has no Invoke; dropped", self.partition, format_id(inv_id))
+                continue
+            sk = self._sk(invoke)
+            if sk is not None and self.keys.is_held(sk):
+                self.keys.wait(sk, seq, inv_id)
+            else:
+                self.store.delete(keys.queued(inv_id))
+                self._begin(invoke, seq, sk)
 
-    def _mark(self, inv: Invocation) -> None:
-        inv.status_dirty = True
-        self.dirty.add(inv)
-        if not self.net_effects:
-            self._persist(inv)
+    def _make_room(self) -> bool:
+        for inv in self.waits.oldest():
+            if self.suspend(inv):
+                self.stats.pressure_suspensions += 1
+                if not self._full():
+                    return True
+        return False
 
     # -- execution ----------------------------------------------------------------
+
+    def _begin(self, invoke: dict[str, Any], seq: int, sk: bytes | None, inbox: StoreQueue | None = None) -> None:
+        """A new invocation starts (and takes its key)."""
+        inv = Invocation(id=invoke["invocation_id"], invoke=invoke, sk=sk, seq=seq)
+        self.invocations[inv.id] = inv
+        if sk is not None:
+            self.keys.take(inv, inbox)
+        self._start(inv)
 
     def _start(self, inv: Invocation) -> None:
         why = self.poisoned.get(inv.id) if self.poisoned else None
         if why is not None:
             # Forgotten only once its failure commits: a rewind may replay it.
             self.poison_failed.append(inv.id)
-            self._fail(inv, "unproducible" if why.startswith("a record") else "internal-error", why)
+            outcomes.fail(self, inv, "unproducible" if why.startswith("a record") else "internal-error", why)
             return
+        if inv.phase == PAUSED:
+            self.n_paused -= 1
         inv.phase = RUNNING
-        self._mark(inv)
-        state = _KeyState(self.store, inv.sk) if inv.sk is not None else None
+        self.writer.changed(inv)
         invoke = inv.invoke
         call = HandlerCall(
             invocation_id=inv.id, service=invoke["service"], handler=invoke["handler"], key=invoke["key"],
             payload=invoke["payload"], payload_format=invoke["payload_format"], attempt=inv.attempt,
-            journal=inv.journal, state=state, source=invoke.get("source"), subscription=invoke.get("subscription"),
+            journal=inv.journal, state=_KeyState(self.store, inv.sk) if inv.sk is not None else None,
+            source=invoke.get("source"), subscription=invoke.get("subscription"),
             effects=InvocationEffects(self, inv), limits=self.limits,
         )
         self.active.add(inv)
@@ -401,187 +296,70 @@ class PartitionProcessor:
         running with its key locked (it would, silently, in asyncio's
         exception handler): the transaction holding half of it is aborted and
         the invocation fails with the reason when the rewind starts it again."""
+        if self.closed or self.invocations.get(inv.id) is not inv:
+            return  # outcome of a run that a rewind or revocation already dropped
+        self.active.discard(inv)
+        inv.running = None
         try:
-            self._on_outcome(inv, outcome)
+            if not self.writer.net_effects:
+                self.writer.persist(inv)
+            outcomes.apply(self, inv, outcome)
         except Exception as e:
             log.exception("%s %s: applying its outcome failed", format_id(inv.id), inv.target)
             self.out.fault(inv.id, f"internal error applying its outcome ({outcome.status}): "
                                    f"{type(e).__name__}: {e}")
 
-    def _on_outcome(self, inv: Invocation, outcome: Outcome) -> None:
-        if self.closed or self.invocations.get(inv.id) is not inv:
-            return  # outcome of a run that a rewind or revocation already dropped
-        self.active.discard(inv)
-        inv.running = None
-        if not self.net_effects:
-            self._persist(inv)
-        status = outcome.status
-        if status == "completed":
-            self._complete(inv, outcome)
-        elif status == "terminal":
-            self._fail(inv, "terminal", outcome.error or "terminal error")
-        elif status == "retry":
-            policy = self.app.services[inv.invoke["service"]].retry
-            inv.attempt += 1
-            inv.error = outcome.error
-            if inv.attempt >= policy.max_attempts:
-                self._fail(inv, "retries-exhausted",
-                           f"failed {inv.attempt} attempts; last error: {outcome.error}")
-                return
-            self.stats.retries += 1
-            inv.phase = BACKING_OFF
-            inv.retry_at_ms = now_ms() + int(policy.delay(inv.attempt) * 1000)
-            heapq.heappush(self.timers, (inv.retry_at_ms, inv.id, -1))
-            self._mark(inv)
-            log.info("%s %s attempt %d failed, retrying in %d ms: %s", format_id(inv.id), inv.target,
-                     inv.attempt, inv.retry_at_ms - now_ms(), outcome.error)
-        else:  # paused
-            inv.phase = PAUSED
-            inv.error = outcome.error
-            self.stats.paused += 1
-            self._mark(inv)
-            log.error("%s %s paused: %s", format_id(inv.id), inv.target, outcome.error)
+    def pause(self, inv: Invocation, error: str | None) -> None:
+        inv.phase = PAUSED
+        inv.error = error
+        self.n_paused += 1
+        self.stats.paused += 1
+        self.writer.changed(inv)
+        log.error("%s %s paused: %s", format_id(inv.id), inv.target, error, extra={"invocation_id": format_id(inv.id)})
 
-    def _complete(self, inv: Invocation, outcome: Outcome) -> None:
-        store = self.store
-        if inv.sk is not None:
-            if outcome.cleared_all:
-                for k, _ in store.scan(keys.state_prefix(inv.sk)):
-                    store.delete(k)
-            for name, value in outcome.state.items():
-                sk = keys.state(inv.sk, name)
-                if value is None:
-                    store.delete(sk)
-                else:
-                    store.put(sk, value)
-        for topic, key, value, headers in outcome.emits:
-            self.out.produce(topic, key, value, headers, owner=inv.id)
-        self._respond(inv.invoke["caller"], inv.id, outcome.value, None)
-        self._remember(inv, failed=False, result=outcome.value, error=None)
-        self.stats.completed += 1
-        self._finish(inv)
-
-    def _remember(self, inv: Invocation, failed: bool, result: bytes | None, error: str | None) -> None:
-        """Keep a dedup entry for invocations that asked for idempotency."""
-        if inv.invoke.get("idempotency_key") is None:
-            return
-        retention = inv.invoke.get("idempotency_retention_ms") or DEFAULT_RETENTION_MS
-        expires = now_ms() + retention
-        self.store.put_fresh(keys.dedup(inv.id), schemas.encode("dedup_entry", {
-            "expires_at_ms": expires, "failed": failed, "result": result, "error": error}))
-        self.store.put_fresh(keys.expiry(expires, keys.DEDUP, inv.id), b"")
-
-    def _fail(self, inv: Invocation, reason: str, error: str) -> None:
-        self._dead(inv, reason, error)
-        self._finish(inv)
-
-    def _dead(self, inv: Invocation, reason: str, error: str) -> None:
-        """Write the dead letter and retain the failed status for inspection."""
-        invoke = inv.invoke
-        self.stats.failed += 1
-        log.warning("%s %s failed (%s): %s", format_id(inv.id), inv.target, reason, error)
-        k, v, h = dead_letter(
-            self.app.name, reason, error, invoke["key"], invoke["payload"], invocation_id=inv.id,
-            target=inv.target, attempts=inv.attempt + (1 if reason != "retries-exhausted" else 0),
-            source=invoke.get("source"),
-        )
-        self.out.produce(self.app.dlq_topic, k, v, h)
-        self._respond(invoke["caller"], inv.id, None, error if reason == "terminal" else
-                      f"{inv.target} failed ({reason}): {error}")
-        retention = invoke.get("idempotency_retention_ms") or DEFAULT_RETENTION_MS
-        expires = now_ms() + retention
-        self.store.put(keys.failed(inv.id), schemas.encode("invocation_status", {
-            "invoke": invoke, "phase": "FAILED", "seq": inv.seq, "attempt": inv.attempt, "retry_at_ms": 0,
-            "error": f"{reason}: {error}", "result": None, "updated_at_ms": now_ms(), "expires_at_ms": expires}))
-        self.store.put(keys.expiry(expires, keys.FAILED, inv.id), b"")
-        if invoke.get("idempotency_key") is not None:
-            self._remember(inv, failed=True, result=None, error=error)
-
-    def _finish(self, inv: Invocation) -> None:
-        """Forget a finished invocation: delete what the store holds for it
-        and hand its key to the next waiting invocation."""
-        store = self.store
-        if inv.status_written:
-            store.delete(keys.status(inv.id))
-        for i in range(inv.journal_written):
-            store.delete(keys.journal(inv.id, i))
-        if inv.inbox_written:
-            store.delete(keys.inbox(inv.sk, inv.seq))  # type: ignore[arg-type]
-        if inv.lock_written:
-            store.delete(keys.lock(inv.sk))  # type: ignore[arg-type]
-        if inv.has_early:
-            for k, _ in store.scan(keys.early_prefix(inv.id)):
-                store.delete(k)
+    def finish(self, inv: Invocation) -> None:
+        """Forget a finished invocation and hand its key to the next in line."""
+        self.writer.forget(inv)
         self.invocations.pop(inv.id, None)
-        self.dirty.discard(inv)
         self.active.discard(inv)
-        self.idle.pop(inv, None)
-        self.progress += 1
+        self.waits.drop(inv)
         if inv.sk is not None:
-            q = self.queues.get(inv.sk)
-            if q is not None and q.holder is inv:
-                q.holder = None
-                if q.waiting:
-                    self._promote(q)
-                else:
-                    del self.queues[inv.sk]
+            self._hand_over(self.keys.release(inv))
+
+    def _hand_over(self, nxt: tuple[int, bytes, StoreQueue] | None) -> None:
+        """Start the next invocation of a key's inbox as the key's holder."""
+        while nxt is not None:
+            seq, inv_id, inbox = nxt
+            invoke = take_queued(self.store, inv_id)
+            if invoke is not None:
+                self._begin(invoke, seq, self._sk(invoke), inbox)
+                return
+            log.warning("partition %d: queued %s has no Invoke; dropped", self.partition, format_id(inv_id))
+            head = inbox.pop()
+            nxt = None if head is None else (head[0], head[1], inbox)
 
     # -- time -----------------------------------------------------------------------
 
     def fire_timers(self, now: int) -> None:
-        timers = self.timers
-        while timers and timers[0][0] <= now:
-            at, inv_id, _ = heapq.heappop(timers)
-            inv = self.invocations.get(inv_id)
-            if inv is not None and inv.phase == BACKING_OFF and inv.retry_at_ms == at:
-                self._start(inv)
-        if self.next_timer is not None and self.next_timer <= now:
-            self._fire_store_timers(now)
-        if self.idle:
-            self._suspend_idle(now)
-        if now >= self._next_expiry_sweep:
-            self._next_expiry_sweep = now + 1000
-            self._expire(now)
+        self.timers.fire(now)
+        for inv in self.waits.due(now):
+            self.suspend(inv)
 
-    def _fire_store_timers(self, now: int) -> None:
-        """Fire due TIMER records in fire-time order. Deleting the record and
-        producing its effect join the same transaction, so a timer fires once."""
-        store = self.store
-        while True:
-            batch = store.scan(keys.TIMER, limit=TIMER_BATCH)
-            nxt = None
-            for key, raw in batch:
-                at, inv_id, index = keys.parse_timer(key)
-                if at > now:
-                    nxt = at
-                    break
-                store.delete(key)
-                timer = schemas.decode("timer", raw)
-                self.stats.timers_fired += 1
-                if timer["kind"] == "SEND":
-                    self.out.produce(self.app.log_topic, timer["routing_key"], timer["record"],
-                                     partition=timer["partition"])
-                else:
-                    self._complete_entry(inv_id, index, None, None)
-            if nxt is not None or len(batch) < TIMER_BATCH:
-                self.next_timer = nxt
-                return
+    def _send_timer(self, timer: dict[str, Any]) -> None:
+        self.out.produce(self.app.log_topic, timer["routing_key"], timer["record"], partition=timer["partition"])
 
-    def add_timer(self, fire_ms: int, inv_id: bytes, index: int, record: dict[str, Any]) -> None:
-        self.store.put_fresh(keys.timer(fire_ms, inv_id, index), schemas.encode("timer", record))
-        if self.next_timer is None or fire_ms < self.next_timer:
-            self.next_timer = fire_ms
+    def _wake(self, inv_id: bytes, index: int) -> None:
+        self.complete_entry(inv_id, index, None, None)
 
-    # -- waiting, completions, suspension ---------------------------------------------
+    def _retry(self, inv_id: bytes, at: int) -> None:
+        inv = self.invocations.get(inv_id)
+        if inv is not None and inv.phase == BACKING_OFF and inv.retry_at_ms == at:
+            self._start(inv)
 
-    def waiter(self, inv: Invocation, index: int) -> asyncio.Future:
-        fut = self.waiters.get((inv.id, index))
-        if fut is None:
-            fut = self.waiters[(inv.id, index)] = asyncio.get_running_loop().create_future()
-        return fut
+    # -- completions and suspension -----------------------------------------------------
 
-    def _complete_entry(self, inv_id: bytes, index: int, value: bytes | None, error: str | None,
-                        kind: str | None = None) -> str | None:
+    def complete_entry(self, inv_id: bytes, index: int, value: bytes | None, error: str | None,
+                       kind: str | None = None) -> str | None:
         """A journal entry that waited (sleep, call, awakeable) completed:
         record it and wake the waiting coroutine, or resume a suspended
         invocation by replay. Returns why it could not be completed."""
@@ -592,6 +370,7 @@ class PartitionProcessor:
             resumed = inv is not None
         if inv is None:
             return "its invocation is not in flight on this partition (it already finished, or never existed)"
+        reason = None
         if index >= len(inv.journal):
             reason = f"its journal has no entry {index}"
         else:
@@ -604,10 +383,7 @@ class PartitionProcessor:
                 entry.completed = True
                 entry.value = value if value is not None else entry.value
                 entry.error = error
-                reason = None
-                if index < inv.journal_written:
-                    inv.journal_dirty.add(index)
-                    self.dirty.add(inv)
+                self.writer.entry_completed(inv, index)
         if resumed:
             if reason is not None:
                 self.suspend(inv)  # nothing changed for it: back to the store
@@ -615,83 +391,46 @@ class PartitionProcessor:
             self.stats.resumed += 1
             self._start(inv)  # replay: it waits again if it still has to
         elif reason is None:
-            if inv in self.idle:
-                self._progressed(inv, now_ms())
-            fut = self.waiters.pop((inv_id, index), None)
-            if fut is not None and not fut.done():
-                fut.set_result(None)
-                self.progress += 1
+            self.waits.completed(inv, index)
         return reason
 
     def _load_suspended(self, inv_id: bytes) -> Invocation | None:
         """Bring a suspended invocation back from the store (not yet started)."""
-        store = self.store
-        raw = store.get(keys.status(inv_id))
+        raw = self.store.get(keys.status(inv_id))
         if raw is None:
             return None
         st = schemas.decode("invocation_status", raw)
         if st["phase"] != SUSPENDED:
             return None
         inv = self._from_store(inv_id, st)
-        inv.status_dirty = True  # its phase changes when it starts
         self.suspended -= 1
         if inv.sk is not None:
-            inv.lock_written = True
-            q = self.queues.get(inv.sk)
-            if q is None:
-                q = self.queues[inv.sk] = _KeyQueue()
-            q.holder = inv
+            self.keys.take(inv, maybe_queued=True)
+            self.writer.loaded(inv, holds_lock=True)
+        self.writer.changed(inv)  # its phase changes when it starts
         return inv
 
-    def _progressed(self, inv: Invocation, now: int) -> None:
-        """Restart an invocation's inactivity clock (it stays in `idle`)."""
-        self.idle.pop(inv, None)
-        self.idle[inv] = now
-        inv.progress_mark = len(inv.journal)
-
-    def _suspend_idle(self, now: int) -> None:
-        limit = now - self.suspend_after_ms
-        due = []
-        for inv, since in self.idle.items():  # oldest first
-            if since > limit:
-                break
-            due.append(inv)
-        for inv in due:
-            if len(inv.journal) != inv.progress_mark:
-                self._progressed(inv, now)  # it journaled steps while it waited (e.g. inside a gather)
-            else:
-                self.suspend(inv)
-
-    def suspend(self, inv: Invocation) -> None:
+    def suspend(self, inv: Invocation) -> bool:
         """Drop a waiting invocation's coroutine and keep it only in the
         store; a completion for it resumes it by journal replay."""
         if self.invocations.get(inv.id) is not inv:
-            return
+            return False
         if any(inv.journal[i].completed for i in inv.awaiting):
-            return  # woken already: its coroutine runs next, dropping it would lose the wake-up
+            return False  # woken already: its coroutine runs next, dropping it would lose the wake-up
         inv.phase = SUSPENDED
-        inv.status_dirty = True
-        self._persist(inv)  # status, journal and lock, before it leaves memory
-        for i, e in enumerate(inv.journal):
-            if not e.completed:
-                self.waiters.pop((inv.id, i), None)
+        self.writer.changed(inv)
+        self.writer.persist(inv)  # status, journal and lock, before it leaves memory
+        self.writer.left_memory(inv)
+        self.keys.left_memory(inv)
+        self.waits.drop(inv)
         if inv.running is not None:
             inv.running.cancel()
             inv.running = None
         del self.invocations[inv.id]
         self.active.discard(inv)
-        self.dirty.discard(inv)
-        self.idle.pop(inv, None)
         self.suspended += 1
         self.stats.suspensions += 1
-        self.progress += 1
-        if inv.sk is not None:
-            q = self.queues.get(inv.sk)
-            if q is not None and q.holder is inv:
-                if q.waiting:
-                    q.holder = inv.id
-                else:
-                    del self.queues[inv.sk]
+        return True
 
     def suspend_waiting(self) -> None:
         """Suspend every waiting invocation (on shutdown), so a restart does
@@ -701,27 +440,10 @@ class PartitionProcessor:
 
     # -- responses and awakeables -----------------------------------------------------
 
-    def _respond(self, caller: dict[str, Any] | None, callee: bytes, value: bytes | None,
-                 failure: str | None) -> None:
-        """A call's outcome travels to the caller's partition in this transaction."""
-        if caller is None:
-            return
-        record = schemas.encode("log_record", {"body": ("oncely.Response", {
-            "invocation_id": caller["invocation_id"], "journal_index": caller["journal_index"],
-            "callee_id": callee, "value": value, "failure": failure})})
-        self.out.produce(self.app.log_topic, caller["invocation_id"], record, partition=caller["partition"],
-                         owner=callee)
-
-    def _respond_again(self, inv_id: bytes, caller: dict[str, Any]) -> None:
-        raw = self.store.get(keys.dedup(inv_id))
-        if raw is not None:
-            d = schemas.decode("dedup_entry", raw)
-            self._respond(caller, inv_id, d["result"], d["error"] if d["failed"] else None)
-
     def on_response(self, body: dict[str, Any]) -> None:
         self.stats.responses += 1
-        why = self._complete_entry(body["invocation_id"], body["journal_index"], body["value"], body["failure"],
-                                   kind="call")
+        why = self.complete_entry(body["invocation_id"], body["journal_index"], body["value"], body["failure"],
+                                  kind="call")
         if why is not None:
             log.info("response for %s[%d] dropped: %s", format_id(body["invocation_id"]), body["journal_index"], why)
 
@@ -740,61 +462,19 @@ class PartitionProcessor:
                 inv.has_early = True
                 why = None
         else:
-            why = self._complete_entry(inv_id, index, body["value"], body["failure"], kind="awakeable")
+            why = self.complete_entry(inv_id, index, body["value"], body["failure"], kind="awakeable")
         if why is not None:
             log.info("awakeable %s[%d] not completed: %s", format_id(inv_id), index, why)
         request = body.get("request_id")
         if request is not None:
-            answer = {"ok": why is None, "error": why}
-            self.out.produce(self.app.replies_topic, request, orjson.dumps(answer),
-                             partition=partition_for(request, self.app.partitions))
-
-    def _expire(self, now: int, limit: int = 10_000) -> None:
-        """Remove dedup entries and retained failures past their retention."""
-        store = self.store
-        for k, _ in store.scan(keys.EXPIRY, keys.expiry_upper(now))[:limit]:
-            _, space, inv_id = keys.parse_expiry(k)
-            store.delete(k)
-            store.delete(space + inv_id)
+            d = awakeable_reply(request, why, self.app.partitions)
+            self.out.produce(self.app.replies_topic, d.key, d.value, partition=d.partition)
 
     # -- commit ---------------------------------------------------------------------
 
-    def _persist(self, inv: Invocation) -> None:
-        store = self.store
-        if inv.status_dirty or not inv.status_written:
-            data = schemas.encode("invocation_status", {
-                "invoke": inv.invoke, "phase": inv.phase, "seq": inv.seq, "attempt": inv.attempt,
-                "retry_at_ms": inv.retry_at_ms, "error": inv.error, "result": None,
-                "updated_at_ms": now_ms(), "expires_at_ms": 0,
-            })
-            if inv.status_written:
-                store.put(keys.status(inv.id), data)
-            else:
-                self._put_new(keys.status(inv.id), data)
-                inv.status_written = True
-            inv.status_dirty = False
-        journal = inv.journal
-        for i in range(inv.journal_written, len(journal)):
-            self._put_new(keys.journal(inv.id, i), journal[i].encode())
-        inv.journal_written = len(journal)
-        for i in inv.journal_dirty:
-            store.put(keys.journal(inv.id, i), journal[i].encode())
-        inv.journal_dirty.clear()
-        if inv.sk is not None:
-            q = self.queues.get(inv.sk)
-            if q is not None and q.holder is inv and not inv.lock_written:
-                self._put_new(keys.lock(inv.sk), inv.id)
-                inv.lock_written = True
-            if inv.phase == INBOXED and not inv.inbox_written:
-                self._put_new(keys.inbox(inv.sk, inv.seq), inv.id)
-                inv.inbox_written = True
-
     def prepare_commit(self) -> None:
         """Write what outlives this commit: records of invocations in flight."""
-        for inv in self.dirty | self.active:
-            if self.invocations.get(inv.id) is inv:
-                self._persist(inv)
-        self.dirty.clear()
+        self.writer.persist_all(self.active)
 
     def after_commit(self, changelog_offset: int | None) -> tuple[int, int]:
         """RocksDB now reflects the commit. Returns the invocations finished
@@ -808,8 +488,6 @@ class PartitionProcessor:
             self.poisoned.pop(inv_id, None)
         self.poison_failed.clear()
         return finished, failed
-
-    # -- inspection -----------------------------------------------------------------
 
     def in_flight(self) -> int:
         return len(self.invocations)

@@ -1,0 +1,106 @@
+"""The durable inbox: invocations that wait, in the store, in log order.
+
+An Invoke that cannot start when it is read waits in the partition's store
+instead of in memory: behind a busy key (a key inbox, `INBOX` keys) or for
+capacity (the ready queue, `READY` keys, when `max_inflight_per_partition`
+invocations are in memory). Its Invoke is kept under `QUEUED` by id, so a
+duplicate is recognised while it waits. Only a short head of each queue is
+in memory, so neither a hot key nor a backlog of callers grows memory, and
+the log itself is never paused: Responses, awakeable results and timers
+always apply.
+
+Sequence numbers are log offsets, so key order is log order.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable
+
+from oncely import schemas
+from oncely.processor import keys
+from oncely.processor.invocation import INBOXED, now_ms
+from oncely.processor.store import PartitionStore
+
+# Queue entries kept in memory per queue (read from the store in batches of this).
+WINDOW = 32
+
+
+class StoreQueue:
+    """A FIFO of invocation ids under one store key range, ordered by
+    sequence number. Entries are pushed in increasing sequence order."""
+
+    __slots__ = ("store", "_key", "_end", "_start", "window", "beyond", "tail")
+
+    def __init__(self, store: PartitionStore, key: Callable[[int], bytes], prefix: bytes,
+                 maybe_stored: bool) -> None:
+        self.store = store
+        self._key = key
+        self._start = prefix
+        self._end = keys.prefix_end(prefix)
+        self.window: deque[tuple[int, bytes]] = deque()
+        # Entries may be in the store beyond the window (unknown after a load).
+        self.beyond = maybe_stored
+        self.tail = -1  # sequence number of the last entry the window took
+
+    def push(self, seq: int, inv_id: bytes) -> None:
+        self.store.put_fresh(self._key(seq), inv_id)
+        if not self.beyond and len(self.window) < WINDOW:
+            self.window.append((seq, inv_id))
+            self.tail = seq
+        else:
+            self.beyond = True
+
+    def _refill(self) -> None:
+        start = self._key(self.tail + 1) if self.tail >= 0 else self._start
+        batch = self.store.scan(start, self._end, limit=WINDOW)
+        for k, v in batch:
+            self.window.append((keys.seq_of(k), v))
+        if batch:
+            self.tail = self.window[-1][0]
+        self.beyond = len(batch) == WINDOW
+
+    def peek(self) -> tuple[int, bytes] | None:
+        if not self.window and self.beyond:
+            self._refill()
+        return self.window[0] if self.window else None
+
+    def pop(self) -> tuple[int, bytes] | None:
+        """The head, removed from the queue (and its key from the store)."""
+        head = self.peek()
+        if head is not None:
+            self.window.popleft()
+            self.store.delete(self._key(head[0]))
+        return head
+
+    def __bool__(self) -> bool:
+        return self.peek() is not None
+
+
+def put_queued(store: PartitionStore, invoke: dict[str, Any], seq: int) -> None:
+    """Keep a waiting invocation's Invoke by its id."""
+    store.put_fresh(keys.queued(invoke["invocation_id"]), schemas.encode("invocation_status", {
+        "invoke": invoke, "phase": INBOXED, "seq": seq, "attempt": 0, "retry_at_ms": 0, "error": None,
+        "result": None, "updated_at_ms": now_ms(), "expires_at_ms": 0}))
+
+
+def take_queued(store: PartitionStore, inv_id: bytes, remove: bool = True) -> dict[str, Any] | None:
+    """The Invoke of a waiting invocation (removed from the store when it
+    starts now)."""
+    key = keys.queued(inv_id)
+    raw = store.get(key)
+    if raw is None:
+        return None
+    if remove:
+        store.delete(key)
+    return schemas.decode("invocation_status", raw)["invoke"]
+
+
+def ready_queue(store: PartitionStore) -> StoreQueue:
+    """The partition's queue of invocations waiting for capacity."""
+    return StoreQueue(store, keys.ready, keys.READY, maybe_stored=True)
+
+
+def key_inbox(store: PartitionStore, sk: bytes, maybe_stored: bool) -> StoreQueue:
+    """The queue of invocations waiting for key `sk`."""
+    return StoreQueue(store, lambda seq: keys.inbox(sk, seq), keys.inbox_prefix(sk), maybe_stored)

@@ -1,0 +1,82 @@
+"""An invocation in memory, its phases, and the seam partitions write through.
+
+Only invocations that run (or wait, back off, or are paused) live in memory;
+queued ones live in the store's inbox (inbox.py) and suspended ones in its
+status records, until a key, capacity or a completion brings them back.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from oncely.processor.protocol import Entry, Running
+
+# Phases, as the store and `lookup` report them.
+INBOXED = "INBOXED"          # queued in the store (for its key or for capacity)
+RUNNING = "RUNNING"
+BACKING_OFF = "BACKING_OFF"  # failed an attempt; a retry timer starts it again
+PAUSED = "PAUSED"            # non-deterministic or not runnable; retried on restart
+SUSPENDED = "SUSPENDED"      # waiting, only in the store
+COMPLETED = "COMPLETED"
+FAILED = "FAILED"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class TxnOutput(Protocol):
+    """Adds records to the open Kafka transaction."""
+
+    def produce(self, topic: str, key: bytes | None, value: bytes | None,
+                headers: list[tuple[str, bytes]] | None = None, partition: int | None = None,
+                owner: bytes | None = None) -> None:
+        """`owner`: the invocation the record belongs to (it fails, and
+        nothing else, when the record can never be produced)."""
+
+    def fault(self, inv_id: bytes, why: str) -> None:
+        """An invocation's outcome could not be applied: abort the open
+        transaction; the invocation fails with `why` when it next starts."""
+
+
+@dataclass(eq=False)
+class Invocation:
+    id: bytes
+    invoke: dict[str, Any]
+    sk: bytes | None               # (service, key) for keyed targets
+    seq: int                       # log offset of the Invoke
+    phase: str = RUNNING
+    attempt: int = 0
+    retry_at_ms: int = 0
+    error: str | None = None
+    journal: list[Entry] = field(default_factory=list)
+    running: Running | None = None
+    awaiting: list[int] = field(default_factory=list)  # journal indexes its coroutine awaits right now
+    progress_mark: int = 0  # journal length when it was last seen to progress
+    has_early: bool = False  # completions that arrived before their entry
+
+    @property
+    def waiting(self) -> bool:
+        return bool(self.awaiting)
+
+    @property
+    def target(self) -> str:
+        return f"{self.invoke['service']}/{self.invoke['handler']}"
+
+
+@dataclass
+class PartitionStats:
+    accepted: int = 0
+    duplicates: int = 0
+    completed: int = 0
+    failed: int = 0
+    retries: int = 0
+    paused: int = 0
+    resumed: int = 0
+    timers_fired: int = 0
+    suspensions: int = 0
+    responses: int = 0
+    inboxed: int = 0          # Invokes that waited in the store's inbox
+    pressure_suspensions: int = 0  # waiting invocations suspended to make room

@@ -1,0 +1,80 @@
+"""Key locks: one invocation at a time per (service, key), in log order.
+
+The holder of a key is an invocation in memory (`held`) or a suspended one
+(only its LOCK record says so). Invocations that arrive for a held key wait
+in the key's inbox in the store (inbox.py); when the holder finishes, the
+head of the inbox takes the key. A key with an inbox always has a holder.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from oncely.processor import keys
+from oncely.processor.inbox import StoreQueue, key_inbox
+from oncely.processor.invocation import Invocation
+from oncely.processor.store import PartitionStore
+
+
+class KeyQueue:
+    __slots__ = ("holder", "inbox")
+
+    def __init__(self, holder: Invocation, inbox: StoreQueue) -> None:
+        self.holder = holder
+        self.inbox = inbox
+
+
+class KeyQueues:
+    def __init__(self, store: PartitionStore, any_suspended: Callable[[], bool]) -> None:
+        self.store = store
+        self._any_suspended = any_suspended
+        self.held: dict[bytes, KeyQueue] = {}  # keys held by an invocation in memory
+
+    def is_held(self, sk: bytes) -> bool:
+        if sk in self.held:
+            return True
+        # A suspended invocation may hold it; only the store knows.
+        return self._any_suspended() and self.store.get(keys.lock(sk)) is not None
+
+    def holds(self, inv: Invocation) -> bool:
+        q = self.held.get(inv.sk) if inv.sk is not None else None
+        return q is not None and q.holder is inv
+
+    def take(self, inv: Invocation, inbox: StoreQueue | None = None, maybe_queued: bool = False) -> None:
+        """`inv` holds its key from now on (with the key's inbox, if known)."""
+        sk = inv.sk
+        assert sk is not None
+        self.held[sk] = KeyQueue(inv, inbox if inbox is not None else key_inbox(self.store, sk, maybe_queued))
+
+    def wait(self, sk: bytes, seq: int, inv_id: bytes) -> None:
+        """Queue an invocation behind the key's holder."""
+        q = self.held.get(sk)
+        if q is not None:
+            q.inbox.push(seq, inv_id)
+        else:  # held by a suspended invocation: its inbox is read when it resumes
+            self.store.put_fresh(keys.inbox(sk, seq), inv_id)
+
+    def release(self, inv: Invocation) -> tuple[int, bytes, StoreQueue] | None:
+        """`inv` finished: the next waiting invocation (seq, id, inbox), which
+        the caller starts as the key's holder; None when the key is free."""
+        q = self.held.get(inv.sk) if inv.sk is not None else None
+        if q is None or q.holder is not inv:
+            return None
+        del self.held[inv.sk]  # type: ignore[arg-type]
+        head = q.inbox.pop()
+        return None if head is None else (head[0], head[1], q.inbox)
+
+    def orphan(self, sk: bytes) -> tuple[int, bytes, StoreQueue] | None:
+        """A key whose holder is gone (a lock without its invocation): the
+        head of its inbox, if any."""
+        inbox = key_inbox(self.store, sk, True)
+        head = inbox.pop()
+        return None if head is None else (head[0], head[1], inbox)
+
+    def left_memory(self, inv: Invocation) -> None:
+        """`inv` was suspended: it keeps the key through its LOCK record."""
+        if self.holds(inv):
+            del self.held[inv.sk]  # type: ignore[arg-type]
+
+    def clear(self) -> None:
+        self.held.clear()
