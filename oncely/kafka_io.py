@@ -174,10 +174,16 @@ def iter_records(
         "fetch.wait.max.ms": 10,
     })
     try:
-        md = consumer.list_topics(topic, timeout=10)
-        tmeta = md.topics.get(topic)
-        if tmeta is None or tmeta.error is not None:
-            raise ValueError(f"topic {topic} does not exist")
+        # A topic created a moment ago may not be in every broker's metadata
+        # yet: look again for a few seconds before calling it missing.
+        deadline = time.monotonic() + 3
+        while True:
+            tmeta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+            if tmeta is not None and tmeta.error is None:
+                break
+            if time.monotonic() >= deadline:
+                raise ValueError(f"topic {topic} does not exist")
+            time.sleep(0.1)
         pending = set()
         assignment = []
         for p in sorted(tmeta.partitions):

@@ -15,6 +15,7 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from oncely.errors import ConfigError
+from oncely.processor.clients import RESERVED
 
 if TYPE_CHECKING:
     from oncely.app import App
@@ -53,8 +54,6 @@ def _refused_setting(err: KafkaError, kafka: dict[str, Any], fallback: str) -> C
 
 def check_app_settings(app: "App") -> None:
     """The app's own settings and the Kafka settings oncely sets itself."""
-    from oncely.processor.commit_loop import RESERVED
-
     cfg = app.config
     if not cfg.bootstrap:
         raise ConfigError("no Kafka bootstrap address: pass --bootstrap HOST:PORT, App(..., bootstrap=...) "

@@ -10,13 +10,13 @@ is aborted or its outcome is unknown, the partitions rewind (see
 assignment.py) to what Kafka says is committed.
 
 Who owns what:
-- producer.py: the open transaction and the mapping of librdkafka's error
-  classes to COMMITTED / REWIND / REPLACE;
-- assignment.py: partitions from assigned to running (offset fetch and
-  restore off the loop thread), revocation, rewind;
+- transaction.py: one interval's transaction (offsets, changelog, commit);
+- producer.py: the producer and librdkafka's errors → COMMITTED / REWIND / REPLACE;
+- assignment.py: partitions from assigned to running, revocation, rewind;
+- recovery.py: what the loop does when a Kafka client fails;
+- dispatch.py: each record read, to its partition or to the log;
 - partition.py: the invocations of one log partition;
-- this module: reading, routing each record, deciding when to commit,
-  backpressure, shutdown.
+- this module: reading, deciding when to commit, input backpressure, shutdown.
 
 No blocking librdkafka call runs unbounded on the loop thread (worker.py).
 """
@@ -30,23 +30,22 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from oncely import schemas
-from oncely.egress.dead_letters import dead_letter
 from oncely.egress.sinks import Sinks
-from oncely.errors import ConfigError
-from oncely.ingest.router import Routed, route
-from oncely.logs import kafka_conf_logging
+from oncely.processor import dispatch, recovery
 from oncely.processor.assignment import Assignment
+from oncely.preflight import check_app_settings
+from oncely.processor.clients import KafkaClients, source_start
 from oncely.processor.executor import LocalExecutor
-from oncely.processor.identity import StateDirLock, group_instance_id, transactional_id
+from oncely.processor.identity import StateDirLock, transactional_id
 from oncely.processor.partition import PartitionProcessor
 from oncely.processor.producer import Outcome, TxnProducer
 from oncely.processor.progress import Progress
 from oncely.processor.protocol import CLIENT_MAX_BYTES, limits_for
 from oncely.processor.restore import Restorer
 from oncely.processor.store import PartitionStore
+from oncely.processor.transaction import Transaction
 from oncely.processor.worker import Stuck, Worker
 
 if TYPE_CHECKING:
@@ -54,17 +53,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("oncely.commit")
 
-# Consumer/producer settings oncely owns; a user override would break the guarantees.
-RESERVED = {
-    "group.id", "isolation.level", "enable.auto.commit", "enable.auto.offset.store", "transactional.id",
-    "enable.idempotence", "partition.assignment.strategy", "transaction.timeout.ms", "acks",
-    "group.instance.id",
-}
 # The watchdog's bound on one blocking client call, beyond librdkafka's own timeout.
 WATCHDOG_SLACK = 2.0
-# Recovery jobs that fail in a row (offset fetches timing out) before the
-# producer is replaced, in case a transaction of ours holds the offsets.
-FETCH_FAILURES_BEFORE_REPLACE = 2
 
 
 class CommitLoop:
@@ -72,58 +62,41 @@ class CommitLoop:
 
     def __init__(self, app: "App", config: "AppConfig", topic_facts: dict[str, Any] | None = None,
                  interrupt: threading.Event | None = None) -> None:
-        if not config.bootstrap:
-            raise ConfigError(
-                "no Kafka bootstrap address: pass --bootstrap HOST:PORT, App(..., bootstrap=...) "
-                "or set ONCELY_KAFKA_BOOTSTRAP"
-            )
-        bad = RESERVED & set(config.kafka)
-        if bad:
-            raise ConfigError(f"Kafka settings {sorted(bad)} are set by oncely itself; remove them from the app's kafka config")
-        if config.commit_interval * 1000 >= config.transaction_timeout_ms:
-            raise ConfigError("commit_interval must be well below transaction_timeout_ms")
+        check_app_settings(app)  # the same checks as `oncely run` makes before creating anything
+        self.source_start = source_start(config)
         self.app = app
         self.cfg = config
         self.facts = topic_facts or {}
         self.root = Path(config.state_dir) / app.name
+        self.clients = KafkaClients(app, config, self.root)
         # Set by a stop request (a signal): waits on stuck client calls end.
         self.interrupt = interrupt or threading.Event()
         self.sources: dict[str, list[Any]] = {}
         for sub in app.subscriptions:
             for t in sub.topics:
                 self.sources.setdefault(t, []).append(sub)
-        reset = str(config.kafka.get("auto.offset.reset", "earliest")).lower()
-        if reset not in ("earliest", "smallest", "beginning", "latest", "largest", "end"):
-            raise ConfigError(f"auto.offset.reset={reset!r}: use 'earliest' or 'latest' (where a subscription "
-                              "starts on a source partition without committed offsets)")
-        # Where source partitions without a committed offset start; the log
-        # itself always starts at the beginning.
-        self.source_start = OFFSET_END if reset in ("latest", "largest", "end") else OFFSET_BEGINNING
         self.executor = LocalExecutor(app)
-        self.sinks = Sinks(app.sinks, self._topic_exists)
+        self.sinks = Sinks(app.sinks, self.clients.topic_exists)
         client_max = int(config.kafka.get("message.max.bytes", CLIENT_MAX_BYTES))
         topic_max = self.facts.get("max_message_bytes", {})
         self.limits = limits_for(app.changelog_topic, app.log_topic, topic_max, client_max)
         self.sinks.topic_max, self.sinks.client_max = topic_max, client_max
         self.bound = config.txn_call_timeout + WATCHDOG_SLACK
-        self.consumed: dict[tuple[str, int], int] = {}
-        self.pending_records = 0
         # Invocations whose records can never be produced (or whose outcome
         # could not be applied): failed with the reason when they next start,
         # instead of being replayed after every rewind.
         self.poisoned: dict[bytes, str] = {}
         self.rewinds = 0
         self.consumer_restarts = 0
-        self._fault: str | None = None
         self._last_commit = time.monotonic()
         self._stopping = False
         self._paused_sources: set[tuple[str, int]] = set()
         self._lock: StateDirLock | None = None
         self.txn: TxnProducer | None = None
+        self.open: Transaction | None = None
         self.consumer: Consumer | None = None
         self.restorer: Restorer | None = None
         self.assignment: Assignment | None = None
-        self._admin_worker: Worker | None = None
         self.on_commit: Callable[[], None] | None = None  # test/metrics hook
         self.progress = Progress(self)
 
@@ -150,75 +123,17 @@ class CommitLoop:
         """Kafka clients left stuck inside librdkafka (the process must exit hard)."""
         return self.txn.stats.abandoned if self.txn else 0
 
-    # -- Kafka clients --------------------------------------------------------------
-
-    def _base_conf(self) -> dict[str, Any]:
-        # librdkafka's lines through Python logging, repeats collapsed.
-        conf = {**kafka_conf_logging(), "bootstrap.servers": self.cfg.bootstrap, **self.cfg.kafka}
-        conf.pop("auto.offset.reset", None)  # applied per source partition in the assignment
-        return conf
-
-    def _producer_conf(self) -> dict[str, Any]:
-        return {
-            **self._base_conf(),
-            "transactional.id": self.tid,
-            "enable.idempotence": True,
-            "transaction.timeout.ms": self.cfg.transaction_timeout_ms,
-            "message.timeout.ms": self.cfg.transaction_timeout_ms,
-            "linger.ms": 5,
-            "queue.buffering.max.messages": 1_000_000,
-            "compression.type": "lz4",
-            # Keyed records land where Kafka's Java clients would put them.
-            "partitioner": "murmur2_random",
-        }
-
-    def _new_consumer(self) -> Consumer:
-        conf = {
-            **self._base_conf(),
-            "group.id": self.app.name,
-            "partition.assignment.strategy": "cooperative-sticky",
-            "isolation.level": "read_committed",
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "auto.offset.reset": "earliest",
-            "session.timeout.ms": self.cfg.session_timeout_ms,
-            "heartbeat.interval.ms": max(500, self.cfg.session_timeout_ms // 5),
-            "max.poll.interval.ms": self.cfg.max_poll_interval_ms,
-            "fetch.wait.max.ms": 100,
-        }
-        if self.cfg.static_membership:
-            conf["group.instance.id"] = group_instance_id(self.root, self.app.name)
-        return Consumer(conf)
-
-    def _fetch_committed(self, tps: list[TopicPartition], stable: bool = True) -> list[TopicPartition]:
-        """The group's committed offsets (read_committed: waits while a
-        transaction holding offsets for them is open). A fresh consumer each
-        time, on the restore worker: after a broker restart a long-lived
-        client can keep a stale group coordinator, and its fetches then time
-        out for good (seen with the main consumer after a static member was
-        fenced)."""
-        conf = {**self._base_conf(), "group.id": self.app.name, "enable.auto.commit": False,
-                "isolation.level": "read_committed" if stable else "read_uncommitted"}
-        c = Consumer(conf)
-        try:
-            return c.committed(tps, timeout=self.cfg.txn_call_timeout)
-        finally:
-            c.close()
-
-    def _topic_exists(self, topic: str) -> bool:
-        from confluent_kafka.admin import AdminClient
-
-        md = AdminClient(self._base_conf()).list_topics(topic, timeout=10)
-        t = md.topics.get(topic)
-        return t is not None and t.error is None
+    @property
+    def pending_records(self) -> int:
+        return self.open.records if self.open else 0
 
     # -- TxnOutput (what partitions produce through) ---------------------------------
 
     def produce(self, topic: str, key: bytes | None, value: bytes | None,
                 headers: list[tuple[str, bytes]] | None = None, partition: int | None = None,
                 owner: bytes | None = None) -> None:
-        assert self.txn is not None
-        self.txn.produce(topic, key, value, headers, partition, owner)
+        assert self.open is not None
+        self.open.produce(topic, key, value, headers, partition, owner)
 
     def fault(self, inv_id: bytes, why: str) -> None:
         """An invocation's outcome could not be applied (an internal error):
@@ -226,7 +141,8 @@ class CommitLoop:
         invocation fails with the reason when it next starts."""
         log.error("invocation %s: %s; aborting the transaction", inv_id.hex(), why)
         self.poisoned[inv_id] = why
-        self._fault = why
+        assert self.open is not None
+        self.open.fault = why
 
     # -- rebalance callbacks (run inside consumer.consume) ---------------------------
 
@@ -250,140 +166,62 @@ class CommitLoop:
         # Nothing of the open transaction may be committed now: our group
         # generation is gone. Abort and rewind what we still own.
         if self.txn is not None and self.txn.ready:
-            self._settle(self.txn.abort("assignment lost"))
+            self.settle(self.txn.abort("assignment lost"))
 
     def _forget(self, tps: list[tuple[str, int]]) -> None:
-        for tp in tps:
-            self.consumed.pop(tp, None)
-            self._paused_sources.discard(tp)
-        assert self.assignment is not None
+        assert self.assignment is not None and self.open is not None
+        self.open.forget(tps)
+        self._paused_sources.difference_update(tps)
         self.assignment.revoke(tps)
+
+    def subscribe(self, consumer: Consumer) -> None:
+        self.consumer = consumer
+        self._paused_sources.clear()
+        consumer.subscribe([self.app.log_topic, *self.sources], on_assign=self._on_assign,
+                           on_revoke=self._on_revoke, on_lost=self._on_lost)
 
     # -- commit ---------------------------------------------------------------------
 
-    def _dirty(self) -> bool:
-        assert self.txn is not None
-        return bool(self.consumed) or self.txn.txn.produced > 0 or self._fault is not None or any(
-            p.writer.dirty or p.active or p.store.has_changes() for p in self.partitions.values())
-
     def commit(self, force: bool = False) -> bool:
-        """Commit one transaction; returns True when it committed."""
-        txn, consumer = self.txn, self.consumer
-        assert txn is not None and consumer is not None
+        """Commit the open transaction; returns True when it committed."""
+        txn, consumer, open_ = self.txn, self.consumer, self.open
+        assert txn is not None and consumer is not None and open_ is not None
         if not txn.ready:
             return False  # dropped on a stop request; nothing can commit now
-        if not force and not self._dirty():
+        if not force and not open_.dirty(self.partitions.values()):
             self._last_commit = time.monotonic()
             return False
-        if self._fault is not None:
-            why, self._fault = self._fault, None
-            self._settle(txn.abort(why))
+        ended = open_.commit(self.partitions, consumer.consumer_group_metadata)
+        self._last_commit = time.monotonic()
+        if ended is None:
             return False
-        last_record: dict[int, list[int]] = {}
-        changelog = self.app.changelog_topic
-        for p, part in self.partitions.items():
-            part.prepare_commit()
-            overlay = part.store.overlay
-            if not overlay:
-                continue
-            box: list[int] = []
-            last_record[p] = box
-
-            def checkpoint(err: Any, msg: Any, box: list[int] = box) -> None:
-                """The offset of the partition's last record is its checkpoint."""
-                if err is None:
-                    box.append(msg.offset())
-
-            last = len(overlay) - 1
-            for i, (k, v) in enumerate(overlay.items()):
-                txn.produce(changelog, k, v, partition=p, on_delivery=checkpoint if i == last else None)
-        if not self.consumed and txn.txn.produced == 0:
-            self._last_commit = time.monotonic()
-            return False
-        offsets = [TopicPartition(t, p, o) for (t, p), o in self.consumed.items()]
-        result = txn.commit(offsets, consumer.consumer_group_metadata() if offsets else None)
-        if result.outcome is not Outcome.COMMITTED:
+        result, done = ended
+        if done is None:
             for owner, reason in result.faults:
                 self.poisoned.setdefault(owner, reason)
-            self._poison_missing_topics(result.undelivered)
-            self._settle(result.outcome)
+            recovery.poison_missing_topics(self, result.undelivered)
+            self.settle(result.outcome)
             return False
-        # Committed: make RocksDB reflect it, with the changelog offset.
-        txn.poll()
+        self.new_transaction()
+        self.progress.committed(done.records, done.finished, done.failed)
         assert self.assignment is not None
-        finished = failed = 0
-        for p, part in self.partitions.items():
-            box = last_record.get(p)
-            done, dead = part.after_commit(box[0] + 1 if box else None)
-            finished += done
-            failed += dead
-        self.progress.committed(self.pending_records, finished, failed)
-        self.assignment.committed.update(self.consumed)
-        self.consumed.clear()
-        self.pending_records = 0
-        self._last_commit = time.monotonic()
+        self.assignment.committed.update(done.offsets)
         if self.on_commit:
             self.on_commit()
         return True
 
-    def _poison_missing_topics(self, undelivered: list[tuple[bytes, str]]) -> None:
-        """Records that never left because their topic is gone (a sink
-        deleted after start): librdkafka retries them until the commit times
-        out, every time. Their owners fail instead."""
-        topics = {t for _, t in undelivered if t not in self.app.internal_topics}
-        if not topics:
-            return
-        worker = Worker("metadata", self.interrupt)
-        try:
-            existing = worker.call(lambda: self._admin().list_topics(timeout=self.cfg.txn_call_timeout).topics,
-                                   self.bound, "list_topics")
-        except Exception as e:  # the broker may be the problem: decide nothing
-            log.warning("cannot check the topics of undelivered records: %s", e)
-            return
-        finally:
-            worker.close()
-        for owner, topic in undelivered:
-            if topic in topics and topic not in existing:
-                self.poisoned.setdefault(owner, f"a record for {topic} cannot be produced: the topic does not exist "
-                                                "(deleted after the processor started?)")
+    def new_transaction(self) -> None:
+        assert self.txn is not None
+        self.open = Transaction(self.txn, self.app.changelog_topic)
 
-    def _admin(self) -> Any:
-        from confluent_kafka.admin import AdminClient
-
-        return AdminClient(self._base_conf())
-
-    def _unblock_offsets(self) -> None:
-        """Offset fetches keep timing out. Under read_committed they wait
-        while an offset commit of a transaction is pending, and after a broker
-        restart one of ours can be left pending for good: a TxnOffsetCommit
-        that librdkafka retried after its transaction was aborted. An aborted
-        transaction holding the group's offsets completes it (the marker is
-        per producer id); the partitions rewind."""
-        assignment, txn, consumer = self.assignment, self.txn, self.consumer
-        assert assignment is not None and txn is not None and consumer is not None
-        assignment.failures = 0
-        tps = [TopicPartition(t, p) for t, p in assignment.owned()]
-        worker = Worker("offsets", self.interrupt)
-        try:
-            seen = worker.call(lambda: self._fetch_committed(tps, stable=False), self.bound, "offset fetch")
-        except Exception as e:
-            log.warning("cannot read the group's offsets either: %s", e)
-            return
-        finally:
-            worker.close()
-        # Aborted, so the values do not matter; they only name the group.
-        offsets = [TopicPartition(tp.topic, tp.partition, max(tp.offset, 0)) for tp in seen]
-        self._settle(txn.clear_pending_offsets(offsets, consumer.consumer_group_metadata()))
-
-    def _settle(self, outcome: Outcome) -> None:
-        """After an abort or a replaced producer: rewind every partition."""
+    def settle(self, outcome: Outcome) -> None:
+        """After an abort or a replaced producer: a new transaction, and
+        every partition rewinds to what Kafka says is committed."""
+        assert self.assignment is not None
+        self.new_transaction()
         if outcome is Outcome.COMMITTED:
             return
         self.rewinds += 1
-        self.consumed.clear()
-        self.pending_records = 0
-        self._fault = None
-        assert self.assignment is not None
         self.assignment.rewind()
 
     # -- the loop ---------------------------------------------------------------------
@@ -394,84 +232,26 @@ class CommitLoop:
             if err.code() == KafkaError._PARTITION_EOF:
                 return
             if err.fatal() or err.code() == KafkaError._FATAL:
-                self._replace_consumer(str(err))
+                recovery.replace_consumer(self, str(err))
                 return
             log.warning("consumer: %s", err)
             return
-        topic, p, offset = m.topic(), m.partition(), m.offset()
+        topic, p = m.topic(), m.partition()
         if topic == self.app.log_topic:
             part = self.partitions.get(p)
             if part is None:
                 return
-            try:
-                kind, body = schemas.decode("log_record", m.value())["body"]
-            except schemas.SchemaError as e:
-                k, v, h = dead_letter(self.app.name, "undecodable-log-record", str(e), m.key(), m.value(),
-                                      source={"topic": topic, "partition": p, "offset": offset})
-                self.produce(self.app.dlq_topic, k, v, h)
-            else:
-                if kind == "oncely.Invoke":
-                    part.on_invoke(body, offset)
-                elif kind == "oncely.Response":
-                    part.on_response(body)
-                elif kind == "oncely.AwakeableResult":
-                    part.on_awakeable_result(body)
-                else:
-                    k, v, h = dead_letter(self.app.name, "unsupported-log-record",
-                                          f"{kind} records are not handled by this version", m.key(), m.value(),
-                                          source={"topic": topic, "partition": p, "offset": offset})
-                    self.produce(self.app.dlq_topic, k, v, h)
+            dispatch.log_record(self.app, part, m, self)
         else:
             subs = self.sources.get(topic)
             if subs is None:
                 return
             for sub in subs:
-                self._ingest(sub, m)
-        self.consumed[(topic, p)] = offset + 1
-        self.pending_records += 1
+                dispatch.source_record(self.app, sub, m, self)
+        assert self.open is not None
+        self.open.consumed_record(topic, p, m.offset())
 
-    def _replace_consumer(self, why: str) -> None:
-        """A consumer with a fatal error (e.g. a static member fenced after
-        its session expired in a broker outage) reads nothing more: abort
-        the open transaction (our membership is gone), drop the consumer
-        and join the group with a new one."""
-        log.error("replacing the consumer: %s", why)
-        self.consumer_restarts += 1
-        old = self.consumer
-        assert self.assignment is not None and self.txn is not None
-        self.consumed.clear()
-        self.pending_records = 0
-        if self.txn.ready:
-            self.txn.abort(f"consumer failed: {why}")
-        closer = Worker("close-consumer", self.interrupt)
-        try:
-            closer.call(old.close, self.bound, "closing the failed consumer")  # type: ignore[union-attr]
-        except Stuck:
-            self.txn.stats.abandoned += 1
-        except Exception as e:
-            log.warning("closing the failed consumer: %s", e)
-        closer.close()
-        self.consumer = self._new_consumer()
-        self._paused_sources.clear()
-        self.assignment.reset(self.consumer)
-        self.consumer.subscribe([self.app.log_topic, *self.sources], on_assign=self._on_assign,
-                                on_revoke=self._on_revoke, on_lost=self._on_lost)
-
-    def _ingest(self, sub: Any, m: Any) -> None:
-        """A source record becomes an Invoke on the log (or a dead letter) in
-        the open transaction, which also carries the source offset."""
-        sub.stats["read"] += 1
-        out = route(self.app.name, self.app.partitions, sub, m)
-        if isinstance(out, Routed):
-            self.produce(self.app.log_topic, out.key, out.value, partition=out.partition)
-            sub.stats["invoked"] += 1
-        else:
-            self.produce(self.app.dlq_topic, out.key, out.value, out.headers)
-            sub.stats["dead"] += 1
-            log.warning("%s: %s[%d]@%d dead-lettered (%s)", sub.name, m.topic(), m.partition(), m.offset(),
-                        out.reason)
-
-    def _new_partition(self, p: int, store: PartitionStore) -> PartitionProcessor:
+    def new_partition(self, p: int, store: PartitionStore) -> PartitionProcessor:
         return PartitionProcessor(self.app, p, store, self.executor, self, self.cfg.net_effects, sinks=self.sinks,
                                   poisoned=self.poisoned, limits=self.limits)
 
@@ -483,18 +263,17 @@ class CommitLoop:
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = StateDirLock(self.root)
-        self.tid = transactional_id(self.root, self.app.name)
-        self.restorer = Restorer(self._base_conf(), self.app.changelog_topic,
+        clients = self.clients
+        self.restorer = Restorer(clients.base(), self.app.changelog_topic,
                                  self.facts.get("changelog_delete_retention_ms", 24 * 3600 * 1000))
-        self.txn = TxnProducer(self._producer_conf(), self.bound, self.cfg.txn_call_timeout, self.app.log_topic,
-                               self.interrupt)
+        self.txn = TxnProducer(clients.producer_conf(transactional_id(self.root, self.app.name)), self.bound,
+                               self.cfg.txn_call_timeout, self.app.log_topic, self.interrupt)
         self.txn.start()
-        self.consumer = self._new_consumer()
-        self.assignment = Assignment(self.app.log_topic, self.consumer, self.restorer,
-                                     self._fetch_committed, self._new_partition, self._open_store, self.source_start,
-                                     self.interrupt)
-        self.consumer.subscribe([self.app.log_topic, *self.sources], on_assign=self._on_assign,
-                                on_revoke=self._on_revoke, on_lost=self._on_lost)
+        self.new_transaction()
+        consumer = clients.consumer()
+        self.assignment = Assignment(self.app.log_topic, consumer, self.restorer, clients.fetch_committed,
+                                     self.new_partition, self._open_store, self.source_start, self.interrupt)
+        self.subscribe(consumer)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Process until `stop` is set, then shut down cleanly."""
@@ -548,15 +327,20 @@ class CommitLoop:
             stalled = stalled + 1 if now >= before else 0
             before = min(before, now)
 
+    def _fire_timers(self) -> None:
+        now = int(time.time() * 1000)
+        for part in self.partitions.values():
+            part.fire_timers(now)
+
     async def _loop(self, stop: asyncio.Event) -> None:
         cfg = self.cfg
-        assignment, txn = self.assignment, self.txn
-        assert assignment is not None and txn is not None
+        assignment = self.assignment
+        assert assignment is not None
         idle = 0.0
         while not stop.is_set() and not self.interrupt.is_set():
             started = assignment.poll()
-            if assignment.failures >= FETCH_FAILURES_BEFORE_REPLACE:
-                self._unblock_offsets()
+            if assignment.failures >= recovery.FETCH_FAILURES_BEFORE_REPLACE:
+                recovery.unblock_offsets(self)
             if started:
                 self.progress.started(started)
             self.progress.tick()
@@ -567,23 +351,23 @@ class CommitLoop:
             except KafkaException as e:
                 if not e.args[0].fatal():
                     raise
-                self._replace_consumer(str(e.args[0]))
+                recovery.replace_consumer(self, str(e.args[0]))
                 continue
             for m in msgs:
                 self._handle(m)
                 if self.consumer is not consumer:
                     break  # replaced: the rest belongs to the old membership
             self._pump()
-            now = int(time.time() * 1000)
-            for part in self.partitions.values():
-                part.fire_timers(now)
+            self._fire_timers()
             await asyncio.sleep(0)
             since = time.monotonic() - self._last_commit
+            open_ = self.open
+            assert open_ is not None
             # Records for the log wait for the commit before anyone can read
             # them (a callee's Invoke, a caller's Response): when there is
             # nothing else to read, commit them after a tenth of the interval.
-            if (since >= cfg.commit_interval or self.pending_records >= cfg.max_batch or self._fault is not None
-                    or (txn.txn.awaited and not msgs and since >= cfg.commit_interval * 0.1)):
+            if (since >= cfg.commit_interval or open_.records >= cfg.max_batch or open_.fault is not None
+                    or (open_.awaited and not msgs and since >= cfg.commit_interval * 0.1)):
                 await self._drain()
                 self.commit()
             if msgs:
@@ -604,9 +388,7 @@ class CommitLoop:
             while (txn is not None and txn.ready and not self.interrupt.is_set() and time.monotonic() < deadline
                    and any(not inv.waiting for p in self.partitions.values() for inv in p.active)):
                 await asyncio.sleep(0.01)
-                now = int(time.time() * 1000)
-                for part in self.partitions.values():
-                    part.fire_timers(now)
+                self._fire_timers()
             if txn is not None and txn.ready and self.consumer is not None:
                 for part in self.partitions.values():
                     part.suspend_waiting()

@@ -22,7 +22,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from oncely import schemas
-from oncely.processor import keys, outcomes
+from oncely.processor import completions, keys, outcomes
 from oncely.processor.effects import InvocationEffects
 from oncely.processor.inbox import StoreQueue, put_queued, ready_queue, take_queued
 from oncely.processor.invocation import (BACKING_OFF, COMPLETED, FAILED, INBOXED, PAUSED, RUNNING, SUSPENDED,
@@ -33,7 +33,6 @@ from oncely.processor.store import PartitionStore
 from oncely.processor.timers import Timers
 from oncely.processor.waits import Waits
 from oncely.processor.writer import InvocationWriter
-from oncely.shuffle.delivery import awakeable_reply
 from oncely.shuffle.ids import format_id
 
 if TYPE_CHECKING:
@@ -103,7 +102,7 @@ class PartitionProcessor:
             if st["phase"] == SUSPENDED:
                 suspended.add(k[1:])  # stays in the store until its completion arrives
             else:
-                self._from_store(k[1:], st)
+                self.from_store(k[1:], st)
         self.suspended = len(suspended)
         orphans = []
         for k, v in store.scan(keys.LOCK):
@@ -128,14 +127,14 @@ class PartitionProcessor:
                 # RUNNING resumes by replaying its journal; PAUSED invocations
                 # are retried once per (re)start, so a fixed handler resumes them.
                 self.stats.resumed += 1
-                self._start(inv)
+                self.start(inv)
         for sk in orphans:
             self._hand_over(self.keys.orphan(sk))
         if self.invocations or self.suspended:
             log.info("partition %d: loaded %d in-flight invocations (%d resumed by replay), %d suspended",
                      self.partition, len(self.invocations), self.stats.resumed, self.suspended)
 
-    def _from_store(self, inv_id: bytes, st: dict[str, Any]) -> Invocation:
+    def from_store(self, inv_id: bytes, st: dict[str, Any]) -> Invocation:
         """An in-flight invocation as the store holds it (status and journal)."""
         invoke = st["invoke"]
         inv = Invocation(id=inv_id, invoke=invoke, sk=self._sk(invoke), seq=st["seq"], phase=st["phase"],
@@ -267,9 +266,9 @@ class PartitionProcessor:
         self.invocations[inv.id] = inv
         if sk is not None:
             self.keys.take(inv, inbox)
-        self._start(inv)
+        self.start(inv)
 
-    def _start(self, inv: Invocation) -> None:
+    def start(self, inv: Invocation) -> None:
         why = self.poisoned.get(inv.id) if self.poisoned else None
         if why is not None:
             # Forgotten only once its failure commits: a rewind may replay it.
@@ -354,121 +353,28 @@ class PartitionProcessor:
     def _retry(self, inv_id: bytes, at: int) -> None:
         inv = self.invocations.get(inv_id)
         if inv is not None and inv.phase == BACKING_OFF and inv.retry_at_ms == at:
-            self._start(inv)
+            self.start(inv)
 
-    # -- completions and suspension -----------------------------------------------------
+    # -- completions and suspension (completions.py) -------------------------------------
 
     def complete_entry(self, inv_id: bytes, index: int, value: bytes | None, error: str | None,
                        kind: str | None = None) -> str | None:
-        """A journal entry that waited (sleep, call, awakeable) completed:
-        record it and wake the waiting coroutine, or resume a suspended
-        invocation by replay. Returns why it could not be completed."""
-        inv = self.invocations.get(inv_id)
-        resumed = False
-        if inv is None and self.suspended:
-            inv = self._load_suspended(inv_id)
-            resumed = inv is not None
-        if inv is None:
-            return "its invocation is not in flight on this partition (it already finished, or never existed)"
-        reason = None
-        if index >= len(inv.journal):
-            reason = f"its journal has no entry {index}"
-        else:
-            entry = inv.journal[index]
-            if kind is not None and entry.kind != kind:
-                reason = f"journal entry {index} is a {entry.kind}, not a {kind}"
-            elif entry.completed:
-                reason = "it was already completed"
-            else:
-                entry.completed = True
-                entry.value = value if value is not None else entry.value
-                entry.error = error
-                self.writer.entry_completed(inv, index)
-        if resumed:
-            if reason is not None:
-                self.suspend(inv)  # nothing changed for it: back to the store
-                return reason
-            self.stats.resumed += 1
-            self._start(inv)  # replay: it waits again if it still has to
-        elif reason is None:
-            self.waits.completed(inv, index)
-        return reason
-
-    def _load_suspended(self, inv_id: bytes) -> Invocation | None:
-        """Bring a suspended invocation back from the store (not yet started)."""
-        raw = self.store.get(keys.status(inv_id))
-        if raw is None:
-            return None
-        st = schemas.decode("invocation_status", raw)
-        if st["phase"] != SUSPENDED:
-            return None
-        inv = self._from_store(inv_id, st)
-        self.suspended -= 1
-        if inv.sk is not None:
-            self.keys.take(inv, maybe_queued=True)
-            self.writer.loaded(inv, holds_lock=True)
-        self.writer.changed(inv)  # its phase changes when it starts
-        return inv
+        return completions.complete_entry(self, inv_id, index, value, error, kind)
 
     def suspend(self, inv: Invocation) -> bool:
-        """Drop a waiting invocation's coroutine and keep it only in the
-        store; a completion for it resumes it by journal replay."""
-        if self.invocations.get(inv.id) is not inv:
-            return False
-        if any(inv.journal[i].completed for i in inv.awaiting):
-            return False  # woken already: its coroutine runs next, dropping it would lose the wake-up
-        inv.phase = SUSPENDED
-        self.writer.changed(inv)
-        self.writer.persist(inv)  # status, journal and lock, before it leaves memory
-        self.writer.left_memory(inv)
-        self.keys.left_memory(inv)
-        self.waits.drop(inv)
-        if inv.running is not None:
-            inv.running.cancel()
-            inv.running = None
-        del self.invocations[inv.id]
-        self.active.discard(inv)
-        self.suspended += 1
-        self.stats.suspensions += 1
-        return True
+        return completions.suspend(self, inv)
 
     def suspend_waiting(self) -> None:
         """Suspend every waiting invocation (on shutdown), so a restart does
         not replay them until their completions arrive."""
         for inv in [i for i in self.invocations.values() if i.waiting]:
-            self.suspend(inv)
-
-    # -- responses and awakeables -----------------------------------------------------
+            completions.suspend(self, inv)
 
     def on_response(self, body: dict[str, Any]) -> None:
-        self.stats.responses += 1
-        why = self.complete_entry(body["invocation_id"], body["journal_index"], body["value"], body["failure"],
-                                  kind="call")
-        if why is not None:
-            log.info("response for %s[%d] dropped: %s", format_id(body["invocation_id"]), body["journal_index"], why)
+        completions.on_response(self, body)
 
     def on_awakeable_result(self, body: dict[str, Any]) -> None:
-        """Resolve or reject an awakeable, once; the resolver gets a reply."""
-        inv_id, index = body["invocation_id"], body["journal_index"]
-        inv = self.invocations.get(inv_id)
-        if inv is not None and index >= len(inv.journal):
-            # Its id went out before the entry was journaled here (a replay
-            # is on its way to it): keep the completion for the entry.
-            key = keys.early(inv_id, index)
-            if self.store.get(key) is not None:
-                why: str | None = "it was already completed"
-            else:
-                self.store.put_fresh(key, Entry("awakeable", value=body["value"], error=body["failure"]).encode())
-                inv.has_early = True
-                why = None
-        else:
-            why = self.complete_entry(inv_id, index, body["value"], body["failure"], kind="awakeable")
-        if why is not None:
-            log.info("awakeable %s[%d] not completed: %s", format_id(inv_id), index, why)
-        request = body.get("request_id")
-        if request is not None:
-            d = awakeable_reply(request, why, self.app.partitions)
-            self.out.produce(self.app.replies_topic, d.key, d.value, partition=d.partition)
+        completions.on_awakeable_result(self, body)
 
     # -- commit ---------------------------------------------------------------------
 

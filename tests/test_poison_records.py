@@ -108,16 +108,16 @@ def test_an_error_applying_an_outcome_fails_that_invocation_and_frees_its_key(ka
     # Fault injection: applying one invocation's outcome raises inside the
     # engine. It used to end in asyncio's exception handler, leaving the
     # invocation RUNNING and its key locked for good.
-    from oncely.processor.partition import PartitionProcessor
+    from oncely.processor import outcomes
 
-    real = PartitionProcessor._complete
+    real = outcomes.complete
 
-    def failing(self, inv, outcome):  # type: ignore[no-untyped-def]
+    def failing(part, inv, outcome):  # type: ignore[no-untyped-def]
         if inv.invoke["payload"] == b"13":
             raise RuntimeError("injected fault")
-        return real(self, inv, outcome)
+        return real(part, inv, outcome)
 
-    monkeypatch.setattr(PartitionProcessor, "_complete", failing)
+    monkeypatch.setattr(outcomes, "complete", failing)
     name = unique_name("fault")
     app = oncely.App(name, partitions=2, bootstrap=kafka, state_dir=str(tmp_path))
     counter = app.keyed("counter")

@@ -1,0 +1,103 @@
+"""The processor's Kafka clients and the settings oncely owns in them.
+
+Every client gets the user's settings plus librdkafka logging routed to
+Python logging; the settings in RESERVED carry the guarantees and refuse an
+override. Blocking calls on these clients run on a `Worker` (worker.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from oncely.logs import kafka_conf_logging
+from oncely.processor.identity import group_instance_id
+
+if TYPE_CHECKING:
+    from oncely.app import App, AppConfig
+
+# Consumer/producer settings oncely owns; a user override would break the guarantees.
+RESERVED = {
+    "group.id", "isolation.level", "enable.auto.commit", "enable.auto.offset.store", "transactional.id",
+    "enable.idempotence", "partition.assignment.strategy", "transaction.timeout.ms", "acks",
+    "group.instance.id",
+}
+
+
+def source_start(config: "AppConfig") -> int:
+    """Where source partitions without a committed offset start (the log
+    itself always starts at the beginning); oncely/preflight.py has checked
+    the setting."""
+    reset = str(config.kafka.get("auto.offset.reset", "earliest")).lower()
+    return OFFSET_END if reset in ("latest", "largest", "end") else OFFSET_BEGINNING
+
+
+class KafkaClients:
+    def __init__(self, app: "App", config: "AppConfig", root: Path) -> None:
+        self.app = app
+        self.cfg = config
+        self.root = root
+
+    def base(self) -> dict[str, Any]:
+        # librdkafka's lines through Python logging, repeats collapsed.
+        conf = {**kafka_conf_logging(), "bootstrap.servers": self.cfg.bootstrap, **self.cfg.kafka}
+        conf.pop("auto.offset.reset", None)  # applied per source partition in the assignment
+        return conf
+
+    def producer_conf(self, transactional_id: str) -> dict[str, Any]:
+        return {
+            **self.base(),
+            "transactional.id": transactional_id,
+            "enable.idempotence": True,
+            "transaction.timeout.ms": self.cfg.transaction_timeout_ms,
+            "message.timeout.ms": self.cfg.transaction_timeout_ms,
+            "linger.ms": 5,
+            "queue.buffering.max.messages": 1_000_000,
+            "compression.type": "lz4",
+            # Keyed records land where Kafka's Java clients would put them.
+            "partitioner": "murmur2_random",
+        }
+
+    def consumer(self) -> Consumer:
+        cfg = self.cfg
+        conf = {
+            **self.base(),
+            "group.id": self.app.name,
+            "partition.assignment.strategy": "cooperative-sticky",
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": cfg.session_timeout_ms,
+            "heartbeat.interval.ms": max(500, cfg.session_timeout_ms // 5),
+            "max.poll.interval.ms": cfg.max_poll_interval_ms,
+            "fetch.wait.max.ms": 100,
+        }
+        if cfg.static_membership:
+            conf["group.instance.id"] = group_instance_id(self.root, self.app.name)
+        return Consumer(conf)
+
+    def fetch_committed(self, tps: list[TopicPartition], stable: bool = True) -> list[TopicPartition]:
+        """The group's committed offsets (read_committed: waits while a
+        transaction holding offsets for them is open). A fresh consumer each
+        time, on a worker: after a broker restart a long-lived client can
+        keep a stale group coordinator, and its fetches then time out for
+        good (seen with the main consumer after a static member was fenced)."""
+        conf = {**self.base(), "group.id": self.app.name, "enable.auto.commit": False,
+                "isolation.level": "read_committed" if stable else "read_uncommitted"}
+        c = Consumer(conf)
+        try:
+            return c.committed(tps, timeout=self.cfg.txn_call_timeout)
+        finally:
+            c.close()
+
+    def admin(self) -> AdminClient:
+        return AdminClient(self.base())
+
+    def topic_exists(self, topic: str) -> bool:
+        md = self.admin().list_topics(topic, timeout=10)
+        t = md.topics.get(topic)
+        return t is not None and t.error is None

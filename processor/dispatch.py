@@ -1,0 +1,61 @@
+"""Records read by the poll loop, to where they belong.
+
+A log record goes to its partition processor by kind (Invoke, Response,
+AwakeableResult); one that does not decode, or of a kind this version does
+not handle, becomes a dead letter with the reason, so nothing is lost and
+nothing stalls. A source record becomes an Invoke on the log, or a dead
+letter (ingest/router.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from oncely import schemas
+from oncely.egress.dead_letters import dead_letter
+from oncely.ingest.router import Routed, route
+from oncely.processor.invocation import TxnOutput
+from oncely.processor.partition import PartitionProcessor
+
+if TYPE_CHECKING:
+    from oncely.app import App
+
+log = logging.getLogger("oncely.commit")
+
+
+def log_record(app: "App", part: PartitionProcessor, m: Any, out: TxnOutput) -> None:
+    try:
+        kind, body = schemas.decode("log_record", m.value())["body"]
+    except schemas.SchemaError as e:
+        _dead(app, out, m, "undecodable-log-record", str(e))
+        return
+    if kind == "oncely.Invoke":
+        part.on_invoke(body, m.offset())
+    elif kind == "oncely.Response":
+        part.on_response(body)
+    elif kind == "oncely.AwakeableResult":
+        part.on_awakeable_result(body)
+    else:
+        _dead(app, out, m, "unsupported-log-record", f"{kind} records are not handled by this version")
+
+
+def _dead(app: "App", out: TxnOutput, m: Any, reason: str, error: str) -> None:
+    k, v, h = dead_letter(app.name, reason, error, m.key(), m.value(),
+                          source={"topic": m.topic(), "partition": m.partition(), "offset": m.offset()})
+    out.produce(app.dlq_topic, k, v, h)
+
+
+def source_record(app: "App", sub: Any, m: Any, out: TxnOutput) -> None:
+    """A source record becomes an Invoke on the log (or a dead letter) in
+    the open transaction, which also carries the source offset."""
+    sub.stats["read"] += 1
+    routed = route(app.name, app.partitions, sub, m)
+    if isinstance(routed, Routed):
+        out.produce(app.log_topic, routed.key, routed.value, partition=routed.partition)
+        sub.stats["invoked"] += 1
+    else:
+        out.produce(app.dlq_topic, routed.key, routed.value, routed.headers)
+        sub.stats["dead"] += 1
+        log.warning("%s: %s[%d]@%d dead-lettered (%s)", sub.name, m.topic(), m.partition(), m.offset(),
+                    routed.reason)
