@@ -44,7 +44,7 @@ from oncely.processor.identity import StateDirLock, group_instance_id, transacti
 from oncely.processor.partition import PartitionProcessor
 from oncely.processor.producer import Outcome, TxnProducer
 from oncely.processor.progress import Progress
-from oncely.processor.protocol import CLIENT_MAX_BYTES, limits_for
+from oncely.sdk.protocol import CLIENT_MAX_BYTES, limits_for
 from oncely.processor.restore import Restorer
 from oncely.processor.store import PartitionStore
 from oncely.processor.worker import Stuck, Worker

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from oncely.errors import TerminalError
 from oncely.processor import keys
-from oncely.processor.protocol import Entry
+from oncely.sdk.protocol import Entry
 from oncely.shuffle.envelope import invoke_record
 from oncely.shuffle.ids import child_id, format_awakeable, format_id
 from oncely.shuffle.routing import partition_for

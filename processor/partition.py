@@ -34,7 +34,7 @@ from oncely import schemas
 from oncely.egress.dead_letters import dead_letter
 from oncely.processor import keys
 from oncely.processor.effects import InvocationEffects, now_ms
-from oncely.processor.protocol import Entry, Executor, HandlerCall, Limits, Outcome, Running
+from oncely.sdk.protocol import Entry, Executor, HandlerCall, Limits, Outcome, Running
 from oncely.processor.store import PartitionStore
 from oncely.shuffle.ids import format_id
 from oncely.shuffle.routing import partition_for
