@@ -411,3 +411,16 @@ def test_a_usage_error_names_the_deepest_frame_outside_oncely() -> None:
         assert isinstance(e, TerminalError) and isinstance(e, TypeError)
     line = next(i for i, t in enumerate(Path(__file__).read_text().splitlines(), 1) if "# THIS LINE" in t)
     assert where == f"{__file__}:{line}"
+
+
+def test_python_dash_m_oncely_is_the_command_and_the_version_is_declared_once() -> None:
+    import subprocess
+    import sys
+    from importlib.metadata import version
+
+    done = subprocess.run([sys.executable, "-m", "oncely", "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Usage: oncely ") and "run" in done.stdout
+    shown = subprocess.run([sys.executable, "-m", "oncely", "--version"], capture_output=True, text=True, timeout=60)
+    assert oncely.__version__ in shown.stdout, shown
+    assert version("oncely") == oncely.__version__, "pyproject.toml reads the version from oncely.__version__"
