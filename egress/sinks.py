@@ -21,7 +21,7 @@ import fastavro.validation
 import orjson
 
 from oncely.errors import ConfigError, RecordTooLarge
-from oncely.processor.protocol import CLIENT_MAX_BYTES, RECORD_OVERHEAD
+from oncely.sdk.protocol import CLIENT_MAX_BYTES, RECORD_OVERHEAD
 from oncely.shuffle.targets import key_bytes
 
 Headers = list[tuple[str, bytes]]
@@ -56,20 +56,17 @@ class BytesSerializer(Serializer):
 
 
 class AvroSerializer(Serializer):
-    """Schemaless Avro datums of one schema; with a Schema Registry id, in the
-    Confluent wire format (magic byte 0, 4-byte schema id, datum)."""
+    """Schemaless Avro datums of one schema (no Schema Registry framing)."""
 
     def __init__(self, path: str) -> None:
         self.name = f"avro:{path}"
         self.path = path
         try:
-            self.raw_schema = json.loads(Path(path).read_text())
-            self.schema = fastavro.parse_schema(self.raw_schema)
+            self.schema = fastavro.parse_schema(json.loads(Path(path).read_text()))
         except FileNotFoundError:
             raise ConfigError(f"sink value='avro:{path}': no such schema file") from None
         except (ValueError, fastavro.schema.SchemaParseException) as e:
             raise ConfigError(f"sink value='avro:{path}': not a valid Avro schema: {e}") from None
-        self.registry_id: int | None = None
 
     def serialize(self, value: Any) -> bytes:
         try:
@@ -77,8 +74,6 @@ class AvroSerializer(Serializer):
         except fastavro.validation.ValidationError as e:
             raise ValueError(f"the value does not fit the Avro schema {self.path}: {e}") from None
         buf = io.BytesIO()
-        if self.registry_id is not None:
-            buf.write(b"\x00" + self.registry_id.to_bytes(4, "big"))
         fastavro.schemaless_writer(buf, self.schema, value)
         return buf.getvalue()
 

@@ -10,7 +10,7 @@ app.sink("raw", value="bytes", partitions=12)
 
 
 @audits.handler
-async def record(ctx: oncely.Context, order: dict) -> None:
+async def record(ctx: oncely.KeyedContext, order: dict) -> None:
     total = ctx.get("total", 0) + order["amount"]
     ctx.set("total", total)
     ctx.emit("enriched-orders", {**order, "total": total}, key=ctx.key, headers={"source": "oncely"})

@@ -25,7 +25,7 @@ def tier(total: int) -> str:
 
 
 @customers.handler
-async def add_order(ctx: oncely.Context, order: dict) -> int:
+async def add_order(ctx: oncely.KeyedContext, order: dict) -> int:
     """Add the order to its customer's total and emit the enriched order."""
     total = ctx.get("total", 0) + order["amount"]
     ctx.set("total", total)

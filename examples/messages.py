@@ -19,7 +19,7 @@ def send_email(to: str, text: str) -> str:
 
 
 @orders.handler
-async def place(ctx: oncely.Context, order: dict) -> str:
+async def place(ctx: oncely.KeyedContext, order: dict) -> str:
     ctx.send(stock.reserve, order["sku"], order)                        # one-way, exactly once
     ctx.send("mail", None, "confirm", order)                            # by name (stateless: key None)
     ctx.send(carts.expire, order["customer"], order, delay=timedelta(minutes=15))   # later
@@ -34,17 +34,17 @@ async def place(ctx: oncely.Context, order: dict) -> str:
 
 
 @stock.handler
-async def reserve(ctx: oncely.Context, order: dict) -> None:
+async def reserve(ctx: oncely.KeyedContext, order: dict) -> None:
     ctx.set("reserved", ctx.get("reserved", 0) + 1)
 
 
 @carts.handler
-async def expire(ctx: oncely.Context, order: dict) -> None:
+async def expire(ctx: oncely.KeyedContext, order: dict) -> None:
     ctx.clear_all()
 
 
 @counter.handler
-async def add(ctx: oncely.Context, n: int) -> int:
+async def add(ctx: oncely.KeyedContext, n: int) -> int:
     total = ctx.get("n", 0) + n
     ctx.set("n", total)
     return total
@@ -61,7 +61,7 @@ async def confirm(ctx: oncely.Context, order: dict) -> None:
 
 
 @approvals.handler
-async def ask(ctx: oncely.Context, awakeable_id: str) -> None:
+async def ask(ctx: oncely.KeyedContext, awakeable_id: str) -> None:
     ctx.set("pending", awakeable_id)    # `oncely awakeable resolve ID true` approves
 
 

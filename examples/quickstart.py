@@ -11,14 +11,14 @@ def charge_card(card: str, total: int) -> str:
 
 
 @counter.handler
-async def add(ctx: oncely.Context, amount: int) -> int:
+async def add(ctx: oncely.KeyedContext, amount: int) -> int:
     n = ctx.get("n", 0)
     ctx.set("n", n + amount)
     return n + amount
 
 
 @counter.handler
-async def charge(ctx: oncely.Context, order: dict) -> str:
+async def charge(ctx: oncely.KeyedContext, order: dict) -> str:
     # A side effect runs once: its result is journaled and returned again on
     # replay after a crash, instead of charging twice.
     receipt = await ctx.run("charge", charge_card, order["card"], order["total"])

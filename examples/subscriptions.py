@@ -8,7 +8,7 @@ customers = app.keyed("customers")
 
 
 @customers.handler
-async def add_order(ctx: oncely.Context, order: dict) -> int:
+async def add_order(ctx: oncely.KeyedContext, order: dict) -> int:
     total = ctx.get("total", 0) + order["amount"]
     ctx.set("total", total)
     ctx.set("last_offset", ctx.record.offset)  # the source record: topic, partition, offset, key, headers

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from oncely import schemas
-from oncely.context import decode_value
+from oncely.sdk.protocol import decode_value
 from oncely.errors import ConfigError
 from oncely.kafka_io import produce, read_to_end
 from oncely.logs import kafka_conf_logging

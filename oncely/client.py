@@ -12,7 +12,7 @@ from confluent_kafka.admin import AdminClient
 
 from oncely import schemas
 from oncely.app import App, Handler
-from oncely.context import encode_value
+from oncely.sdk.protocol import encode_value
 from oncely.errors import AwakeableError, ConfigError
 from oncely.logs import kafka_conf_logging
 from oncely.shuffle.envelope import invoke_record

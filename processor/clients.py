@@ -7,6 +7,7 @@ override. Blocking calls on these clients run on a `Worker` (worker.py).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,9 +16,13 @@ from confluent_kafka.admin import AdminClient
 
 from oncely.logs import kafka_conf_logging
 from oncely.processor.identity import group_instance_id
+from oncely.processor.worker import Stuck, Worker
 
 if TYPE_CHECKING:
     from oncely.app import App, AppConfig
+    from oncely.processor.commit_loop import CommitLoop
+
+log = logging.getLogger("oncely.commit")
 
 # Consumer/producer settings oncely owns; a user override would break the guarantees.
 RESERVED = {
@@ -101,3 +106,35 @@ class KafkaClients:
         md = self.admin().list_topics(topic, timeout=10)
         t = md.topics.get(topic)
         return t is not None and t.error is None
+
+
+def close_clients(loop: CommitLoop) -> None:
+    """Close every client of a stopping loop, each close bounded (a close
+    during a broker outage must not hang the exit)."""
+    if loop.assignment is not None:
+        loop.assignment.close()
+    closer = Worker("close", loop.interrupt)
+    if loop.consumer is not None:
+        consumer = loop.consumer
+        loop.consumer = None
+        try:
+            closer.call(consumer.close, loop.bound, "closing the consumer")
+        except Stuck as e:
+            log.warning("%s", e)
+            if loop.txn is not None:
+                loop.txn.stats.abandoned += 1
+        except Exception as e:  # leaving the group is best effort
+            log.warning("closing the consumer: %s", e)
+    if loop.txn is not None:
+        loop.txn.close()
+    if loop.restorer is not None:
+        restorer = loop.restorer
+        loop.restorer = None
+        try:
+            closer.call(restorer.close, loop.bound, "closing the restore consumer")
+        except Exception as e:
+            log.warning("closing the restore consumer: %s", e)
+    closer.close()
+    if loop.lock is not None:
+        loop.lock.release()
+        loop.lock = None

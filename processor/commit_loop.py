@@ -36,17 +36,17 @@ from oncely.egress.sinks import Sinks
 from oncely.processor import dispatch, recovery
 from oncely.processor.assignment import Assignment
 from oncely.preflight import check_app_settings
-from oncely.processor.clients import KafkaClients, source_start
+from oncely.processor.clients import KafkaClients, close_clients, source_start
 from oncely.processor.executor import LocalExecutor
 from oncely.processor.identity import StateDirLock, transactional_id
 from oncely.processor.partition import PartitionProcessor
 from oncely.processor.producer import Outcome, TxnProducer
 from oncely.processor.progress import Progress
-from oncely.processor.protocol import CLIENT_MAX_BYTES, limits_for
+from oncely.sdk.protocol import CLIENT_MAX_BYTES, limits_for
 from oncely.processor.restore import Restorer
 from oncely.processor.store import PartitionStore
 from oncely.processor.transaction import Transaction
-from oncely.processor.worker import Stuck, Worker
+from oncely.processor.worker import Stuck
 
 if TYPE_CHECKING:
     from oncely.app import App, AppConfig
@@ -91,7 +91,7 @@ class CommitLoop:
         self._last_commit = time.monotonic()
         self._stopping = False
         self._paused_sources: set[tuple[str, int]] = set()
-        self._lock: StateDirLock | None = None
+        self.lock: StateDirLock | None = None
         self.txn: TxnProducer | None = None
         self.open: Transaction | None = None
         self.consumer: Consumer | None = None
@@ -262,7 +262,7 @@ class CommitLoop:
 
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = StateDirLock(self.root)
+        self.lock = StateDirLock(self.root)
         clients = self.clients
         self.restorer = Restorer(clients.base(), self.app.changelog_topic,
                                  self.facts.get("changelog_delete_retention_ms", 24 * 3600 * 1000))
@@ -397,34 +397,5 @@ class CommitLoop:
                 except Stuck as e:
                     log.warning("final commit abandoned: %s", e)
         finally:
-            self._close_clients()
+            close_clients(self)
             self.progress.stopped()
-
-    def _close_clients(self) -> None:
-        if self.assignment is not None:
-            self.assignment.close()
-        closer = Worker("close", self.interrupt)
-        if self.consumer is not None:
-            consumer = self.consumer
-            self.consumer = None
-            try:
-                closer.call(consumer.close, self.bound, "closing the consumer")
-            except Stuck as e:
-                log.warning("%s", e)
-                if self.txn is not None:
-                    self.txn.stats.abandoned += 1
-            except Exception as e:  # leaving the group is best effort
-                log.warning("closing the consumer: %s", e)
-        if self.txn is not None:
-            self.txn.close()
-        if self.restorer is not None:
-            restorer = self.restorer
-            self.restorer = None
-            try:
-                closer.call(restorer.close, self.bound, "closing the restore consumer")
-            except Exception as e:
-                log.warning("closing the restore consumer: %s", e)
-        closer.close()
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None

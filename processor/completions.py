@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from oncely import schemas
 from oncely.processor import keys
 from oncely.processor.invocation import SUSPENDED, Invocation
-from oncely.processor.protocol import Entry
+from oncely.sdk.protocol import Entry
 from oncely.shuffle.delivery import awakeable_reply
 from oncely.shuffle.ids import format_id
 

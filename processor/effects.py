@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from oncely.errors import TerminalError
 from oncely.processor import keys
 from oncely.processor.invocation import now_ms
-from oncely.processor.protocol import Entry
+from oncely.sdk.protocol import Entry
 from oncely.shuffle.delivery import child_invoke
 from oncely.shuffle.ids import format_awakeable
 from oncely.shuffle.targets import Target, resolve

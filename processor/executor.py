@@ -1,4 +1,6 @@
-"""Runs Python handlers in this process, behind the executor protocol."""
+"""Runs Python handlers in this process, behind the executor protocol: each
+invocation is an asyncio task on the processor's loop (sdk.runner does the
+running); its end is reported through the `done` callback."""
 
 from __future__ import annotations
 
@@ -6,12 +8,8 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Callable
 
-import orjson
-
-from oncely.context import Context, encode_value
-from oncely.errors import NonDeterminismError, TerminalError, UsageError, user_location
-from oncely.processor.protocol import HandlerCall, Outcome
-from oncely.shuffle.ids import format_id
+from oncely.sdk.protocol import HandlerCall, Outcome
+from oncely.sdk.runner import describe_error, run_handler
 
 if TYPE_CHECKING:
     from oncely.app import App
@@ -19,99 +17,24 @@ if TYPE_CHECKING:
 log = logging.getLogger("oncely.executor")
 
 
-def decode_input(payload: bytes, fmt: str) -> object:
-    if fmt == "BYTES":
-        return payload
-    return orjson.loads(payload)
-
-
-def _describe(exc: BaseException) -> str:
-    """The error with the user's line (not the oncely line that noticed it)."""
-    where = user_location(exc.__traceback__)
-    return f"{type(exc).__name__}: {exc}" + (f" (at {where})" if where else "")
-
-
-def _log_failure(call: HandlerCall, exc: BaseException) -> None:
-    """The full traceback once, at WARNING, on the first failure; retries
-    only at DEBUG, so a handler failing ten times does not flood the log."""
-    level = logging.WARNING if call.attempt == 0 else logging.DEBUG
-    log.log(level, "%s %s/%s attempt %d raised", format_id(call.invocation_id), call.service, call.handler,
-            call.attempt, exc_info=exc)
-
-
 class LocalExecutor:
     """Executes invocations as asyncio tasks on the processor's loop."""
 
-    def __init__(self, app: "App") -> None:
+    def __init__(self, app: App) -> None:
         self.app = app
 
-    def start(self, call: HandlerCall, done: Callable[[Outcome], None]) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(self._execute(call))
+    def start(self, call: HandlerCall, done: Callable[[Outcome], None]) -> asyncio.Task[Outcome]:
+        task = asyncio.get_running_loop().create_task(run_handler(self.app, call))
 
-        def finished(t: asyncio.Task) -> None:
+        def finished(t: asyncio.Task[Outcome]) -> None:
             if t.cancelled():
                 return
             try:
                 outcome = t.result()
-            except BaseException as e:  # not the handler's error: _execute returns those as outcomes
+            except BaseException as e:  # not the handler's error: run_handler returns those as outcomes
                 log.exception("%s: the executor failed", call.service)
-                outcome = Outcome("retry", error=f"internal error: {_describe(e)}")
+                outcome = Outcome("retry", error=f"internal error: {describe_error(e)}")
             done(outcome)
 
         task.add_done_callback(finished)
         return task
-
-    def _input(self, call: HandlerCall) -> object:
-        if call.subscription is not None:
-            sub = self.app.subscription(call.subscription)
-            if sub is None:
-                raise LookupError(f"the invocation came from subscription {call.subscription!r}, "
-                                  f"which app {self.app.name!r} no longer has")
-            return sub.decoder.decode(call.payload)
-        return decode_input(call.payload, call.payload_format)
-
-    async def _execute(self, call: HandlerCall) -> Outcome:
-        handler = self.app.lookup(call.service, call.handler)
-        if handler is None:
-            return Outcome("terminal", error=f"no handler {call.service}.{call.handler} in app {self.app.name!r}")
-        ctx = Context(call, handler.service.keyed)
-        try:
-            if handler.takes_input:
-                try:
-                    arg = self._input(call)
-                except LookupError as e:
-                    return Outcome("terminal", error=str(e))
-                except Exception as e:
-                    return Outcome("terminal", error=f"cannot decode the input: {type(e).__name__}: {e}")
-                value = await handler.fn(ctx, arg)
-            else:
-                value = await handler.fn(ctx)
-        except NonDeterminismError as e:
-            return Outcome("paused", error=str(e))
-        except TerminalError as e:
-            if ctx.diverged is not None:
-                return Outcome("paused", error=str(ctx.diverged))
-            if isinstance(e, UsageError):
-                _log_failure(call, e)
-                return Outcome("terminal", error=_describe(e))
-            return Outcome("terminal", error=e.message)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            if ctx.diverged is not None:
-                return Outcome("paused", error=str(ctx.diverged))
-            _log_failure(call, e)
-            return Outcome("retry", error=_describe(e))
-        if ctx.diverged is not None:
-            # The handler caught the error itself; still never continue.
-            return Outcome("paused", error=str(ctx.diverged))
-        try:
-            encoded = encode_value(value)
-        except TypeError as e:
-            return Outcome("terminal", error=f"the handler's return value is neither JSON nor bytes: {e}")
-        try:
-            call.limits.check_message("the handler's return value", len(encoded))
-        except TerminalError as e:
-            return Outcome("terminal", error=e.message)
-        writes, cleared = ctx._state_changes()
-        return Outcome("completed", value=encoded, state=writes, cleared_all=cleared, emits=ctx._emits)

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from oncely.processor.protocol import Entry, Running
+from oncely.sdk.protocol import Entry, Running
 
 # Phases, as the store and `lookup` report them.
 INBOXED = "INBOXED"          # queued in the store (for its key or for capacity)

@@ -15,7 +15,7 @@ from oncely import schemas
 from oncely.egress.dead_letters import dead_letter
 from oncely.processor import keys
 from oncely.processor.invocation import BACKING_OFF, FAILED, Invocation, now_ms
-from oncely.processor.protocol import Outcome
+from oncely.sdk.protocol import Outcome
 from oncely.shuffle.delivery import response
 from oncely.shuffle.ids import format_id
 

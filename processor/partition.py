@@ -28,7 +28,7 @@ from oncely.processor.inbox import StoreQueue, put_queued, ready_queue, take_que
 from oncely.processor.invocation import (BACKING_OFF, COMPLETED, FAILED, INBOXED, PAUSED, RUNNING, SUSPENDED,
                                          Invocation, PartitionStats, TxnOutput)
 from oncely.processor.key_queues import KeyQueues
-from oncely.processor.protocol import Entry, Executor, HandlerCall, Limits, Outcome
+from oncely.sdk.protocol import Entry, Executor, HandlerCall, Limits, Outcome
 from oncely.processor.store import PartitionStore
 from oncely.processor.timers import Timers
 from oncely.processor.waits import Waits

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import orjson
 
@@ -23,6 +23,14 @@ def encode_payload(payload: Any) -> tuple[bytes, str]:
     return orjson.dumps(payload), "JSON"
 
 
+@runtime_checkable
+class HandlerRef(Protocol):
+    """A registered handler (oncely.app.Handler), as a target names it."""
+
+    name: str
+    service: Any  # a Service: .name, .keyed
+
+
 def key_bytes(key: Any) -> bytes | None:
     """A key: bytes as is, str as UTF-8, ints as their decimal text."""
     if key is None or isinstance(key, bytes):
@@ -38,9 +46,7 @@ def resolve(target: Any, args: tuple, services: dict[str, Any] | None = None) ->
     """`(handler, key, payload)` for keyed services, `(handler, payload)` for
     stateless ones, or by name `("service", key, "handler", payload)` (key
     None for a stateless service)."""
-    from oncely.app import Handler
-
-    if isinstance(target, Handler):
+    if isinstance(target, HandlerRef):
         service, handler = target.service.name, target.name
         if target.service.keyed:
             if not args:

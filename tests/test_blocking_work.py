@@ -17,7 +17,7 @@ from pathlib import Path
 from confluent_kafka import Producer
 
 import oncely
-from oncely.context import encode_value
+from oncely.sdk.protocol import encode_value
 from oncely.processor import keys
 from oncely.testing import unique_name
 from support import CounterTraffic, InProcessProcessor, changelog_state, wait_until

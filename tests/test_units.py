@@ -12,10 +12,12 @@ import pytest
 import oncely
 from oncely import schemas
 from oncely.app import AppConfig, RetryPolicy
-from oncely.context import Context, decode_value, encode_value
-from oncely.errors import ConfigError, NonDeterminismError, TerminalError
+from oncely.context import KeyedContext
+from oncely.errors import ConfigError, NonDeterminismError, TerminalError, UsageError
 from oncely.processor import keys
-from oncely.processor.protocol import Entry, HandlerCall
+from oncely.sdk.journal import JournalContext, KeyedJournalContext, context_for
+from oncely.sdk.protocol import Entry, HandlerCall, decode_value, encode_value
+from oncely.sdk.runner import run_handler
 from oncely.processor.store import PartitionStore
 from oncely.shuffle.ids import (child_id, format_awakeable, format_id, idempotent_id, parse_awakeable, parse_id,
                                random_id, source_record_id)
@@ -136,15 +138,15 @@ def test_context_journals_and_replays_run_results() -> None:
         calls.append(1)
         return {"token": len(calls)}
 
-    async def handler(ctx: Context) -> tuple:
+    async def handler(ctx: KeyedContext) -> tuple:
         n = ctx.get("n", 0)
         out = await ctx.run("charge", effect)
         ctx.set("n", n + 1)
         return out, ctx.random(), str(ctx.uuid()), ctx.now()
 
-    first = asyncio.run(handler(Context(_call(journal, {"n": 1}), True)))
+    first = asyncio.run(handler(context_for(_call(journal, {"n": 1}), True)))
     assert [e.kind for e in journal] == ["get", "run", "set", "random", "uuid", "now"]
-    replay = asyncio.run(handler(Context(_call(journal, {"n": 1}), True)))
+    replay = asyncio.run(handler(context_for(_call(journal, {"n": 1}), True)))
     assert replay == first, "a replay must see the journaled results, seeded randomness and time"
     assert calls == [1], "a journaled step must not run again"
 
@@ -152,14 +154,14 @@ def test_context_journals_and_replays_run_results() -> None:
 def test_context_detects_non_determinism_even_if_the_handler_catches_it() -> None:
     journal = [Entry("get", "n"), Entry("run", "charge", value=encode_value(1))]
 
-    async def changed(ctx: Context) -> None:
+    async def changed(ctx: KeyedContext) -> None:
         ctx.get("n")
         try:
             await ctx.run("refund", lambda: 2)
         except BaseException:
             pass
 
-    ctx = Context(_call(journal), True)
+    ctx = context_for(_call(journal), True)
     asyncio.run(changed(ctx))
     assert isinstance(ctx.diverged, NonDeterminismError)
     assert ctx.diverged.index == 1
@@ -170,7 +172,7 @@ def test_context_detects_non_determinism_even_if_the_handler_catches_it() -> Non
 
 def test_context_state_view_and_terminal_run() -> None:
     journal: list[Entry] = []
-    ctx = Context(_call(journal, {"a": 1, "b": b"raw"}), True)
+    ctx = KeyedJournalContext(_call(journal, {"a": 1, "b": b"raw"}))
     ctx.set("c", [1, 2])
     ctx.clear("a")
     assert ctx.state_keys() == ["b", "c"]
@@ -189,10 +191,45 @@ def test_context_state_view_and_terminal_run() -> None:
 
 
 def test_stateless_context_has_no_state() -> None:
-    ctx = Context(_call([]), keyed=False)
-    assert ctx.key is None
-    with pytest.raises(TypeError, match="stateless"):
-        ctx.get("x")
+    ctx = context_for(_call([]), keyed=False)
+    assert ctx.key is None and ctx.raw_key is None
+    assert isinstance(ctx, oncely.Context) and not isinstance(ctx, oncely.KeyedContext)
+    for op, args in [("get", ("x",)), ("set", ("x", 1)), ("clear", ("x",)), ("clear_all", ()), ("state_keys", ())]:
+        with pytest.raises(UsageError, match=rf"ctx\.{op}: service 'svc' is stateless; state belongs to keyed "
+                                             r"services \(app\.keyed\)"):
+            getattr(ctx, op)(*args)
+    keyed = context_for(_call([]), keyed=True)
+    assert isinstance(keyed, oncely.KeyedContext) and keyed.key == "k" and keyed.raw_key == b"k"
+
+
+def test_the_runner_gives_keyed_handlers_a_keyed_context_and_maps_their_end() -> None:
+    app = oncely.App("runner", partitions=1)
+    seen: dict[str, object] = {}
+
+    @app.keyed("counter").handler
+    async def add(ctx: KeyedContext, n: int) -> int:
+        seen["keyed"] = ctx
+        ctx.set("n", ctx.get("n", 0) + n)
+        return n
+
+    @app.service("pure").handler
+    async def peek(ctx: oncely.Context) -> None:
+        seen["stateless"] = ctx
+        ctx.get("n")  # type: ignore[attr-defined]  # what the type checker catches
+
+    def call(service: str, handler: str) -> HandlerCall:
+        c = _call([], {"n": 1})
+        c.service, c.handler, c.payload = service, handler, b"2"
+        return c
+
+    done = asyncio.run(run_handler(app, call("counter", "add")))
+    assert (done.status, decode_value(done.value), decode_value(done.state["n"])) == ("completed", 2, 3)
+    assert isinstance(seen["keyed"], oncely.KeyedContext)
+    failed = asyncio.run(run_handler(app, call("pure", "peek")))
+    assert not isinstance(seen["stateless"], oncely.KeyedContext)
+    assert failed.status == "terminal" and "ctx.get: service 'pure' is stateless" in failed.error
+    missing = asyncio.run(run_handler(app, call("pure", "nope")))
+    assert (missing.status, missing.error) == ("terminal", "no handler pure.nope in app 'runner'")
 
 
 def test_values_are_json_or_bytes_never_pickle() -> None:
@@ -230,7 +267,7 @@ def test_app_declaration_errors_are_clear() -> None:
         svc.handler(lambda ctx: None)
 
     @svc.handler
-    async def add(ctx: Context, n: int) -> None: ...
+    async def add(ctx: KeyedContext, n: int) -> None: ...
 
     assert svc.add is add and add.takes_input
     with pytest.raises(ConfigError, match="already has a handler"):
@@ -328,10 +365,10 @@ def test_a_refused_send_or_call_leaves_the_journal_aligned() -> None:
                 raise TerminalError("calls its own key")
             raise TypeError("bad target")
 
-    def run(journal: list[Entry]) -> Context:
+    def run(journal: list[Entry]) -> JournalContext:
         call = _call(journal)
         call.effects = Refusing()
-        ctx = Context(call, keyed=True)
+        ctx = KeyedJournalContext(call)
         with pytest.raises(TypeError):
             ctx.send("svc", "k", "h", 1)
         with pytest.raises(TerminalError):
@@ -364,9 +401,9 @@ def test_every_setting_is_an_app_keyword_with_the_environment_as_fallback(monkey
 
 
 def test_a_usage_error_names_the_deepest_frame_outside_oncely() -> None:
-    from oncely.errors import UsageError, user_location
+    from oncely.errors import user_location
 
-    ctx = Context(_call([]), keyed=False)
+    ctx = context_for(_call([]), keyed=False)
     try:
         ctx.set("n", 1)  # THIS LINE
     except UsageError as e:
@@ -374,3 +411,16 @@ def test_a_usage_error_names_the_deepest_frame_outside_oncely() -> None:
         assert isinstance(e, TerminalError) and isinstance(e, TypeError)
     line = next(i for i, t in enumerate(Path(__file__).read_text().splitlines(), 1) if "# THIS LINE" in t)
     assert where == f"{__file__}:{line}"
+
+
+def test_python_dash_m_oncely_is_the_command_and_the_version_is_declared_once() -> None:
+    import subprocess
+    import sys
+    from importlib.metadata import version
+
+    done = subprocess.run([sys.executable, "-m", "oncely", "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Usage: oncely ") and "run" in done.stdout
+    shown = subprocess.run([sys.executable, "-m", "oncely", "--version"], capture_output=True, text=True, timeout=60)
+    assert oncely.__version__ in shown.stdout, shown
+    assert version("oncely") == oncely.__version__, "pyproject.toml reads the version from oncely.__version__"

@@ -1,22 +1,45 @@
 """The boundary between the partition processor and handler execution.
 
-In: an invocation (target, payload, attempt), its journal so far and read
-access to its key's committed state. Out: new journal entries (appended to
-the same journal as they happen), the invocation's state changes and its
-outcome. The in-process executor and remote (HTTP/serverless) handlers
-implement the same boundary, so the processor never knows which ran.
+In: an invocation (target, payload, attempt), its journal so far, read access
+to its key's committed state and the `Effects` it may cause beyond its state.
+Out: new journal entries (appended to the same journal as they happen), the
+invocation's state changes and its outcome. The in-process executor and
+remote (HTTP/serverless) handlers implement the same boundary, so the
+processor never knows which ran.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
+
+import orjson
 
 from oncely import schemas
+from oncely.errors import RecordTooLarge
+
+if TYPE_CHECKING:
+    from oncely.shuffle.targets import Target
 
 # Tags of encoded state values: JSON (orjson) or raw bytes. Never pickle.
 TAG_JSON = b"j"
 TAG_BYTES = b"b"
+
+
+def encode_value(value: Any) -> bytes:
+    """State values and step results: bytes stay bytes, the rest is JSON."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return TAG_BYTES + bytes(value)
+    return TAG_JSON + orjson.dumps(value)
+
+
+def decode_value(data: bytes) -> Any:
+    tag, body = data[:1], data[1:]
+    if tag == TAG_JSON:
+        return orjson.loads(body)
+    if tag == TAG_BYTES:
+        return body
+    raise ValueError(f"unknown value tag {tag!r}")
 
 
 @dataclass(slots=True)
@@ -66,14 +89,10 @@ class Limits:
 
     def check_state(self, what: str, size: int) -> None:
         if size > self.state:
-            from oncely.errors import RecordTooLarge
-
             raise RecordTooLarge(what, size, self.state, self.changelog_topic)
 
     def check_message(self, what: str, size: int) -> None:
         if size > self.message:
-            from oncely.errors import RecordTooLarge
-
             raise RecordTooLarge(what, size, self.message, self.log_topic)
 
 
@@ -94,6 +113,51 @@ class StateReader(Protocol):
     def names(self) -> list[str]: ...
 
 
+Headers = list[tuple[str, bytes]]
+# A record to produce to a user topic: (topic, key, value, headers).
+EmitRecord = tuple[str, bytes | None, bytes, Headers | None]
+
+
+class Effects(Protocol):
+    """What a running invocation may do beyond its own state and journal:
+    the processor implements it (processor.effects.InvocationEffects) by
+    joining its open transaction, its timers and its waits."""
+
+    def record(self, topic: str, value: Any, key: Any, headers: Any) -> EmitRecord:
+        """`ctx.emit`'s complete record (egress.sinks), or ValueError."""
+        ...
+
+    def target(self, target: Any, args: tuple[Any, ...], call: bool) -> Target:
+        """Resolve a send/call target (TypeError when malformed, or
+        TerminalError for a call the processor refuses)."""
+        ...
+
+    def send(self, t: Target, index: int, delay_ms: int | None) -> bytes:
+        """Send (or schedule) an Invoke for journal entry `index`; the
+        callee's invocation id."""
+        ...
+
+    def call(self, t: Target, index: int) -> bytes:
+        """Send an Invoke whose Response completes journal entry `index`."""
+        ...
+
+    def sleep_until(self, fire_ms: int, index: int) -> None:
+        """A timer that completes journal entry `index` at `fire_ms`."""
+        ...
+
+    def awakeable_id(self, index: int) -> str:
+        """The public id of the awakeable at journal entry `index`."""
+        ...
+
+    def early_completion(self, index: int, entry: Entry) -> None:
+        """Complete a new awakeable `entry` whose result arrived first."""
+        ...
+
+    async def wait(self, index: int) -> None:
+        """Return when the journal entry at `index` has completed."""
+        ...
+
+
 @dataclass(slots=True)
 class HandlerCall:
     invocation_id: bytes
@@ -109,9 +173,9 @@ class HandlerCall:
     # Set when the payload is a source record's raw value that the named
     # subscription's decoder turns into the handler's input.
     subscription: str | None = None
-    # The processor's hooks for effects: `effects.record(topic, value, key,
-    # headers)` turns an emit into a complete record (egress.sinks.Sinks).
-    effects: Any = None
+    # None where nothing beyond state is possible (ctx.emit, send, call,
+    # sleep and awakeable then fail).
+    effects: Effects | None = None
     limits: Limits = Limits()
 
 
@@ -126,9 +190,9 @@ class Outcome:
     # name -> encoded value, None = cleared; applied only when completed.
     state: dict[str, bytes | None] = field(default_factory=dict)
     cleared_all: bool = False
-    # Records to produce (topic, key, value, headers), in emit order; like
-    # state, produced only when the invocation completes.
-    emits: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]] | None]] = field(default_factory=list)
+    # Records to produce, in emit order; like state, produced only when the
+    # invocation completes.
+    emits: list[EmitRecord] = field(default_factory=list)
 
 
 class Running(Protocol):

@@ -1,0 +1,103 @@
+"""Runs one handler invocation: decode its input, run the handler on a
+journal context, and map how it ended to an `Outcome` (completed, terminal,
+retry, or paused when the handler diverged from its journal). The executor
+that schedules it (an asyncio task in the processor, a request handler in a
+remote endpoint) only calls `run_handler`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+import orjson
+
+from oncely.errors import NonDeterminismError, TerminalError, UsageError, user_location
+from oncely.sdk.journal import context_for
+from oncely.sdk.protocol import HandlerCall, Outcome, encode_value
+from oncely.shuffle.ids import format_id
+
+if TYPE_CHECKING:
+    from oncely.app import App
+
+log = logging.getLogger("oncely.executor")
+
+
+def decode_input(payload: bytes, fmt: str) -> object:
+    if fmt == "BYTES":
+        return payload
+    return orjson.loads(payload)
+
+
+def describe_error(exc: BaseException) -> str:
+    """The error with the user's line (not the oncely line that noticed it)."""
+    where = user_location(exc.__traceback__)
+    return f"{type(exc).__name__}: {exc}" + (f" (at {where})" if where else "")
+
+
+def _log_failure(call: HandlerCall, exc: BaseException) -> None:
+    """The full traceback once, at WARNING, on the first failure; retries
+    only at DEBUG, so a handler failing ten times does not flood the log."""
+    level = logging.WARNING if call.attempt == 0 else logging.DEBUG
+    log.log(level, "%s %s/%s attempt %d raised", format_id(call.invocation_id), call.service, call.handler,
+            call.attempt, exc_info=exc)
+
+
+def _input(app: App, call: HandlerCall) -> object:
+    if call.subscription is not None:
+        sub = app.subscription(call.subscription)
+        if sub is None:
+            raise LookupError(f"the invocation came from subscription {call.subscription!r}, "
+                              f"which app {app.name!r} no longer has")
+        return sub.decoder.decode(call.payload)
+    return decode_input(call.payload, call.payload_format)
+
+
+async def run_handler(app: App, call: HandlerCall) -> Outcome:
+    """Run (or resume by replay) the invocation `call` of one of `app`'s
+    handlers. The handler's own failures come back as Outcomes; only
+    cancellation propagates."""
+    handler = app.lookup(call.service, call.handler)
+    if handler is None:
+        return Outcome("terminal", error=f"no handler {call.service}.{call.handler} in app {app.name!r}")
+    ctx = context_for(call, handler.service.keyed)
+    try:
+        if handler.takes_input:
+            try:
+                arg = _input(app, call)
+            except LookupError as e:
+                return Outcome("terminal", error=str(e))
+            except Exception as e:
+                return Outcome("terminal", error=f"cannot decode the input: {type(e).__name__}: {e}")
+            value = await handler.fn(ctx, arg)
+        else:
+            value = await handler.fn(ctx)
+    except NonDeterminismError as e:
+        return Outcome("paused", error=str(e))
+    except TerminalError as e:
+        if ctx.diverged is not None:
+            return Outcome("paused", error=str(ctx.diverged))
+        if isinstance(e, UsageError):
+            _log_failure(call, e)
+            return Outcome("terminal", error=describe_error(e))
+        return Outcome("terminal", error=e.message)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        if ctx.diverged is not None:
+            return Outcome("paused", error=str(ctx.diverged))
+        _log_failure(call, e)
+        return Outcome("retry", error=describe_error(e))
+    if ctx.diverged is not None:
+        # The handler caught the error itself; still never continue.
+        return Outcome("paused", error=str(ctx.diverged))
+    try:
+        encoded = encode_value(value)
+    except TypeError as e:
+        return Outcome("terminal", error=f"the handler's return value is neither JSON nor bytes: {e}")
+    try:
+        call.limits.check_message("the handler's return value", len(encoded))
+    except TerminalError as e:
+        return Outcome("terminal", error=e.message)
+    writes, cleared = ctx.state_changes()
+    return Outcome("completed", value=encoded, state=writes, cleared_all=cleared, emits=ctx.emits)
