@@ -10,11 +10,11 @@ import orjson
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from oncely import schemas
 from oncely.app import App, Handler
 from oncely.sdk.protocol import encode_value
 from oncely.errors import AwakeableError, ConfigError
 from oncely.logs import kafka_conf_logging
+from oncely.shuffle.delivery import awakeable_result
 from oncely.shuffle.envelope import invoke_record
 from oncely.shuffle.ids import format_id, idempotent_id, parse_awakeable, random_id
 from oncely.shuffle.routing import partition_for
@@ -117,9 +117,7 @@ class Client:
         if partition >= n:
             raise AwakeableError(f"awakeable {awakeable_id}: app {app!r} has no log partition {partition}")
         request = random_id()
-        record = schemas.encode("log_record", {"body": ("oncely.AwakeableResult", {
-            "invocation_id": inv_id, "journal_index": index, "value": value, "failure": failure,
-            "request_id": request if wait else None})})
+        record = awakeable_result(inv_id, index, value, failure, request if wait else None)
         reply_tp = TopicPartition(f"{app}.replies", partition_for(request, n))
         start = self._reply_start(reply_tp) if wait else None
         self._producer.produce(f"{app}.log", key=inv_id, value=record, partition=partition,

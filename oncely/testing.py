@@ -139,3 +139,8 @@ __all__ = [
     "Record", "apache_kafka_container", "choose_kafka_source", "create_topic", "docker_engine_answers", "kafka",
     "kafka_topic", "produce", "read_to_end", "unique_name",
 ]
+
+
+from oncely.driver import TestDriver  # noqa: E402  (the unit-test driver, re-exported)
+
+__all__ = ["TestDriver", "choose_kafka_source", "create_topic", "produce", "read_to_end", "unique_name", "Record"]

@@ -57,3 +57,12 @@ def response(caller: dict[str, Any], callee: bytes, value: bytes | None, failure
 def awakeable_reply(request: bytes, error: str | None, partitions: int) -> Delivery:
     """The answer to whoever resolved or rejected an awakeable (replies topic)."""
     return Delivery(request, partition_for(request, partitions), orjson.dumps({"ok": error is None, "error": error}))
+
+
+def awakeable_result(inv_id: bytes, index: int, value: bytes | None, failure: str | None,
+                     request: bytes | None) -> bytes:
+    """The log record that resolves (value) or rejects (failure) an
+    awakeable; `request` names the resolver's reply, if it waits for one."""
+    return schemas.encode("log_record", {"body": ("oncely.AwakeableResult", {
+        "invocation_id": inv_id, "journal_index": index, "value": value, "failure": failure,
+        "request_id": request})})

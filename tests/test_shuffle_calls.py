@@ -3,16 +3,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 import oncely
-from oncely.shuffle.ids import format_awakeable, parse_awakeable, parse_id
-from oncely.shuffle.routing import partition_for
 from oncely import schemas
 from oncely.testing import produce, read_to_end, unique_name
 from support import InProcessProcessor, changelog_state, wait_until
@@ -160,75 +156,6 @@ def test_awakeables_resolve_reject_and_refuse_a_second_completion(kafka: str, tm
     assert read_to_end(kafka, f"{app.name}.dlq") == []
 
 
-def test_a_backlog_of_callers_does_not_deadlock_on_backpressure(kafka: str, tmp_path: Path) -> None:
-    # Callers waiting on calls fill the in-flight limit; their Responses and
-    # their callees' Invokes arrive on partitions paused by it.
-    name = unique_name("backlog")
-    app = oncely.App(name, partitions=4, bootstrap=kafka, state_dir=str(tmp_path))
-    app.config.max_inflight_per_partition = 20
-    callee, caller = app.keyed("callee"), app.keyed("caller")
-
-    @callee.handler
-    async def echo(ctx: oncely.Context, n: int) -> int:
-        return n
-
-    @caller.handler
-    async def ask(ctx: oncely.Context, n: int) -> None:
-        ctx.set("got", await ctx.call(echo, f"e{n}", n))
-
-    InProcessProcessor(app).start().stop()  # creates the topics
-    client = oncely.Client(kafka, app=name)
-    for n in range(1000):
-        client.send(ask, f"c{n}", n)
-    client.flush()
-    runner = InProcessProcessor(app).start()
-    try:
-        wait_until(lambda: sum(1 for (s, _, n) in _state(kafka, app) if s == "caller") == 1000, 120, 1.0,
-                   "every caller to get its answer")
-    finally:
-        runner.stop()
-    state = _state(kafka, app)
-    assert all(state[("caller", f"c{n}".encode(), "got")] == n for n in range(1000))
-
-
-def test_a_resolution_that_arrives_before_its_awakeable_is_kept_for_it(kafka: str, tmp_path: Path) -> None:
-    # The id is deterministic (app, partition, invocation, journal index), so
-    # it can go out (say, through a ctx.run effect replayed after a crash)
-    # before the invocation journals the awakeable.
-    name = unique_name("early")
-    app = oncely.App(name, partitions=4, bootstrap=kafka, state_dir=str(tmp_path))
-    svc = app.keyed("svc")
-    gate = threading.Event()
-
-    async def until_gate() -> None:
-        while not gate.is_set():
-            await asyncio.sleep(0.02)
-
-    @svc.handler
-    async def late(ctx: oncely.Context) -> None:
-        await ctx.run("gate", until_gate)   # journal index 0
-        _, fut = ctx.awakeable()            # journal index 1
-        ctx.set("got", await fut)
-
-    runner = InProcessProcessor(app).start()
-    try:
-        client = oncely.Client(kafka, app=name)
-        inv = client.send(late, "k", None)
-        client.flush()
-        awk = format_awakeable(name, partition_for(b"k", 4), parse_id(inv), 1)
-        wait_until(lambda: runner.on_loop(lambda: any(p.invocations for p in runner.processor.partitions.values())),
-                   30, 0.05, "the start")
-        client.resolve_awakeable(awk, "early")
-        with pytest.raises(oncely.AwakeableError, match="already completed"):
-            client.resolve_awakeable(awk, "twice")
-        gate.set()
-        wait_until(lambda: _state(kafka, app).get(("svc", b"k", "got")) == "early", 30, 0.3, "the early value")
-        client.close()
-    finally:
-        gate.set()
-        runner.stop()
-
-
 def test_a_duplicate_delivery_of_a_call_is_recognised_and_answered_again(kafka: str, tmp_path: Path) -> None:
     # Duplicates cannot arise from the processor (an Invoke and its journal
     # entry share a transaction); a copy produced by hand stands in for one.
@@ -258,34 +185,3 @@ def test_a_duplicate_delivery_of_a_call_is_recognised_and_answered_again(kafka: 
     state = _state(kafka, app)
     assert state[("counter", b"dup", "n")] == 1, "the duplicate ran the callee again"
     assert state[("front", b"d", "sum")] == 1
-
-
-def test_an_invocation_woken_but_not_yet_run_is_not_suspended(kafka: str, tmp_path: Path) -> None:
-    # Completion and suspension in one loop iteration: dropping the
-    # coroutine then would lose the wake-up, and nothing would resume it.
-    app, seen = _calls_app(kafka, tmp_path)
-    runner = InProcessProcessor(app).start()
-    try:
-        client = oncely.Client(kafka, app=app.name)
-        client.send("front", "w", "wait_for", None)
-        client.flush()
-        wait_until(lambda: "w" in seen["awk"], 30, 0.05, "the awakeable")
-        _, p, inv_id, index = parse_awakeable(seen["awk"]["w"])
-        part = runner.processor.partitions[p]
-        wait_until(lambda: runner.on_loop(lambda: inv_id in part.invocations and part.invocations[inv_id].waiting),
-                   30, 0.05,
-                   "the wait")
-        done = threading.Event()
-
-        def complete_then_suspend() -> None:
-            part.on_awakeable_result({"invocation_id": inv_id, "journal_index": index, "value": b"j42",
-                                      "failure": None, "request_id": None})
-            part.suspend_waiting()
-            done.set()
-
-        runner.loop.call_soon_threadsafe(complete_then_suspend)
-        assert done.wait(10)
-        wait_until(lambda: _state(kafka, app).get(("front", b"w", "got")) == 42, 30, 0.3, "the woken invocation")
-        assert part.suspended == 0
-    finally:
-        runner.stop()
