@@ -18,7 +18,7 @@ from oncely.testing import read_to_end
 from support import REPO, ProcessorProcess, changelog_state, oncely_cli, wait_for_app_topics, wait_until
 
 EXAMPLES = REPO / "examples"
-SHOWN = ["quickstart.py", "subscriptions.py", "emit.py", "audit.avsc", "messages.py"]
+SHOWN = ["quickstart.py", "subscriptions.py", "emit.py", "audit.avsc", "messages.py", "test_quickstart_unit.py"]
 MARKER = re.compile(r"<!-- (examples/[\w.]+) -->\n```\w*\n(.*?)```\n", re.S)
 
 
@@ -141,3 +141,11 @@ def test_messages(kafka: str, tmp_path: Path) -> None:
     finally:
         if proc.alive():
             proc.kill9()
+
+
+def test_the_unit_test_example_passes_without_kafka() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "ONCELY_KAFKA_BOOTSTRAP"}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_quickstart_unit.py"],
+                         cwd=EXAMPLES, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "2 passed" in out.stdout
