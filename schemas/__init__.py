@@ -172,21 +172,21 @@ def encode(name: str, record: dict[str, Any]) -> bytes:
 def decode(name: str, data: bytes) -> dict[str, Any]:
     """The record's fields, checked against its schema; a log record as
     `{"body": (kind, body)}`. Raises SchemaError for anything else."""
-    if not data or data[0] != FORMAT:
-        raise SchemaError(_bad_format(name, data))
     try:
-        if name == "log_record":
-            found = _kind_decoders.get(data[1]) if len(data) > 1 else None
-            if found is None:
-                raise SchemaError(f"cannot decode log_record: unknown kind {data[1:2]!r} "
-                                  "(written by a newer oncely?)")
-            kind, dec = found
-            return {"body": (kind, dec(memoryview(data)[2:]))}
-        return _decoders[name](memoryview(data)[1:])
+        if data[0] == FORMAT:
+            if name == "log_record":
+                kind, dec = _kind_decoders[data[1]]
+                return {"body": (kind, dec(data[2:]))}
+            return _decoders[name](data[1:])
     except msgspec.MsgspecError as e:
         raise SchemaError(f"cannot decode {name}: {e}") from None
-    except KeyError:
-        raise SchemaError(f"cannot decode {name}: no such internal record") from None
+    except (KeyError, IndexError):
+        if name != "log_record" and name not in _decoders:
+            raise SchemaError(f"cannot decode {name}: no such internal record") from None
+        if len(data) > 1:
+            raise SchemaError(f"cannot decode log_record: unknown kind {data[1:2]!r} "
+                              "(written by a newer oncely?)") from None
+    raise SchemaError(_bad_format(name, data))
 
 
 def _bad_format(name: str, data: bytes) -> str:
