@@ -1,55 +1,197 @@
-"""Avro schemas of oncely's internal records, loaded with fastavro.
+"""oncely's internal records (the log, the changelog, local checkpoints):
+their schemas and their encoding.
 
-Every encoded value starts with a format byte so that a later schema change
-can be told apart from today's records instead of mis-decoding them.
+These records are read and written only by oncely, on the hot path, so they
+are MessagePack maps (msgspec): a format byte, then the record's fields by
+name. Decoding checks every field against the typed schema below, so a
+malformed record raises SchemaError instead of reaching the engine. Encoding
+does not check (that would cost as much as a decode); every record kind is
+round-tripped in tests/test_units.py. User payloads (JSON, Avro, bytes) are
+not encoded here.
+
+Evolution: a reader ignores fields it does not know, so a field may be added
+as `NotRequired` (readers use `.get`). Any other change (a field removed,
+renamed or retyped) takes a new format byte, and readers keep decoding the
+formats they can.
 """
 
 from __future__ import annotations
 
-import io
-import json
-from functools import lru_cache
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NotRequired, TypedDict
 
-import fastavro
+import msgspec
 
-FORMAT_V1 = b"\x01"
-_DIR = Path(__file__).parent
-# Files in dependency order: later ones refer to names defined earlier.
-_FILES = ("log_record", "invocation_status", "journal_entry", "dedup_entry", "checkpoint", "timer")
+FORMAT_AVRO = 0x01  # oncely <= 0.1 before issue 13: Avro, no longer read
+FORMAT = 0x02       # MessagePack maps checked against the schemas below
+_FORMAT = bytes([FORMAT])
 
 
 class SchemaError(ValueError):
     """Bytes that do not decode as the expected internal record."""
 
 
-@lru_cache(maxsize=None)
-def _all() -> dict[str, Any]:
-    named: dict[str, Any] = {}
-    parsed = {}
-    for name in _FILES:
-        raw = json.loads((_DIR / f"{name}.avsc").read_text())
-        parsed[name] = fastavro.parse_schema(raw, named_schemas=named)
-    return parsed
+# -- the log (<app>.log): commands addressed to a key ---------------------------
 
 
-def schema(name: str) -> Any:
-    return _all()[name]
+class CallerRef(TypedDict):
+    """Where the response of a call goes."""
+    invocation_id: bytes
+    partition: int
+    journal_index: int
+
+
+class Header(TypedDict):
+    name: str
+    value: bytes | None
+
+
+class SourceRecord(TypedDict):
+    """The user-topic record a subscription turned into an invocation."""
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    headers: list[Header]
+
+
+class Invoke(TypedDict):
+    """Start an invocation of service/handler on key (None: a stateless service)."""
+    invocation_id: bytes
+    service: str
+    handler: str
+    key: bytes | None
+    payload: bytes
+    payload_format: Literal["JSON", "BYTES"]
+    idempotency_key: str | None
+    idempotency_retention_ms: int | None
+    caller: CallerRef | None
+    source: SourceRecord | None
+    subscription: str | None  # the handler's input is decoded by this subscription's decoder
+
+
+class Response(TypedDict):
+    """The outcome of a call, delivered to the caller's partition."""
+    invocation_id: bytes  # the caller
+    journal_index: int
+    value: bytes | None
+    failure: str | None
+
+
+class AwakeableResult(TypedDict):
+    """Completes an awakeable of a waiting invocation."""
+    invocation_id: bytes
+    journal_index: int
+    value: bytes | None
+    failure: str | None
+    request_id: bytes | None  # the resolver's request: answered on <app>.replies under this key
+
+
+# -- the changelog (and the local store) -----------------------------------------
+
+
+class InvocationStatus(TypedDict):
+    """An invocation that outlives a commit (in flight, or retained after failure)."""
+    invoke: Invoke
+    phase: Literal["INBOXED", "RUNNING", "BACKING_OFF", "SUSPENDED", "PAUSED", "FAILED"]
+    seq: int  # log offset of the Invoke: FIFO order per key
+    attempt: int
+    retry_at_ms: int
+    error: str | None
+
+
+class JournalEntry(TypedDict):
+    """One ctx operation of an invocation; the store key holds (invocation id, index)."""
+    kind: str
+    name: str
+    completed: bool
+    value: bytes | None
+    error: str | None
+
+
+class DedupEntry(TypedDict):
+    """A finished invocation remembered for deduplication until it expires."""
+    expires_at_ms: int
+    failed: bool
+    result: bytes | None
+    error: str | None
+
+
+class TimerRecord(TypedDict):
+    """A durable timer; the store key holds (fire time, invocation id, journal index)."""
+    kind: Literal["WAKE", "SEND"]
+    partition: int              # SEND: the log partition of the record (WAKE: -1)
+    routing_key: bytes | None
+    record: bytes | None        # SEND: the encoded log record to produce
+
+
+class Checkpoint(TypedDict):
+    """Local only: the changelog offset a partition's RocksDB reflects (next offset to read)."""
+    app: str
+    partitions: int
+    partition: int
+    changelog_offset: int
+    written_at_ms: int
+
+
+# A log record is one byte of kind after the format byte, then its body.
+LOG_KINDS: dict[str, tuple[int, type]] = {
+    "oncely.Invoke": (1, Invoke),
+    "oncely.Response": (2, Response),
+    "oncely.AwakeableResult": (3, AwakeableResult),
+}
+RECORDS: dict[str, type] = {
+    "invocation_status": InvocationStatus,
+    "journal_entry": JournalEntry,
+    "dedup_entry": DedupEntry,
+    "timer": TimerRecord,
+    "checkpoint": Checkpoint,
+}
+
+_encode = msgspec.msgpack.Encoder().encode
+_decoders = {name: msgspec.msgpack.Decoder(t).decode for name, t in RECORDS.items()}
+_kind_prefix = {kind: bytes([FORMAT, tag]) for kind, (tag, _) in LOG_KINDS.items()}
+_kind_decoders = {tag: (kind, msgspec.msgpack.Decoder(t).decode) for kind, (tag, t) in LOG_KINDS.items()}
 
 
 def encode(name: str, record: dict[str, Any]) -> bytes:
-    buf = io.BytesIO()
-    buf.write(FORMAT_V1)
-    fastavro.schemaless_writer(buf, _all()[name], record)
-    return buf.getvalue()
+    """The stored form of an internal record; a log record is `{"body": (kind, body)}`."""
+    try:
+        if name == "log_record":
+            kind, body = record["body"]
+            return _kind_prefix[kind] + _encode(body)
+        if name not in _decoders:
+            raise KeyError(name)
+        return _FORMAT + _encode(record)
+    except KeyError as e:
+        raise SchemaError(f"cannot encode {name}: unknown record or kind {e}") from None
+    except (TypeError, ValueError) as e:
+        raise SchemaError(f"cannot encode {name}: {e}") from None
 
 
 def decode(name: str, data: bytes) -> dict[str, Any]:
-    if not data or data[:1] != FORMAT_V1:
-        raise SchemaError(f"not an oncely v1 {name} record (first byte {data[:1]!r})")
+    """The record's fields, checked against its schema; a log record as
+    `{"body": (kind, body)}`. Raises SchemaError for anything else."""
     try:
-        return fastavro.schemaless_reader(io.BytesIO(data[1:]), _all()[name], return_record_name=True,
-                                          return_record_name_override=True)
-    except Exception as e:
+        if data[0] == FORMAT:
+            if name == "log_record":
+                kind, dec = _kind_decoders[data[1]]
+                return {"body": (kind, dec(data[2:]))}
+            return _decoders[name](data[1:])
+    except msgspec.MsgspecError as e:
         raise SchemaError(f"cannot decode {name}: {e}") from None
+    except (KeyError, IndexError):
+        if name != "log_record" and name not in _decoders:
+            raise SchemaError(f"cannot decode {name}: no such internal record") from None
+        if len(data) > 1:
+            raise SchemaError(f"cannot decode log_record: unknown kind {data[1:2]!r} "
+                              "(written by a newer oncely?)") from None
+    raise SchemaError(_bad_format(name, data))
+
+
+def _bad_format(name: str, data: bytes) -> str:
+    if data[:1] == bytes([FORMAT_AVRO]):
+        return (f"{name} record written by an older oncely (Avro, format byte 0x01), which this version no "
+                "longer reads: stop the app, delete its state directory (<state_dir>/<app>) and its internal "
+                "topics (<app>.log, <app>.changelog, <app>.replies), then start it again")
+    return f"not an oncely {name} record (format byte {data[:1]!r}, expected {_FORMAT!r})"

@@ -66,17 +66,68 @@ def test_ids_are_deterministic_where_duplicates_must_be_recognised() -> None:
         parse_id("xyz")
 
 
-def test_schema_round_trip_and_garbage() -> None:
-    invoke = {"invocation_id": b"i" * 16, "service": "s", "handler": "h", "key": b"\xff\x00", "payload": b"1",
-              "payload_format": "JSON", "idempotency_key": None, "idempotency_retention_ms": None,
-              "caller": None, "source": None, "subscription": None, "created_at_ms": 1}
-    data = schemas.encode("log_record", {"body": ("oncely.Invoke", invoke)})
-    kind, body = schemas.decode("log_record", data)["body"]
-    assert kind == "oncely.Invoke" and body == invoke
+# -- internal record encoding (schemas/) ------------------------------------------
+
+INVOKE = {"invocation_id": b"i" * 16, "service": "s", "handler": "h", "key": b"\xff\x00", "payload": b"1",
+          "payload_format": "JSON", "idempotency_key": "k", "idempotency_retention_ms": 5,
+          "caller": {"invocation_id": b"c" * 16, "partition": 3, "journal_index": 2},
+          "source": {"topic": "t", "partition": 1, "offset": 9, "timestamp_ms": 7, "key": None,
+                     "headers": [{"name": "h", "value": b"v"}, {"name": "n", "value": None}]},
+          "subscription": "sub"}
+RECORDS = [
+    ("log_record", {"body": ("oncely.Invoke", INVOKE)}),
+    ("log_record", {"body": ("oncely.Invoke", {**INVOKE, "key": None, "idempotency_key": None, "caller": None,
+                                               "idempotency_retention_ms": None, "source": None,
+                                               "subscription": None, "payload_format": "BYTES"})}),
+    ("log_record", {"body": ("oncely.Response", {"invocation_id": b"c" * 16, "journal_index": 2, "value": None,
+                                                 "failure": "boom"})}),
+    ("log_record", {"body": ("oncely.AwakeableResult", {"invocation_id": b"c" * 16, "journal_index": 0,
+                                                        "value": b"1", "failure": None, "request_id": b"r"})}),
+    ("invocation_status", {"invoke": INVOKE, "phase": "BACKING_OFF", "seq": 12, "attempt": 3,
+                           "retry_at_ms": 99, "error": "e"}),
+    ("journal_entry", {"kind": "call", "name": "", "completed": False, "value": None, "error": None}),
+    ("dedup_entry", {"expires_at_ms": 5, "failed": True, "result": None, "error": "x"}),
+    ("timer", {"kind": "SEND", "partition": 4, "routing_key": b"k", "record": b"\x02\x01"}),
+    ("timer", {"kind": "WAKE", "partition": -1, "routing_key": None, "record": None}),
+    ("checkpoint", {"app": "a", "partitions": 8, "partition": 1, "changelog_offset": 10, "written_at_ms": 1}),
+]
+
+
+@pytest.mark.parametrize("name,record", RECORDS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(RECORDS)])
+def test_schema_round_trip(name: str, record: dict) -> None:
+    data = schemas.encode(name, record)
+    assert data[0] == schemas.FORMAT
+    assert schemas.decode(name, data) == record
+    assert schemas.decode(name, memoryview(data)) == record  # no copy needed
+
+
+def test_schema_checks_fields_on_decode() -> None:
+    status = dict(RECORDS[4][1])
+    with pytest.raises(schemas.SchemaError, match=r"invocation_status.*\$\.phase"):
+        schemas.decode("invocation_status", schemas.encode("invocation_status", {**status, "phase": "DONE"}))
+    with pytest.raises(schemas.SchemaError, match=r"missing required field `seq`"):
+        schemas.decode("invocation_status", schemas.encode("invocation_status",
+                                                            {k: v for k, v in status.items() if k != "seq"}))
+    with pytest.raises(schemas.SchemaError, match=r"Expected `bytes`, got `str` - at `\$\.invoke\.payload`"):
+        schemas.decode("invocation_status", schemas.encode("invocation_status",
+                                                            {**status, "invoke": {**INVOKE, "payload": "1"}}))
+    # A field this version does not know is ignored (a newer writer may add one).
+    assert schemas.decode("dedup_entry", schemas.encode("dedup_entry", {**RECORDS[6][1], "new": 1})) == RECORDS[6][1]
+
+
+def test_schema_garbage_and_old_formats() -> None:
+    data = schemas.encode("log_record", RECORDS[0][1])
+    for raw in (b"", b"garbage", data[:-1], data + b"\x00", b"\x02", b"\x02\x09\x80"):
+        with pytest.raises(schemas.SchemaError):
+            schemas.decode("log_record", raw)
+    with pytest.raises(schemas.SchemaError, match="unknown kind"):
+        schemas.decode("log_record", b"\x02\x04\x80")  # the Avro union's Cancel, or a newer kind
+    with pytest.raises(schemas.SchemaError, match=r"older oncely \(Avro.*delete its state directory.*topics"):
+        schemas.decode("invocation_status", b"\x01\x00\x20\x02")  # what the Avro format wrote
     with pytest.raises(schemas.SchemaError):
-        schemas.decode("log_record", b"garbage")
-    with pytest.raises(schemas.SchemaError):
-        schemas.decode("log_record", b"\x01\xff\xff")
+        schemas.decode("journal_entry", schemas.encode("timer", RECORDS[8][1]))  # another record kind
+    with pytest.raises(schemas.SchemaError, match="unknown"):
+        schemas.encode("log_record", {"body": ("oncely.Cancel", {"invocation_id": b"i" * 16})})
 
 
 def test_overlay_net_effects(tmp_path: Path) -> None:
