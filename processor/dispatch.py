@@ -1,8 +1,8 @@
 """Records read by the poll loop, to where they belong.
 
 A log record goes to its partition processor by kind (Invoke, Response,
-AwakeableResult); one that does not decode, or of a kind this version does
-not handle, becomes a dead letter with the reason, so nothing is lost and
+AwakeableResult); one that does not decode (also one of a kind this version
+does not know) becomes a dead letter with the reason, so nothing is lost and
 nothing stalls. A source record becomes an Invoke on the log, or a dead
 letter (ingest/router.py).
 """
@@ -34,10 +34,8 @@ def log_record(app: "App", part: PartitionProcessor, m: Any, out: TxnOutput) -> 
         part.on_invoke(body, m.offset())
     elif kind == "oncely.Response":
         part.on_response(body)
-    elif kind == "oncely.AwakeableResult":
+    else:  # the decoder knows no other kind
         part.on_awakeable_result(body)
-    else:
-        _dead(app, out, m, "unsupported-log-record", f"{kind} records are not handled by this version")
 
 
 def _dead(app: "App", out: TxnOutput, m: Any, reason: str, error: str) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from oncely import schemas
 from oncely.processor import keys
-from oncely.processor.invocation import INBOXED, now_ms
+from oncely.processor.invocation import INBOXED
 from oncely.processor.store import PartitionStore
 
 # Queue entries kept in memory per queue (read from the store in batches of this).
@@ -80,8 +80,7 @@ class StoreQueue:
 def put_queued(store: PartitionStore, invoke: dict[str, Any], seq: int) -> None:
     """Keep a waiting invocation's Invoke by its id."""
     store.put_fresh(keys.queued(invoke["invocation_id"]), schemas.encode("invocation_status", {
-        "invoke": invoke, "phase": INBOXED, "seq": seq, "attempt": 0, "retry_at_ms": 0, "error": None,
-        "result": None, "updated_at_ms": now_ms(), "expires_at_ms": 0}))
+        "invoke": invoke, "phase": INBOXED, "seq": seq, "attempt": 0, "retry_at_ms": 0, "error": None}))
 
 
 def take_queued(store: PartitionStore, inv_id: bytes, remove: bool = True) -> dict[str, Any] | None:

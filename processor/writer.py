@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 
 from oncely import schemas
 from oncely.processor import keys
-from oncely.processor.invocation import Invocation, now_ms
+from oncely.processor.invocation import Invocation
 from oncely.processor.store import PartitionStore
 
 
@@ -32,8 +32,7 @@ class _Written:
 def status_record(inv: Invocation) -> bytes:
     return schemas.encode("invocation_status", {
         "invoke": inv.invoke, "phase": inv.phase, "seq": inv.seq, "attempt": inv.attempt,
-        "retry_at_ms": inv.retry_at_ms, "error": inv.error, "result": None,
-        "updated_at_ms": now_ms(), "expires_at_ms": 0,
+        "retry_at_ms": inv.retry_at_ms, "error": inv.error,
     })
 
 

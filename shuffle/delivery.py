@@ -50,7 +50,7 @@ def response(caller: dict[str, Any], callee: bytes, value: bytes | None, failure
     """A callee's outcome for its caller's journal entry."""
     record = schemas.encode("log_record", {"body": ("oncely.Response", {
         "invocation_id": caller["invocation_id"], "journal_index": caller["journal_index"],
-        "callee_id": callee, "value": value, "failure": failure})})
+        "value": value, "failure": failure})})
     return Delivery(caller["invocation_id"], caller["partition"], record)
 
 
