@@ -38,7 +38,10 @@ def _blocked(fut: asyncio.Future[Any], parked: set[int], leaves: list[asyncio.Fu
     if id(fut) in parked:
         return True
     if isinstance(fut, asyncio.Task):
-        waiter = getattr(fut, "_fut_waiter", None)  # CPython's Task: the future it awaits, None when runnable
+        if not hasattr(fut, "_fut_waiter"):  # not CPython's Task: cannot tell; wait for it (or the deadline)
+            leaves.append(fut)
+            return False
+        waiter = fut._fut_waiter  # the future it awaits; None while it is runnable
         return waiter is not None and _blocked(waiter, parked, leaves)
     children = getattr(fut, "_children", None)  # asyncio.gather's future
     if isinstance(children, list):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ DEFAULT_DEADLINE_MS = 10_000
 MAX_DEADLINE_MS = 15 * 60 * 1000
 MAX_JOURNAL = 100_000
 MAX_NAME = 1024
+_APP_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 
 # Statuses an item answers with, and what each carries beyond entries.
 STATUSES = ("completed", "suspended", "yield", "need_state", "retry", "terminal", "paused", "unknown_handler")
@@ -119,6 +121,8 @@ def parse_invoke(body: bytes, max_batch: int) -> InvokeRequest:
     except orjson.JSONDecodeError as e:
         raise Malformed(f"the body is not JSON: {e}") from None
     app = _name(doc, "app", "request")
+    if not _APP_NAME.match(app) or len(app) > 200:
+        raise Malformed("request.app is not a valid app name")
     partition = _field(doc, "partition", int, "request")
     deadline = _field(doc, "deadline_ms", int, "request", optional=True)
     if partition < 0 or partition > 0xFFFF:

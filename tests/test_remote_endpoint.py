@@ -5,12 +5,15 @@ aiohttp in its own process, driven by aiohttp's client as a processor would
 from __future__ import annotations
 
 import gzip
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import orjson
 import pytest
-from apps.remote_client import EndpointProcess, entries_of, http, invoke, item, unb64, value_of
+from apps.remote_client import REPO, EndpointProcess, entries_of, http, invoke, item, unb64, value_of
 
 from oncely.remote.wire import INVOKE_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, invoke_request
 from oncely.sdk.protocol import Entry, encode_value
@@ -221,3 +224,28 @@ def test_whole_request_errors(endpoint: EndpointProcess) -> None:
     bomb = gzip.compress(b" " * (9 * 1024 * 1024))
     status, doc = _bad(base, "/invoke", body=bomb, **{"content-encoding": "gzip"})
     assert status == 413 and "inflates" in doc["message"]
+
+
+def test_the_example_serves_the_demo_enrichment(tmp_path: Path) -> None:
+    """examples/remote_enrichment.py: the demo's handler, unchanged, behind
+    an aiohttp endpoint; an order comes back as state and an emit."""
+    log = open(tmp_path / "example.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "oncely.examples.remote_enrichment", "--port", "0"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "serving app 'enrichment'" in line, (tmp_path / "example.log").read_text()
+        base = line.split(" on ")[1].split()[0]
+        order = {"id": "o-1", "customer": "c-1", "amount": 1200}
+        answer = one(base, item(random_id(), "customers", "add_order", b"c-1", order, state={"total": 3900}))
+        assert answer["status"] == "completed" and value_of(answer["output"]) == 5100
+        assert value_of(answer["state"]["set"]["total"]) == 5100 and value_of(answer["state"]["set"]["orders"]) == 1
+        [emit] = answer["emits"]
+        assert emit["topic"] == "enriched-orders" and emit["value"]["format"] == "json"
+        assert orjson.loads(unb64(emit["value"]["data"]) or b"") == {**order, "running_total": 5100, "tier": "gold"}
+        assert unb64(emit["key"]) == b"c-1" and emit["headers"] == [{"name": "source", "value": "b25jZWx5"}]
+    finally:
+        proc.kill()
+        proc.wait(10)
+        log.close()
