@@ -15,6 +15,7 @@ import orjson
 import pytest
 from apps.remote_client import REPO, EndpointProcess, entries_of, http, invoke, item, unb64, value_of
 
+from oncely.remote.answers import BadAnswer, parse_answers
 from oncely.remote.wire import INVOKE_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, invoke_request
 from oncely.sdk.protocol import Entry, encode_value
 from oncely.shuffle.ids import child_id, format_awakeable, format_id, random_id
@@ -249,3 +250,47 @@ def test_the_example_serves_the_demo_enrichment(tmp_path: Path) -> None:
         proc.kill()
         proc.wait(10)
         log.close()
+
+
+def test_the_processor_side_checks_answers(endpoint: EndpointProcess) -> None:
+    """`remote.answers.parse_answers` (the processor's side) reads a real
+    answer into entries and ops, and refuses answers that break the protocol."""
+    inv = random_id()
+    it = item(inv, "orders", "place", b"alice", {"sku": "s1", "qty": 2}, state={"count": 4})
+    status, _, raw = http("POST", endpoint.base + "/invoke", invoke_request("remote-test", 3, [it]),
+                          {"content-type": INVOKE_MEDIA_TYPE})
+    assert status == 200
+    [a] = parse_answers(raw, [(inv, 0)])
+    assert a.status == "suspended" and a.awaiting == [6, 7, 8] and len(a.entries) == 9
+    assert a.ops[5].op == "send" and a.ops[5].delay_ms == 2500 and a.ops[5].service == "audit"
+    assert a.ops[6].key == b"s1" and orjson.loads(a.ops[6].payload) == 2 and a.ops[7].duration_ms > 1000
+    doc = orjson.loads(raw)
+
+    def broken(change: Any) -> bytes:
+        d = orjson.loads(raw)
+        change(d["items"][0])
+        return orjson.dumps(d)
+
+    def set_(k: str, v: Any) -> Any:
+        return lambda x: x.__setitem__(k, v)
+
+    bad = {
+        "known": broken(set_("known", 1)),
+        "id": broken(set_("id", format_id(random_id()))),
+        "kind": broken(lambda x: x["entries"][0].__setitem__("kind", "exec")),
+        "callee": broken(lambda x: x["entries"][6]["op"].__setitem__("callee", format_id(random_id()))),
+        "status": broken(set_("status", "done")),
+        "awaiting": broken(set_("awaiting", [42])),
+        "base64": broken(lambda x: x["entries"][2].__setitem__("value", "%%")),
+        "count": orjson.dumps({"items": doc["items"] * 2}),
+        "json": b"<html>",
+    }
+    for name, body in bad.items():
+        with pytest.raises(BadAnswer):
+            parse_answers(body, [(inv, 0)])
+            pytest.fail(name)
+    inv2 = random_id()
+    body = invoke_request("remote-test", 3, [item(inv2, "audit", "record", None, {"x": 1})])
+    [done] = parse_answers(http("POST", endpoint.base + "/invoke", body, {"content-type": INVOKE_MEDIA_TYPE})[2],
+                           [(inv2, 0)])
+    assert done.status == "completed" and done.output == encode_value(format_id(inv2)) and done.emits == []
