@@ -93,7 +93,7 @@ def invocations_of(kv: dict[bytes, bytes]) -> list[InvocationInfo]:
     backing off, paused) and retained failures (with their retry, if any)."""
     out = []
     for k, v in kv.items():
-        if k[:1] not in (keys.STATUS, keys.QUEUED, keys.FAILED):
+        if k[:1] not in (keys.STATUS, keys.INBOX, keys.READY, keys.FAILED):
             continue
         st = schemas.decode("invocation_status", v)
         inv = st["invoke"]

@@ -3,8 +3,9 @@
 An Invoke that cannot start when it is read waits in the partition's store
 instead of in memory: behind a busy key (a key inbox, `INBOX` keys) or for
 capacity (the ready queue, `READY` keys, when `max_inflight_per_partition`
-invocations are in memory). Its Invoke is kept under `QUEUED` by id, so a
-duplicate is recognised while it waits. Only a short head of each queue is
+invocations are in memory). The queue entry holds the Invoke; one with an
+idempotency key (the only kind that can arrive twice) is also marked under
+`QUEUED` by id, so a duplicate is recognised while it waits. Only a short head of each queue is
 in memory, so neither a hot key nor a backlog of callers grows memory, and
 the log itself is never paused: Responses, awakeable results and timers
 always apply.
@@ -27,8 +28,9 @@ WINDOW = 32
 
 
 class StoreQueue:
-    """A FIFO of invocation ids under one store key range, ordered by
-    sequence number. Entries are pushed in increasing sequence order."""
+    """A FIFO of queue records (see `queue_record`) under one store key
+    range, ordered by sequence number. Entries are pushed in increasing
+    sequence order."""
 
     __slots__ = ("store", "_key", "_end", "_start", "window", "beyond", "tail")
 
@@ -43,10 +45,10 @@ class StoreQueue:
         self.beyond = maybe_stored
         self.tail = -1  # sequence number of the last entry the window took
 
-    def push(self, seq: int, inv_id: bytes) -> None:
-        self.store.put_fresh(self._key(seq), inv_id)
+    def push(self, seq: int, record: bytes) -> None:
+        self.store.put_fresh(self._key(seq), record)
         if not self.beyond and len(self.window) < WINDOW:
-            self.window.append((seq, inv_id))
+            self.window.append((seq, record))
             self.tail = seq
         else:
             self.beyond = True
@@ -77,22 +79,26 @@ class StoreQueue:
         return self.peek() is not None
 
 
-def put_queued(store: PartitionStore, invoke: dict[str, Any], seq: int) -> None:
-    """Keep a waiting invocation's Invoke by its id."""
-    store.put_fresh(keys.queued(invoke["invocation_id"]), schemas.encode("invocation_status", {
-        "invoke": invoke, "phase": INBOXED, "seq": seq, "attempt": 0, "retry_at_ms": 0, "error": None}))
+def queue_record(invoke: dict[str, Any], seq: int) -> bytes:
+    """What a queue entry holds: the waiting invocation's Invoke."""
+    return schemas.encode("invocation_status", {
+        "invoke": invoke, "phase": INBOXED, "seq": seq, "attempt": 0, "retry_at_ms": 0, "error": None})
 
 
-def take_queued(store: PartitionStore, inv_id: bytes, remove: bool = True) -> dict[str, Any] | None:
-    """The Invoke of a waiting invocation (removed from the store when it
-    starts now)."""
-    key = keys.queued(inv_id)
-    raw = store.get(key)
-    if raw is None:
-        return None
-    if remove:
-        store.delete(key)
-    return schemas.decode("invocation_status", raw)["invoke"]
+def invoke_of(record: bytes) -> dict[str, Any]:
+    return schemas.decode("invocation_status", record)["invoke"]
+
+
+def mark_queued(store: PartitionStore, invoke: dict[str, Any]) -> None:
+    """Only an Invoke with an idempotency key can arrive twice, so only those
+    are findable by id while they wait (one more record each)."""
+    if invoke["idempotency_key"] is not None:
+        store.put_fresh(keys.queued(invoke["invocation_id"]), b"")
+
+
+def unmark_queued(store: PartitionStore, invoke: dict[str, Any]) -> None:
+    if invoke["idempotency_key"] is not None:
+        store.delete(keys.queued(invoke["invocation_id"]))
 
 
 def ready_queue(store: PartitionStore) -> StoreQueue:

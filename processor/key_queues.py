@@ -46,16 +46,16 @@ class KeyQueues:
         assert sk is not None
         self.held[sk] = KeyQueue(inv, inbox if inbox is not None else key_inbox(self.store, sk, maybe_queued))
 
-    def wait(self, sk: bytes, seq: int, inv_id: bytes) -> None:
-        """Queue an invocation behind the key's holder."""
+    def wait(self, sk: bytes, seq: int, record: bytes) -> None:
+        """Queue an invocation (its queue record) behind the key's holder."""
         q = self.held.get(sk)
         if q is not None:
-            q.inbox.push(seq, inv_id)
+            q.inbox.push(seq, record)
         else:  # held by a suspended invocation: its inbox is read when it resumes
-            self.store.put_fresh(keys.inbox(sk, seq), inv_id)
+            self.store.put_fresh(keys.inbox(sk, seq), record)
 
     def release(self, inv: Invocation) -> tuple[int, bytes, StoreQueue] | None:
-        """`inv` finished: the next waiting invocation (seq, id, inbox), which
+        """`inv` finished: the next waiting invocation (seq, record, inbox), which
         the caller starts as the key's holder; None when the key is free."""
         q = self.held.get(inv.sk) if inv.sk is not None else None
         if q is None or q.holder is not inv:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from oncely import schemas
 from oncely.processor import completions, keys, outcomes
 from oncely.processor.effects import InvocationEffects
-from oncely.processor.inbox import StoreQueue, put_queued, ready_queue, take_queued
+from oncely.processor.inbox import StoreQueue, invoke_of, mark_queued, queue_record, ready_queue, unmark_queued
 from oncely.processor.invocation import (BACKING_OFF, COMPLETED, FAILED, INBOXED, PAUSED, RUNNING, SUSPENDED,
                                          Invocation, PartitionStats, TxnOutput)
 from oncely.processor.key_queues import KeyQueues
@@ -197,13 +197,14 @@ class PartitionProcessor:
                           f"keyed service {svc.name!r} needs a key; the invocation has none")
             return
         sk = self._sk(invoke)
-        if self._full() or self.ready:
-            put_queued(self.store, invoke, offset)
-            self.ready.push(offset, inv_id)
-            self.stats.inboxed += 1
-        elif sk is not None and self.keys.is_held(sk):
-            put_queued(self.store, invoke, offset)
-            self.keys.wait(sk, offset, inv_id)
+        full = self._full() or bool(self.ready)
+        if full or (sk is not None and self.keys.is_held(sk)):
+            record = queue_record(invoke, offset)
+            mark_queued(self.store, invoke)
+            if full:
+                self.ready.push(offset, record)
+            else:
+                self.keys.wait(sk, offset, record)  # type: ignore[arg-type]
             self.stats.inboxed += 1
         else:
             self._begin(invoke, offset, sk)
@@ -238,16 +239,13 @@ class PartitionProcessor:
         while not self.closed and ready.peek() is not None:
             if self._full() and not self._make_room():
                 return
-            seq, inv_id = ready.pop()  # type: ignore[misc]
-            invoke = take_queued(self.store, inv_id, remove=False)
-            if invoke is None:
-                log.warning("partition %d: queued %s has no Invoke; dropped", self.partition, format_id(inv_id))
-                continue
+            seq, record = ready.pop()  # type: ignore[misc]
+            invoke = invoke_of(record)
             sk = self._sk(invoke)
             if sk is not None and self.keys.is_held(sk):
-                self.keys.wait(sk, seq, inv_id)
+                self.keys.wait(sk, seq, record)
             else:
-                self.store.delete(keys.queued(inv_id))
+                unmark_queued(self.store, invoke)
                 self._begin(invoke, seq, sk)
 
     def _make_room(self) -> bool:
@@ -327,15 +325,11 @@ class PartitionProcessor:
 
     def _hand_over(self, nxt: tuple[int, bytes, StoreQueue] | None) -> None:
         """Start the next invocation of a key's inbox as the key's holder."""
-        while nxt is not None:
-            seq, inv_id, inbox = nxt
-            invoke = take_queued(self.store, inv_id)
-            if invoke is not None:
-                self._begin(invoke, seq, self._sk(invoke), inbox)
-                return
-            log.warning("partition %d: queued %s has no Invoke; dropped", self.partition, format_id(inv_id))
-            head = inbox.pop()
-            nxt = None if head is None else (head[0], head[1], inbox)
+        if nxt is not None:
+            seq, record, inbox = nxt
+            invoke = invoke_of(record)
+            unmark_queued(self.store, invoke)
+            self._begin(invoke, seq, self._sk(invoke), inbox)
 
     # -- time -----------------------------------------------------------------------
 

@@ -185,14 +185,13 @@ def test_the_inbox_keeps_log_order_per_key_across_a_crash() -> None:
         for item in range(60):
             d.send(append, f"k{item % 4}", item)
         d.commit()
-        assert sum(1 for p in d.partitions for _ in p.store.scan(keys.QUEUED)) == 0
         d.loop.run_until_complete(d._astep())  # one step: some ran, the rest queued
         assert sum(p.stats.inboxed for p in d.partitions) > 0
         d.crash()
         d.advance(1)
         for k in range(4):
             assert d.state("seq", f"k{k}") == {"items": list(range(k, 60, 4))}
-        assert all(not p.store.scan(keys.QUEUED) and not p.store.scan(keys.READY) for p in d.partitions)
+        assert all(not p.store.scan(keys.INBOX) and not p.store.scan(keys.READY) for p in d.partitions)
 
 
 def test_a_backlog_of_callers_finishes_at_a_small_in_flight_limit() -> None:
@@ -288,3 +287,24 @@ def test_always_replay_turns_non_determinism_into_a_failure() -> None:
         d.send(flaky, "b", None)
         with pytest.raises(AssertionError, match="non-deterministic"):
             d.run()
+
+
+def test_a_duplicate_of_a_queued_invocation_is_dropped() -> None:
+    seen: dict[str, Any] = {"started": Counter(), "awk": {}, "done": Counter()}
+    app = _waiting_app(seen)
+    with TestDriver(app) as d:
+        d.send("keyed", "k", "wait", None)  # holds the key until resolved
+        d.run()
+        queued = d.send("keyed", "k", "wait", None, idempotency_key="again")
+        d.run()
+        assert d.phase(queued) == "INBOXED"
+        d.send("keyed", "k", "wait", None, idempotency_key="again")
+        d.run()
+        assert sum(p.stats.duplicates for p in d.partitions) == 1
+        d.resolve_awakeable(seen["awk"]["keyed/k"], 1)
+        d.run()
+        assert d.phase(queued) == "RUNNING"
+        d.resolve_awakeable(seen["awk"]["keyed/k"], 2)
+        d.run()
+        assert d.phase(queued) == "COMPLETED"
+    assert seen["started"] == Counter({"keyed/k": 2}) and seen["done"] == Counter({"keyed/k": 2})
