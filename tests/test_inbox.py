@@ -73,7 +73,8 @@ def test_hot_key_and_caller_backlog_finish_with_bounded_memory(kafka: str, tmp_p
             proc.kill9()
     print(f"\ninbox: {HOT} hot-key + {CALLERS} callers in {elapsed:.1f} s; RSS idle {idle_rss:.0f} MiB, "
           f"max {max(rss):.0f} MiB")
-    # In memory (a paused log, or an inbox in RAM) 60,000 invocations cost
-    # hundreds of MiB; queued in the store they cost RocksDB memtables
-    # (at most 3 x 8 MiB per partition) and allocator slack.
-    assert max(rss) < idle_rss + 160, f"RSS grew from {idle_rss:.0f} to {max(rss):.0f} MiB"
+    # Queued in the store, they cost RocksDB memtables and allocator slack:
+    # +45-50 MiB in our runs. Without the in-memory limit (every caller
+    # started and waiting in memory, ~6.5 KB each) the same run grew by
+    # 115 MiB; the old paused log by 90 MiB.
+    assert max(rss) < idle_rss + 100, f"RSS grew from {idle_rss:.0f} to {max(rss):.0f} MiB"
