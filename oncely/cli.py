@@ -48,11 +48,18 @@ _state_dir = click.option("--state-dir", default=None, type=click.Path(file_okay
 @click.argument("app_spec", metavar="MODULE:APP")
 @_app_bootstrap
 @_state_dir
-def run_cmd(app_spec: str, bootstrap: str | None, state_dir: str | None) -> None:
+@click.option("--metrics", default=None, metavar="HOST:PORT", envvar="ONCELY_METRICS",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (needs oncely[metrics]; $ONCELY_METRICS).")
+def run_cmd(app_spec: str, bootstrap: str | None, state_dir: str | None, metrics: str | None) -> None:
     """Run one processor process of an app; stops cleanly on SIGTERM/SIGINT."""
     from oncely.runtime import run
 
-    run(_load(app_spec, bootstrap, state_dir))
+    if metrics is not None:
+        from oncely.observe.server import parse_address, require_client
+
+        require_client()
+        parse_address(metrics)
+    run(_load(app_spec, bootstrap, state_dir), metrics)
 
 
 @main.command("demo")

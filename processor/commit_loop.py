@@ -124,6 +124,7 @@ class CommitLoop:
         self.assignment: Assignment | None = None
         self._admin_worker: Worker | None = None
         self.on_commit: Callable[[], None] | None = None  # test/metrics hook
+        self.metrics: Any = None  # oncely.observe.Metrics when --metrics is on (its hooks below)
         self.progress = Progress(self)
 
     # -- counters (tests and metrics read them) -------------------------------------
@@ -270,6 +271,7 @@ class CommitLoop:
         assert txn is not None and consumer is not None
         if not txn.ready:
             return False  # dropped on a stop request; nothing can commit now
+        started = time.monotonic()
         if not force and not self._dirty():
             self._last_commit = time.monotonic()
             return False
@@ -299,6 +301,7 @@ class CommitLoop:
             self._last_commit = time.monotonic()
             return False
         offsets = [TopicPartition(t, p, o) for (t, p), o in self.consumed.items()]
+        records = txn.txn.produced
         result = txn.commit(offsets, consumer.consumer_group_metadata() if offsets else None)
         if result.outcome is not Outcome.COMMITTED:
             for owner, reason in result.faults:
@@ -316,6 +319,7 @@ class CommitLoop:
             finished += done
             failed += dead
         self.progress.committed(self.pending_records, finished, failed)
+        if self.metrics is not None: self.metrics.committed(time.monotonic() - started, records)
         self.assignment.committed.update(self.consumed)
         self.consumed.clear()
         self.pending_records = 0
@@ -378,6 +382,7 @@ class CommitLoop:
         if outcome is Outcome.COMMITTED:
             return
         self.rewinds += 1
+        if self.metrics is not None: self.metrics.rewound()
         self.consumed.clear()
         self.pending_records = 0
         self._fault = None
@@ -404,6 +409,7 @@ class CommitLoop:
             try:
                 kind, body = schemas.decode("log_record", m.value())["body"]
             except schemas.SchemaError as e:
+                if self.metrics is not None: self.metrics.dead_letter("undecodable-log-record")
                 k, v, h = dead_letter(self.app.name, "undecodable-log-record", str(e), m.key(), m.value(),
                                       source={"topic": topic, "partition": p, "offset": offset})
                 self.produce(self.app.dlq_topic, k, v, h)
@@ -415,6 +421,7 @@ class CommitLoop:
                 elif kind == "oncely.AwakeableResult":
                     part.on_awakeable_result(body)
                 else:
+                    if self.metrics is not None: self.metrics.dead_letter("unsupported-log-record")
                     k, v, h = dead_letter(self.app.name, "unsupported-log-record",
                                           f"{kind} records are not handled by this version", m.key(), m.value(),
                                           source={"topic": topic, "partition": p, "offset": offset})
@@ -435,6 +442,7 @@ class CommitLoop:
         and join the group with a new one."""
         log.error("replacing the consumer: %s", why)
         self.consumer_restarts += 1
+        if self.metrics is not None: self.metrics.rewound()
         old = self.consumer
         assert self.assignment is not None and self.txn is not None
         self.consumed.clear()
@@ -465,6 +473,7 @@ class CommitLoop:
         else:
             self.produce(self.app.dlq_topic, out.key, out.value, out.headers)
             sub.stats["dead"] += 1
+            if self.metrics is not None: self.metrics.dead_letter(out.reason)
             log.warning("%s: %s[%d]@%d dead-lettered (%s)", sub.name, m.topic(), m.partition(), m.offset(),
                         out.reason)
 
@@ -485,6 +494,7 @@ class CommitLoop:
                                  self.facts.get("changelog_delete_retention_ms", 24 * 3600 * 1000))
         self.txn = TxnProducer(self._producer_conf(), self.bound, self.cfg.txn_call_timeout, self.app.log_topic,
                                self.interrupt)
+        self.restorer.metrics = self.metrics
         self.txn.start()
         self.consumer = self._new_consumer()
         self.assignment = Assignment(self.app.log_topic, self.consumer, self.restorer,

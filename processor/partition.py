@@ -32,6 +32,7 @@ import orjson
 
 from oncely import schemas
 from oncely.egress.dead_letters import dead_letter
+from oncely.logs import invocation_extra
 from oncely.processor import keys
 from oncely.processor.effects import InvocationEffects, now_ms
 from oncely.processor.protocol import Entry, Executor, HandlerCall, Limits, Outcome, Running
@@ -86,6 +87,7 @@ class Invocation:
     awaiting: list[int] = field(default_factory=list)  # journal indexes its coroutine awaits right now
     progress_mark: int = 0  # journal length when it was last seen to progress
     has_early: bool = False  # completions that arrived before their entry
+    started: float = 0.0  # monotonic start of its current attempt (metrics)
 
     @property
     def waiting(self) -> bool:
@@ -179,6 +181,7 @@ class PartitionProcessor:
         self.suspend_after_ms = int(app.config.suspend_after * 1000)
         self.suspended = 0  # SUSPENDED invocations in the store
         self.stats = PartitionStats()
+        self.metrics = getattr(out, "metrics", None)  # oncely.observe.Metrics, or None without --metrics
         self.closed = False
         self.paused = False  # consumption paused for backpressure
         # Invocations finished, suspended or woken: the commit loop reads on
@@ -305,6 +308,7 @@ class PartitionProcessor:
             self.lookup(inv_id) if invoke["idempotency_key"] is not None else None)
         if phase is not None:
             self.stats.duplicates += 1
+            if self.metrics is not None: self.metrics.duplicate()
             if invoke["caller"] is not None and phase in ("COMPLETED", "FAILED"):
                 # A finished callee answers its caller again; one in flight
                 # answers when it finishes (the caller is the same one).
@@ -394,6 +398,7 @@ class PartitionProcessor:
             effects=InvocationEffects(self, inv), limits=self.limits,
         )
         self.active.add(inv)
+        if self.metrics is not None: self.metrics.started(inv)
         inv.running = self.executor.start(call, lambda outcome: self._apply_outcome(inv, outcome))
 
     def _apply_outcome(self, inv: Invocation, outcome: Outcome) -> None:
@@ -413,6 +418,7 @@ class PartitionProcessor:
             return  # outcome of a run that a rewind or revocation already dropped
         self.active.discard(inv)
         inv.running = None
+        if self.metrics is not None: self.metrics.attempt_ended(inv)
         if not self.net_effects:
             self._persist(inv)
         status = outcome.status
@@ -429,18 +435,22 @@ class PartitionProcessor:
                            f"failed {inv.attempt} attempts; last error: {outcome.error}")
                 return
             self.stats.retries += 1
+            if self.metrics is not None: self.metrics.outcome(inv, "retried")
             inv.phase = BACKING_OFF
             inv.retry_at_ms = now_ms() + int(policy.delay(inv.attempt) * 1000)
             heapq.heappush(self.timers, (inv.retry_at_ms, inv.id, -1))
             self._mark(inv)
             log.info("%s %s attempt %d failed, retrying in %d ms: %s", format_id(inv.id), inv.target,
-                     inv.attempt, inv.retry_at_ms - now_ms(), outcome.error)
+                     inv.attempt, inv.retry_at_ms - now_ms(), outcome.error,
+                     extra=invocation_extra(inv, "retrying"))
         else:  # paused
             inv.phase = PAUSED
             inv.error = outcome.error
             self.stats.paused += 1
+            if self.metrics is not None: self.metrics.outcome(inv, "paused")
             self._mark(inv)
-            log.error("%s %s paused: %s", format_id(inv.id), inv.target, outcome.error)
+            log.error("%s %s paused: %s", format_id(inv.id), inv.target, outcome.error,
+                      extra=invocation_extra(inv, "paused"))
 
     def _complete(self, inv: Invocation, outcome: Outcome) -> None:
         store = self.store
@@ -459,6 +469,7 @@ class PartitionProcessor:
         self._respond(inv.invoke["caller"], inv.id, outcome.value, None)
         self._remember(inv, failed=False, result=outcome.value, error=None)
         self.stats.completed += 1
+        if self.metrics is not None: self.metrics.outcome(inv, "completed")
         self._finish(inv)
 
     def _remember(self, inv: Invocation, failed: bool, result: bytes | None, error: str | None) -> None:
@@ -479,7 +490,9 @@ class PartitionProcessor:
         """Write the dead letter and retain the failed status for inspection."""
         invoke = inv.invoke
         self.stats.failed += 1
-        log.warning("%s %s failed (%s): %s", format_id(inv.id), inv.target, reason, error)
+        if self.metrics is not None: self.metrics.failed(inv, reason)
+        log.warning("%s %s failed (%s): %s", format_id(inv.id), inv.target, reason, error,
+                    extra=invocation_extra(inv, "dead-lettered", reason))
         k, v, h = dead_letter(
             self.app.name, reason, error, invoke["key"], invoke["payload"], invocation_id=inv.id,
             target=inv.target, attempts=inv.attempt + (1 if reason != "retries-exhausted" else 0),
