@@ -24,6 +24,11 @@ if TYPE_CHECKING:
     from oncely.processor.commit_loop import CommitLoop
 
 PHASES = ("running", "waiting", "inboxed", "backing_off", "paused", "suspended")
+# Exported at 0 before they first happen, so queries and alerts see them.
+REPLACE_CAUSES = ("stuck", "fatal", "unknown-outcome", "abort-failed", "begin-failed", "offsets-blocked")
+DEAD_REASONS = ("terminal", "retries-exhausted", "unknown-handler", "missing-key", "unproducible", "internal-error",
+                "undecodable-log-record", "unsupported-log-record", "undecodable", "key-error", "idempotency-error",
+                "too-large")
 TIMER_COUNT_CAP = 10_000    # durable timers counted per partition at most (the scan runs on the loop)
 TIMER_COUNT_EVERY = 10.0    # seconds a partition's durable timer count is reused
 
@@ -123,7 +128,7 @@ class ProcessorCollector:
         yield _counter("oncely_duplicates", "Duplicate Invokes dropped (committed).", m.duplicates)
         dead = CounterMetricFamily("oncely_dead_letters", "Dead letters written (committed), by reason.",
                                    labels=["reason"])
-        for reason, n in sorted(m.dead_letters.items()):
+        for reason, n in sorted({**dict.fromkeys(DEAD_REASONS, 0), **m.dead_letters}.items()):
             dead.add_metric([reason], n)
         yield dead
         yield _histograms("oncely_handler_duration_seconds", "Duration of a handler attempt, start to outcome "
@@ -142,7 +147,7 @@ class ProcessorCollector:
         replaced = CounterMetricFamily("oncely_producer_replacements", "Transactional producers replaced, by cause.",
                                        labels=["cause"])
         causes = cl.txn.stats.replaced_for if cl.txn is not None else {}
-        for cause, n in sorted(causes.items()):
+        for cause, n in sorted({**dict.fromkeys(REPLACE_CAUSES, 0), **causes}.items()):
             replaced.add_metric([cause], n)
         yield replaced
         yield _counter("oncely_rewinds", "Rewinds of every partition to the last commit.", cl.rewinds)

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("oncely.observe")
 
 INSTALL = "pip install 'oncely[metrics]'"
+LAG_INTERVAL = 5.0  # seconds between consumer-lag reads
 
 
 def require_client() -> None:
@@ -46,12 +47,13 @@ class MetricsServer:
     """Counts a processor's metrics (`processor.metrics`), watches its
     group's lag and serves both at http://HOST:PORT/metrics."""
 
-    def __init__(self, processor: "CommitLoop", address: str, lag_interval: float = 5.0) -> None:
+    def __init__(self, processor: "CommitLoop", address: str, lag_interval: float | None = None) -> None:
         require_client()
         self.processor = processor
         self.host, self.port = parse_address(address)
         self.metrics = Metrics()
         processor.metrics = self.metrics
+        lag_interval = lag_interval or LAG_INTERVAL
         from_end = set(processor.sources) if processor.source_start == OFFSET_END else set()
         reader = LagReader(processor._base_conf(), processor.app.name, [processor.app.log_topic, *processor.sources],
                            from_end, timeout=min(5.0, lag_interval * 2))
