@@ -8,6 +8,9 @@ dict operations: prometheus-client's own metric objects take a lock per
 observation and cannot add a batch to a histogram, so the counts live here
 and `collector.py` exposes them through prometheus-client at scrape time.
 
+End-to-end latency runs from the source record's timestamp (a subscribed
+record) or the Invoke's creation to the commit of the invocation's end.
+
 Outcomes are exactly-once, like the effects they describe: a completed or
 failed invocation, a dropped duplicate, a dead letter only count when the
 transaction holding them commits. They are staged until `committed`, and a
@@ -27,6 +30,7 @@ from typing import Any
 # completed, terminal (TerminalError) or dead-lettered (any other failure);
 # retried and paused count attempts.
 COMPLETED, TERMINAL, DEAD, RETRIED, PAUSED = "completed", "terminal", "dead-lettered", "retried", "paused"
+_FINAL = {COMPLETED, TERMINAL, DEAD}  # outcomes that end an invocation: their end-to-end latency counts
 
 HANDLER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                    60.0)
@@ -60,18 +64,6 @@ class Histogram:
         return out
 
 
-def _target(inv: Any) -> tuple[str, str]:
-    invoke = inv.invoke
-    return invoke["service"], invoke["handler"]
-
-
-def _origin_ms(invoke: dict[str, Any]) -> int:
-    """When the work began: the source record's timestamp for a subscribed
-    record, else when the Invoke was made."""
-    source = invoke.get("source")
-    return source["timestamp_ms"] if source else invoke["created_at_ms"]
-
-
 class Metrics:
     """The processor's counters and histograms; see the module docstring."""
 
@@ -88,11 +80,10 @@ class Metrics:
         self.handler_seconds: dict[tuple[str, str], Histogram] = {}
         self.restored_records = 0
         self.restore_seconds = Histogram(RESTORE_BUCKETS)
-        # Staged until the open transaction commits.
-        self._outcomes: Counter[tuple[str, str, str]] = Counter()
+        # Staged until the open transaction commits: (the Invoke, outcome).
+        self._staged: list[tuple[dict[str, Any], str]] = []
         self._dead: Counter[str] = Counter()
         self._duplicates = 0
-        self._finished: list[tuple[tuple[str, str], int]] = []  # (target, origin ms)
 
     # -- invocations (partition.py) -----------------------------------------------
 
@@ -102,27 +93,26 @@ class Metrics:
 
     def attempt_ended(self, inv: Any) -> None:
         """An attempt returned an outcome: its handler duration."""
-        if not inv.started:
+        started = inv.started
+        if not started:
             return
-        target = _target(inv)
+        seconds = time.monotonic() - started
+        invoke = inv.invoke
+        target = (invoke["service"], invoke["handler"])
         h = self.handler_seconds.get(target)
         if h is None:
             h = self.handler_seconds[target] = Histogram(HANDLER_BUCKETS)
-        h.observe(time.monotonic() - inv.started)
+        h.counts[bisect_left(h.bounds, seconds)] += 1
+        h.sum += seconds
 
     def outcome(self, inv: Any, outcome: str) -> None:
         """completed, retried or paused (failures go through `failed`)."""
-        target = _target(inv)
-        self._outcomes[(*target, outcome)] += 1
-        if outcome == COMPLETED:
-            self._finished.append((target, _origin_ms(inv.invoke)))
+        self._staged.append((inv.invoke, outcome))
 
     def failed(self, inv: Any, reason: str) -> None:
         """An invocation failed and was dead-lettered with `reason`."""
-        target = _target(inv)
-        self._outcomes[(*target, TERMINAL if reason == "terminal" else DEAD)] += 1
+        self._staged.append((inv.invoke, TERMINAL if reason == "terminal" else DEAD))
         self._dead[reason] += 1
-        self._finished.append((target, _origin_ms(inv.invoke)))
 
     def duplicate(self) -> None:
         self._duplicates += 1
@@ -140,31 +130,34 @@ class Metrics:
         self.last_commit = now
         self.commit_seconds.observe(seconds)
         self.txn_records.observe(records)
-        if self._outcomes:
-            self.invocations.update(self._outcomes)
-            self._outcomes.clear()
         if self._dead:
             self.dead_letters.update(self._dead)
             self._dead.clear()
         self.duplicates += self._duplicates
         self._duplicates = 0
-        if self._finished:
-            now_ms = now * 1000
-            latency = self.latency
-            for target, origin in self._finished:
+        if not self._staged:
+            return
+        now_ms = now * 1000
+        counts, latency = self.invocations, self.latency
+        for invoke, outcome in self._staged:
+            target = (invoke["service"], invoke["handler"])
+            counts[(*target, outcome)] += 1
+            if outcome in _FINAL:
                 h = latency.get(target)
                 if h is None:
                     h = latency[target] = Histogram(LATENCY_BUCKETS)
-                h.observe(max(0.0, (now_ms - origin) / 1000))
-            self._finished.clear()
+                source = invoke["source"]
+                seconds = (now_ms - (source["timestamp_ms"] if source else invoke["created_at_ms"])) / 1000
+                h.counts[bisect_left(h.bounds, seconds)] += 1
+                h.sum += seconds
+        self._staged.clear()
 
     def rewound(self) -> None:
         """The open transaction was aborted (or its outcome is unknown): what
         it held is replayed, so nothing staged counts."""
-        self._outcomes.clear()
+        self._staged.clear()
         self._dead.clear()
         self._duplicates = 0
-        self._finished.clear()
 
     # -- restore (restore.py, on the restore worker thread) ------------------------------
 
