@@ -12,7 +12,7 @@ is shown too: on a machine shared with other work it is the steadier
 figure. Last, what the hooks cost alone per invocation (timed in a loop,
 no Kafka), and what one scrape costs the event loop.
 
-Usage: python bench/bench_metrics.py [--records 50000] [--rounds 3]
+Usage: python bench/bench_metrics.py [--records 100000] [--rounds 3]
        [--partitions 8] [--keys 1000] [--scrape-every 1] [--bootstrap HOST:PORT]
 Without --bootstrap (or ONCELY_KAFKA_BOOTSTRAP) a local broker is started.
 """
@@ -120,7 +120,7 @@ def scrape_cost(runner: Running) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--records", type=int, default=50_000)
+    ap.add_argument("--records", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--partitions", type=int, default=8)
     ap.add_argument("--keys", type=int, default=1000)
