@@ -1,6 +1,7 @@
 """The `oncely` command line: run an app, restore and replay it, the demo;
 the other commands live in cli_kafka (local broker), cli_inspect (inspect,
-invocations, awakeable) and cli_topics (topics, produce, tail)."""
+invocations, awakeable), cli_topics (topics, produce, tail) and cli_status
+(status)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from oncely import __version__
 from oncely.cli_common import Group, add_log_level
 from oncely.cli_inspect import awakeable, inspect, invocations
 from oncely.cli_kafka import kafka
+from oncely.cli_status import status_cmd
 from oncely.cli_topics import produce_cmd, tail_cmd, topics
 
 if TYPE_CHECKING:
@@ -48,11 +50,18 @@ _state_dir = click.option("--state-dir", default=None, type=click.Path(file_okay
 @click.argument("app_spec", metavar="MODULE:APP")
 @_app_bootstrap
 @_state_dir
-def run_cmd(app_spec: str, bootstrap: str | None, state_dir: str | None) -> None:
+@click.option("--metrics", default=None, metavar="HOST:PORT", envvar="ONCELY_METRICS",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (needs oncely[metrics]; $ONCELY_METRICS).")
+def run_cmd(app_spec: str, bootstrap: str | None, state_dir: str | None, metrics: str | None) -> None:
     """Run one processor process of an app; stops cleanly on SIGTERM/SIGINT."""
     from oncely.runtime import run
 
-    run(_load(app_spec, bootstrap, state_dir))
+    if metrics is not None:
+        from oncely.observe.server import parse_address, require_client
+
+        require_client()
+        parse_address(metrics)
+    run(_load(app_spec, bootstrap, state_dir), metrics)
 
 
 @main.command("demo")
@@ -143,7 +152,7 @@ def replay_cmd(app_spec: str, topic: str, partitions: tuple[int, ...], from_offs
     click.echo(f"{topic}: {summary}")
 
 
-for _command in (kafka, inspect, invocations, awakeable, topics, produce_cmd, tail_cmd):
+for _command in (kafka, inspect, invocations, awakeable, topics, produce_cmd, tail_cmd, status_cmd):
     main.add_command(_command)
 add_log_level(main, {"run": "INFO", "restore": "INFO", "replay": "INFO", "demo": "ERROR"})
 

@@ -1,6 +1,6 @@
 """What the `oncely` commands share: the command group that turns oncely's
-errors into one-line messages, the Kafka connection options, --log-level on
-every command, and the printing of records."""
+errors into one-line messages, the Kafka connection options, --log-level and
+--log-format on every command, and the printing of records."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import click
 
 from oncely.errors import AwakeableError, ConfigError
 from oncely.local_kafka import LocalKafkaError
-from oncely.logs import LEVELS, setup_logging
+from oncely.logs import FORMATS, LEVELS, setup_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -64,21 +64,33 @@ def connect(bootstrap: str, kafka: dict[str, str]) -> dict[str, str]:
     return settings
 
 
-def _configure_logging(_ctx: click.Context, _param: click.Parameter, level: str) -> None:
-    setup_logging(level)
+_logging = {"level": "WARNING", "format": "text"}
+
+
+def _configure(what: str) -> Callable[[click.Context, click.Parameter, str], None]:
+    def callback(_ctx: click.Context, _param: click.Parameter, value: str) -> None:
+        _logging[what] = value
+        setup_logging(_logging["level"], _logging["format"])
+
+    return callback
 
 
 def add_log_level(group: click.Group, defaults: dict[str, str]) -> None:
     """Give every command below `group` a validated --log-level (default
-    WARNING, or `defaults[name]`), applied before the command runs."""
+    WARNING, or `defaults[name]`; $ONCELY_LOG_LEVEL) and --log-format
+    text|json ($ONCELY_LOG_FORMAT), applied before the command runs."""
     for name, cmd in group.commands.items():
         if isinstance(cmd, click.Group):
             add_log_level(cmd, defaults)
             continue
         cmd.params.append(click.Option(
             ["--log-level"], type=click.Choice(LEVELS, case_sensitive=False), default=defaults.get(name, "WARNING"),
-            show_default=True, expose_value=False, is_eager=True, callback=_configure_logging,
-            help="Log level of oncely and librdkafka lines."))
+            envvar="ONCELY_LOG_LEVEL", show_default=True, expose_value=False, is_eager=True,
+            callback=_configure("level"), help="Log level of oncely and librdkafka lines ($ONCELY_LOG_LEVEL)."))
+        cmd.params.append(click.Option(
+            ["--log-format"], type=click.Choice(FORMATS), default="text", envvar="ONCELY_LOG_FORMAT",
+            show_default=True, expose_value=False, is_eager=True, callback=_configure("format"),
+            help="Log lines as text, or as one JSON object per line ($ONCELY_LOG_FORMAT)."))
 
 
 def text(data: bytes | None) -> str:

@@ -1,4 +1,10 @@
-"""librdkafka's own log lines through Python logging, with repeats collapsed.
+"""Logging setup of every command (level, text or JSON lines), and
+librdkafka's own log lines through Python logging, with repeats collapsed.
+
+JSON lines carry, besides time, level, logger and message, every field a
+log call passes as `extra` (an invocation's events pass `invocation_extra`:
+invocation_id, target, event, reason), so a log pipeline can follow one
+invocation without parsing messages.
 
 Without a `logger` setting, librdkafka writes its lines straight to stderr:
 while a broker is down that is hundreds of identical "Connection refused"
@@ -14,12 +20,20 @@ from __future__ import annotations
 
 import logging
 import re
+import traceback
+from datetime import datetime, timezone
 import threading
 import time
 from typing import Any, Callable
 
+import orjson
+
 LOGGER_NAME = "oncely.kafka"
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+FORMATS = ("text", "json")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Attributes every LogRecord has; anything else on a record came as `extra`.
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
 _NUMBERS = re.compile(r"\d+")
 _SUPPRESSED = re.compile(r", \d+ identical error\(s\) suppressed")  # librdkafka's own collapsing
 
@@ -73,6 +87,37 @@ def kafka_conf_logging() -> dict[str, Any]:
     return {"logger": _shared}
 
 
-def setup_logging(level: str) -> None:
-    """Configure the root logger for a command; `level` is one of LEVELS."""
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC, ISO 8601), level, logger,
+    message, the record's `extra` fields, and `error` (the traceback) when
+    an exception is attached."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name, value in record.__dict__.items():
+            if name not in _STANDARD and not name.startswith("_") and value is not None:
+                out[name] = value
+        if record.exc_info:
+            out["error"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
+        return orjson.dumps(out, default=str).decode()
+
+
+def invocation_extra(inv: Any, event: str, reason: str | None = None) -> dict[str, Any]:
+    """The `extra` of a log line about an invocation (`inv`: its `id` bytes
+    and `target`): what the JSON format shows as fields."""
+    from oncely.shuffle.ids import format_id
+
+    return {"invocation_id": format_id(inv.id), "target": inv.target, "event": event, "reason": reason}
+
+
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """Configure the root logger for a command: `level` is one of LEVELS,
+    `fmt` one of FORMATS."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 from oncely.app import App
 from oncely.errors import ConfigError
@@ -20,6 +20,9 @@ from oncely.preflight import connect_app
 from oncely.processor.commit_loop import CommitLoop
 from oncely.processor.producer import GiveUp
 from oncely.topics import ensure_topics
+
+if TYPE_CHECKING:
+    from oncely.observe.server import MetricsServer
 
 log = logging.getLogger("oncely")
 T = TypeVar("T")
@@ -64,10 +67,17 @@ def _on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, interrupt:
 
 
 async def serve(app: App, stop: asyncio.Event | None = None,
-                on_created: Callable[[CommitLoop], None] | None = None) -> CommitLoop:
+                on_created: Callable[[CommitLoop], None] | None = None, metrics: str | None = None,
+                on_metrics: Callable[["MetricsServer"], None] | None = None) -> CommitLoop:
     """Run the app's processor in this event loop until `stop` is set (or
-    SIGTERM/SIGINT arrives); returns the stopped loop (for its counters)."""
+    SIGTERM/SIGINT arrives); returns the stopped loop (for its counters).
+    `metrics` (HOST:PORT) serves Prometheus metrics there, on this loop."""
     cfg = app.config
+    if metrics is not None:
+        from oncely.observe.server import parse_address, require_client
+
+        require_client()  # before anything else: a missing extra is one sentence
+        parse_address(metrics)
     stop = stop or asyncio.Event()
     interrupt = threading.Event()
     _on_signals(asyncio.get_running_loop(), stop, interrupt)
@@ -76,20 +86,31 @@ async def serve(app: App, stop: asyncio.Event | None = None,
     processor = CommitLoop(app, cfg, facts, interrupt)
     if on_created is not None:
         on_created(processor)
+    server = None
+    if metrics is not None:
+        from oncely.observe.server import MetricsServer
+
+        server = await MetricsServer(processor, metrics).start()
+        if on_metrics is not None:
+            on_metrics(server)
     log.info("oncely app %r: %d partitions, bootstrap %s, state %s", app.name, app.partitions, cfg.bootstrap,
              cfg.state_dir)
-    await processor.run(stop)
+    try:
+        await processor.run(stop)
+    finally:
+        if server is not None:
+            await server.stop()
     return processor
 
 
-def run(app: App) -> None:
+def run(app: App, metrics: str | None = None) -> None:
     """Run until signalled. A process that had to abandon a Kafka client
     stuck inside librdkafka exits with os._exit: a normal exit would wait on
     that client's threads forever. A supervisor restarts it; its state is
     safe in Kafka."""
     code = 0
     try:
-        processor = asyncio.run(serve(app))
+        processor = asyncio.run(serve(app, metrics=metrics))
     except GiveUp as e:
         log.error("%s", e)
         code = 75  # EX_TEMPFAIL: restart me
@@ -107,10 +128,14 @@ class ProcessorThread:
     """An app's processor on its own event loop in a background thread, for
     tests and benchmarks that drive it from the same Python process and read
     its counters (`processor` is the CommitLoop). For crash tests, run
-    `oncely run` as a subprocess instead: a thread cannot be killed -9."""
+    `oncely run` as a subprocess instead: a thread cannot be killed -9.
+    With `metrics` (HOST:PORT; port 0 picks a free one) it serves /metrics
+    at `metrics_url` once started."""
 
-    def __init__(self, app: App) -> None:
+    def __init__(self, app: App, metrics: str | None = None) -> None:
         self.app = app
+        self.metrics = metrics
+        self.metrics_server: "MetricsServer | None" = None
         self.loop = asyncio.new_event_loop()
         self.stop_event: asyncio.Event | None = None
         self.processor: CommitLoop | None = None
@@ -125,7 +150,8 @@ class ProcessorThread:
 
         async def main() -> None:
             self.stop_event = asyncio.Event()
-            await serve(self.app, self.stop_event, on_created=created)
+            await serve(self.app, self.stop_event, on_created=created, metrics=self.metrics,
+                        on_metrics=lambda server: setattr(self, "metrics_server", server))
 
         try:
             self.loop.run_until_complete(main())
@@ -144,6 +170,13 @@ class ProcessorThread:
         if self.error:
             raise self.error
         return self
+
+    @property
+    def metrics_url(self) -> str:
+        server = self.metrics_server
+        assert server is not None, "started without metrics"
+        host = "127.0.0.1" if server.host in ("0.0.0.0", "") else server.host
+        return f"http://{host}:{server.port}/metrics"
 
     def on_loop(self, fn: Callable[[], T], timeout: float = 10.0) -> T:
         """`fn()` run on the processor's loop thread, between two of its

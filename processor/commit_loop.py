@@ -97,7 +97,8 @@ class CommitLoop:
         self.consumer: Consumer | None = None
         self.restorer: Restorer | None = None
         self.assignment: Assignment | None = None
-        self.on_commit: Callable[[], None] | None = None  # test/metrics hook
+        self.on_commit: Callable[[], None] | None = None  # test hook
+        self.metrics: Any = None  # oncely.observe.Metrics when --metrics is on
         self.progress = Progress(self)
 
     # -- counters (tests and metrics read them) -------------------------------------
@@ -188,6 +189,7 @@ class CommitLoop:
         assert txn is not None and consumer is not None and open_ is not None
         if not txn.ready:
             return False  # dropped on a stop request; nothing can commit now
+        started = time.monotonic()
         if not force and not open_.dirty(self.partitions.values()):
             self._last_commit = time.monotonic()
             return False
@@ -204,6 +206,8 @@ class CommitLoop:
             return False
         self.new_transaction()
         self.progress.committed(done.records, done.finished, done.failed)
+        if self.metrics is not None:
+            self.metrics.committed(time.monotonic() - started, done.produced)
         assert self.assignment is not None
         self.assignment.committed.update(done.offsets)
         if self.on_commit:
@@ -222,6 +226,8 @@ class CommitLoop:
         if outcome is Outcome.COMMITTED:
             return
         self.rewinds += 1
+        if self.metrics is not None:
+            self.metrics.rewound()
         self.assignment.rewind()
 
     # -- the loop ---------------------------------------------------------------------
@@ -268,6 +274,7 @@ class CommitLoop:
                                  self.facts.get("changelog_delete_retention_ms", 24 * 3600 * 1000))
         self.txn = TxnProducer(clients.producer_conf(transactional_id(self.root, self.app.name)), self.bound,
                                self.cfg.txn_call_timeout, self.app.log_topic, self.interrupt)
+        self.restorer.metrics = self.metrics
         self.txn.start()
         self.new_transaction()
         consumer = clients.consumer()

@@ -39,6 +39,7 @@ def log_record(app: "App", part: PartitionProcessor, m: Any, out: TxnOutput) -> 
 
 
 def _dead(app: "App", out: TxnOutput, m: Any, reason: str, error: str) -> None:
+    _count_dead(out, reason)
     k, v, h = dead_letter(app.name, reason, error, m.key(), m.value(),
                           source={"topic": m.topic(), "partition": m.partition(), "offset": m.offset()})
     out.produce(app.dlq_topic, k, v, h)
@@ -55,5 +56,12 @@ def source_record(app: "App", sub: Any, m: Any, out: TxnOutput) -> None:
     else:
         out.produce(app.dlq_topic, routed.key, routed.value, routed.headers)
         sub.stats["dead"] += 1
+        _count_dead(out, routed.reason)
         log.warning("%s: %s[%d]@%d dead-lettered (%s)", sub.name, m.topic(), m.partition(), m.offset(),
                     routed.reason)
+
+
+def _count_dead(out: TxnOutput, reason: str) -> None:
+    metrics = getattr(out, "metrics", None)  # the commit loop's, with --metrics
+    if metrics is not None:
+        metrics.dead_letter(reason)

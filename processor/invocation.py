@@ -56,6 +56,7 @@ class Invocation:
     awaiting: list[int] = field(default_factory=list)  # journal indexes its coroutine awaits right now
     progress_mark: int = 0  # journal length when it was last seen to progress
     has_early: bool = False  # completions that arrived before their entry
+    started: float = 0.0  # monotonic start of its current attempt (metrics)
 
     @property
     def waiting(self) -> bool:

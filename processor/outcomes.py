@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from oncely import schemas
 from oncely.egress.dead_letters import dead_letter
+from oncely.logs import invocation_extra
 from oncely.processor import keys
 from oncely.processor.invocation import BACKING_OFF, FAILED, Invocation, now_ms
 from oncely.sdk.protocol import Outcome
@@ -41,12 +42,14 @@ def apply(part: PartitionProcessor, inv: Invocation, outcome: Outcome) -> None:
             fail(part, inv, "retries-exhausted", f"failed {inv.attempt} attempts; last error: {outcome.error}")
             return
         part.stats.retries += 1
+        if part.metrics is not None:
+            part.metrics.outcome(inv, "retried")
         inv.phase = BACKING_OFF
         inv.retry_at_ms = now_ms() + int(policy.delay(inv.attempt) * 1000)
         part.timers.retry_at(inv.retry_at_ms, inv.id)
         part.writer.changed(inv)
         log.info("%s %s attempt %d failed, retrying in %d ms: %s", format_id(inv.id), inv.target,
-                 inv.attempt, inv.retry_at_ms - now_ms(), outcome.error)
+                 inv.attempt, inv.retry_at_ms - now_ms(), outcome.error, extra=invocation_extra(inv, "retrying"))
     else:
         part.pause(inv, outcome.error)
 
@@ -68,6 +71,8 @@ def complete(part: PartitionProcessor, inv: Invocation, outcome: Outcome) -> Non
     respond(part, inv.invoke["caller"], inv.id, outcome.value, None)
     remember(part, inv, failed=False, result=outcome.value, error=None)
     part.stats.completed += 1
+    if part.metrics is not None:
+        part.metrics.outcome(inv, "completed")
     part.finish(inv)
 
 
@@ -108,8 +113,10 @@ def dead(part: PartitionProcessor, inv: Invocation, reason: str, error: str) -> 
     """Write the dead letter and retain the failed status for inspection."""
     invoke = inv.invoke
     part.stats.failed += 1
+    if part.metrics is not None:
+        part.metrics.failed(inv, reason)
     log.warning("%s %s failed (%s): %s", format_id(inv.id), inv.target, reason, error,
-                extra={"invocation_id": format_id(inv.id)})
+                extra=invocation_extra(inv, "dead-lettered", reason))
     k, v, h = dead_letter(
         part.app.name, reason, error, invoke["key"], invoke["payload"], invocation_id=inv.id,
         target=inv.target, attempts=inv.attempt + (1 if reason != "retries-exhausted" else 0),

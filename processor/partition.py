@@ -22,6 +22,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from oncely import schemas
+from oncely.logs import invocation_extra
 from oncely.processor import completions, keys, outcomes
 from oncely.processor.effects import InvocationEffects
 from oncely.processor.inbox import StoreQueue, invoke_of, mark_queued, queue_record, ready_queue, unmark_queued
@@ -86,6 +87,7 @@ class PartitionProcessor:
         self.timers = Timers(store, self._send_timer, self._wake, self._retry)
         self.waits = Waits(int(app.config.suspend_after * 1000))
         self.stats = PartitionStats()
+        self.metrics = getattr(out, "metrics", None)  # oncely.observe.Metrics, or None without --metrics
         self.closed = False
 
     # -- loading (assignment, restart, rewind) -----------------------------------
@@ -181,6 +183,8 @@ class PartitionProcessor:
             self.lookup(inv_id) if invoke["idempotency_key"] is not None else None)
         if phase is not None:
             self.stats.duplicates += 1
+            if self.metrics is not None:
+                self.metrics.duplicate()
             if invoke["caller"] is not None and phase in (COMPLETED, FAILED):
                 # A finished callee answers its caller again; one in flight
                 # answers when it finishes (the caller is the same one).
@@ -286,6 +290,8 @@ class PartitionProcessor:
             effects=InvocationEffects(self, inv), limits=self.limits,
         )
         self.active.add(inv)
+        if self.metrics is not None:
+            self.metrics.started(inv)
         inv.running = self.executor.start(call, lambda outcome: self._apply_outcome(inv, outcome))
 
     def _apply_outcome(self, inv: Invocation, outcome: Outcome) -> None:
@@ -297,6 +303,8 @@ class PartitionProcessor:
             return  # outcome of a run that a rewind or revocation already dropped
         self.active.discard(inv)
         inv.running = None
+        if self.metrics is not None:
+            self.metrics.attempt_ended(inv)
         try:
             if not self.writer.net_effects:
                 self.writer.persist(inv)
@@ -311,8 +319,10 @@ class PartitionProcessor:
         inv.error = error
         self.n_paused += 1
         self.stats.paused += 1
+        if self.metrics is not None:
+            self.metrics.outcome(inv, "paused")
         self.writer.changed(inv)
-        log.error("%s %s paused: %s", format_id(inv.id), inv.target, error, extra={"invocation_id": format_id(inv.id)})
+        log.error("%s %s paused: %s", format_id(inv.id), inv.target, error, extra=invocation_extra(inv, "paused"))
 
     def finish(self, inv: Invocation) -> None:
         """Forget a finished invocation and hand its key to the next in line."""

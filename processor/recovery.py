@@ -32,6 +32,8 @@ def replace_consumer(loop: CommitLoop, why: str) -> None:
     group with a new one."""
     log.error("replacing the consumer: %s", why)
     loop.consumer_restarts += 1
+    if loop.metrics is not None:
+        loop.metrics.rewound()
     old, txn, assignment = loop.consumer, loop.txn, loop.assignment
     assert assignment is not None and txn is not None and old is not None
     if txn.ready:

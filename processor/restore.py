@@ -30,6 +30,7 @@ class Restorer:
     def __init__(self, conf: dict[str, Any], topic: str, delete_retention_ms: int) -> None:
         self.topic = topic
         self.delete_retention_ms = delete_retention_ms
+        self.metrics: Any = None  # oncely.observe.Metrics when --metrics is on
         self.consumer = Consumer({
             **conf,
             "group.id": conf.get("group.id", "oncely-restore"),
@@ -128,12 +129,16 @@ class Restorer:
                 for p, batch in batches.items():
                     stores[p].apply_restored(batch, pending[p])
                     applied += len(batch)
+                    if self.metrics is not None:
+                        self.metrics.restored(len(batch))
                     counts[p] += len(batch)
                 for p in done:
                     if p in pending:
                         stores[p].apply_restored((), pending.pop(p))
         finally:
             self.consumer.unassign()
+        if self.metrics is not None:
+            self.metrics.restore_done(time.monotonic() - t0)
         log.info("restored %d changelog records in %.2f s (%s)", applied, time.monotonic() - t0,
                  ", ".join(f"p{p}: {counts[p]} from {starts[p]}" for p in sorted(starts)))
         return applied

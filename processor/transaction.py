@@ -29,6 +29,7 @@ class Committed:
     records: int          # records consumed
     finished: int         # invocations that finished (completed or failed)
     failed: int
+    produced: int         # records produced (changelog included)
     offsets: dict[TP, int] = field(default_factory=dict)
 
 
@@ -73,12 +74,13 @@ class Transaction:
         if not self.consumed and producer.txn.produced == 0:
             return None
         offsets = [TopicPartition(t, p, o) for (t, p), o in self.consumed.items()]
+        produced = producer.txn.produced
         result = producer.commit(offsets, group_metadata() if offsets else None)
         if result.outcome is not Outcome.COMMITTED:
             return result, None
         # Committed: make RocksDB reflect it, with the changelog offset.
         producer.poll()
-        done = Committed(self.records, 0, 0, dict(self.consumed))
+        done = Committed(self.records, 0, 0, produced, dict(self.consumed))
         for p, part in partitions.items():
             box = checkpoints.get(p)
             finished, failed = part.after_commit(box[0] + 1 if box else None)
