@@ -114,6 +114,7 @@ class ProcessorCollector:
         counts = dict.fromkeys(PHASES, 0)
         for part in self.loop.partitions.values():
             counts["suspended"] += part.suspended
+            counts["inboxed"] += part.queued
             for i in part.invocations.values():
                 phase = i.phase
                 if phase == "RUNNING":
@@ -178,7 +179,7 @@ class ProcessorCollector:
                                    f"{TIMER_COUNT_CAP} counted).", labels=["partition", "kind"])
         now = time.monotonic()
         for p, part in sorted(cl.partitions.items()):
-            timers.add_metric([str(p), "retry"], len(part.timers))
+            timers.add_metric([str(p), "retry"], len(part.timers.retries))
             timers.add_metric([str(p), "durable"], self._durable_timers(p, part, now))
         yield timers
 

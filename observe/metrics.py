@@ -147,7 +147,7 @@ class Metrics:
                 if h is None:
                     h = latency[target] = Histogram(LATENCY_BUCKETS)
                 source = invoke["source"]
-                seconds = (now_ms - (source["timestamp_ms"] if source else invoke["created_at_ms"])) / 1000
+                seconds = (now_ms - (source["timestamp_ms"] if source else invoke.get("created_at_ms", now_ms))) / 1000
                 h.counts[bisect_left(h.bounds, seconds)] += 1
                 h.sum += seconds
         self._staged.clear()

@@ -30,9 +30,10 @@ LAG_INTERVAL = 5.0  # seconds between consumer-lag reads
 def require_client() -> None:
     """prometheus-client is an extra: say how to get it, in one sentence."""
     try:
-        import prometheus_client  # noqa: F401
+        import prometheus_client
     except ImportError:
         raise ConfigError(f"--metrics needs the prometheus-client package: {INSTALL}") from None
+    del prometheus_client  # only whether it imports
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -55,7 +56,7 @@ class MetricsServer:
         processor.metrics = self.metrics
         lag_interval = lag_interval or LAG_INTERVAL
         from_end = set(processor.sources) if processor.source_start == OFFSET_END else set()
-        reader = LagReader(processor._base_conf(), processor.app.name, [processor.app.log_topic, *processor.sources],
+        reader = LagReader(processor.clients.base(), processor.app.name, [processor.app.log_topic, *processor.sources],
                            from_end, timeout=min(5.0, lag_interval * 2))
         self.lag = LagWatcher(reader, lag_interval)
         self._runner: web.AppRunner | None = None

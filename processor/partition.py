@@ -81,6 +81,7 @@ class PartitionProcessor:
         self.active: set[Invocation] = set()  # with a running coroutine
         self.suspended = 0  # SUSPENDED invocations in the store
         self.n_paused = 0   # PAUSED ones in memory (they take no capacity)
+        self.queued = 0     # INBOXED ones in the store (INBOX and READY)
         self.keys = KeyQueues(store, lambda: self.suspended > 0)
         self.ready: StoreQueue = ready_queue(store)
         self.writer = InvocationWriter(store, net_effects, self.keys.holds)
@@ -98,6 +99,7 @@ class PartitionProcessor:
         an abort are this same path. Queued invocations stay in the store."""
         store = self.store
         self.timers.load()
+        self.queued = store.count_committed(keys.INBOX) + store.count_committed(keys.READY)
         suspended: set[bytes] = set()
         for k, v in store.scan(keys.STATUS):
             st = schemas.decode("invocation_status", v)
@@ -170,7 +172,7 @@ class PartitionProcessor:
         self.timers.clear()
         self.waits.clear()
         self.ready = ready_queue(self.store)
-        self.suspended = self.n_paused = 0
+        self.suspended = self.n_paused = self.queued = 0
 
     # -- input ----------------------------------------------------------------------
 
@@ -210,6 +212,7 @@ class PartitionProcessor:
             else:
                 self.keys.wait(sk, offset, record)  # type: ignore[arg-type]
             self.stats.inboxed += 1
+            self.queued += 1
         else:
             self._begin(invoke, offset, sk)
 
@@ -250,6 +253,7 @@ class PartitionProcessor:
                 self.keys.wait(sk, seq, record)
             else:
                 unmark_queued(self.store, invoke)
+                self.queued -= 1
                 self._begin(invoke, seq, sk)
 
     def _make_room(self) -> bool:
@@ -339,6 +343,7 @@ class PartitionProcessor:
             seq, record, inbox = nxt
             invoke = invoke_of(record)
             unmark_queued(self.store, invoke)
+            self.queued -= 1
             self._begin(invoke, seq, self._sk(invoke), inbox)
 
     # -- time -----------------------------------------------------------------------

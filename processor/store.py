@@ -140,6 +140,17 @@ class PartitionStore:
                     break
         return out
 
+    def count_committed(self, prefix: bytes) -> int:
+        """Committed keys under `prefix` (values not read)."""
+        it = self.db.iter()
+        it.seek(prefix)
+        stop = keys.prefix_end(prefix)
+        n = 0
+        while it.valid() and (stop is None or it.key() < stop):
+            n += 1
+            it.next()
+        return n
+
     def _db_range(self, start: bytes, stop: bytes | None) -> Iterator[tuple[bytes, bytes]]:
         it = self.db.iter()
         it.seek(start)

@@ -68,6 +68,7 @@ class Invoke(TypedDict):
     caller: CallerRef | None
     source: SourceRecord | None
     subscription: str | None  # the handler's input is decoded by this subscription's decoder
+    created_at_ms: NotRequired[int]  # when the Invoke was made: end-to-end latency without a source record
 
 
 class Response(TypedDict):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from oncely import schemas
@@ -27,5 +28,5 @@ def invoke_record(
         "invocation_id": invocation_id, "service": service, "handler": handler, "key": key,
         "payload": payload, "payload_format": payload_format, "idempotency_key": idempotency_key,
         "idempotency_retention_ms": idempotency_retention_ms, "caller": caller, "source": source,
-        "subscription": subscription,
+        "subscription": subscription, "created_at_ms": int(time.time() * 1000),
     })})
