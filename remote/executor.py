@@ -105,33 +105,42 @@ class RemoteExecutor:
         wanted: set[str] = set()
         names_wanted = False
         rounds = 0
-        while True:
-            state = apply.snapshot(call, cfg.remote_eager_state_bytes, wanted, names_wanted)
-            answer = await self._exchange(batcher, call, apply.build_item(call, payload, state), svc.retry)
-            if isinstance(answer, Outcome):
-                return answer
-            try:
-                apply.apply_entries(call, answer)
-            except TerminalError as e:
-                return Outcome("terminal", error=e.message)
-            except BadAnswer as e:
-                return Outcome("paused", error=f"invalid answer from {dep.uri}: {e}")
-            status = answer.status
-            if status == "completed":
-                return apply.completed(call, answer)
-            if status in ("terminal", "retry", "paused"):
-                return Outcome(status, error=answer.error)  # type: ignore[arg-type]
-            if status == "unknown_handler":
-                return Outcome("paused", error=f"{dep.uri}: {answer.error}")
-            if status == "suspended":
-                await _wait_any(call, answer.awaiting)
-            elif status == "need_state":
-                rounds += 1
-                if rounds > MAX_STATE_ROUNDS:
-                    return Outcome("paused", error=f"{dep.uri} asked for state {rounds} times in one attempt")
-                wanted.update(answer.names)
-                names_wanted = names_wanted or answer.keys
-            # "yield": send it again at once, with the entries it made
+        # One wait per awaited entry, kept across rounds: cancelling a wait
+        # would cancel the partition's future for its entry.
+        waits: dict[int, asyncio.Task[None]] = {}
+        try:
+            while True:
+                state = apply.snapshot(call, cfg.remote_eager_state_bytes, wanted, names_wanted)
+                answer = await self._exchange(batcher, call, apply.build_item(call, payload, state), svc.retry)
+                if isinstance(answer, Outcome):
+                    return answer
+                try:
+                    apply.apply_entries(call, answer)
+                except TerminalError as e:
+                    return Outcome("terminal", error=e.message)
+                except BadAnswer as e:
+                    return Outcome("paused", error=f"invalid answer from {dep.uri}: {e}")
+                status = answer.status
+                log.debug("%s: %s after %d new entries (journal %d)", format_id(call.invocation_id), status,
+                          len(answer.entries), len(call.journal))
+                if status == "completed":
+                    return apply.completed(call, answer)
+                if status in ("terminal", "retry", "paused"):
+                    return Outcome(status, error=answer.error)  # type: ignore[arg-type]
+                if status == "unknown_handler":
+                    return Outcome("paused", error=f"{dep.uri}: {answer.error}")
+                if status == "suspended":
+                    await _wait_any(call, answer.awaiting, waits)
+                elif status == "need_state":
+                    rounds += 1
+                    if rounds > MAX_STATE_ROUNDS:
+                        return Outcome("paused", error=f"{dep.uri} asked for state {rounds} times in one attempt")
+                    wanted.update(answer.names)
+                    names_wanted = names_wanted or answer.keys
+                # "yield": send it again at once, with the entries it made
+        finally:
+            for t in waits.values():
+                t.cancel()
 
     async def _exchange(self, batcher: Batcher, call: HandlerCall, item: dict[str, Any],
                         policy: RetryPolicy) -> Answer | Outcome:
@@ -172,25 +181,22 @@ class RemoteExecutor:
             self.session = None
 
 
-async def _wait_any(call: HandlerCall, awaiting: list[int]) -> None:
+async def _wait_any(call: HandlerCall, awaiting: list[int], waits: dict[int, asyncio.Task[None]]) -> None:
     """Until one of the awaited entries completes (at once if one has). The
     waits are the in-process ones: a long one suspends the invocation (this
     task is cancelled) and a completion resumes it by a new start."""
     journal = call.journal
-    pending = [i for i in dict.fromkeys(awaiting) if not journal[i].completed]
-    if len(pending) < len(set(awaiting)):
+    if any(journal[i].completed for i in awaiting):
         return
     effects = call.effects
     assert effects is not None
     loop = asyncio.get_running_loop()
-    waits = [loop.create_task(effects.wait(i)) for i in pending]
-    try:
-        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        for t in done:
-            t.result()  # a wait on a dropped invocation raises CancelledError
-    finally:
-        for t in waits:
-            t.cancel()
+    for i in awaiting:
+        if i not in waits:
+            waits[i] = loop.create_task(effects.wait(i))
+    done, _ = await asyncio.wait([waits[i] for i in set(awaiting)], return_when=asyncio.FIRST_COMPLETED)
+    for i in [i for i, t in waits.items() if t in done]:
+        waits.pop(i).result()  # a wait on a dropped invocation raises CancelledError
 
 
 class RoutingExecutor:
