@@ -59,6 +59,22 @@ class Handler:
         return f"<handler {self.service.name}.{self.name}>"
 
 
+class RemoteHandler:
+    """A handler of a remote service: only its name and whether it takes an
+    input are known here (from the deployment's manifest); it runs behind
+    the deployment's endpoint. A send or call target like any handler."""
+
+    fn = None
+
+    def __init__(self, service: "Service", name: str, takes_input: bool) -> None:
+        self.service = service
+        self.name = name
+        self.takes_input = takes_input
+
+    def __repr__(self) -> str:
+        return f"<remote handler {self.service.name}.{self.name}>"
+
+
 class Service:
     """A set of handlers. Keyed services run one invocation per key at a time
     and have per-key state; stateless services run concurrently."""
@@ -69,6 +85,9 @@ class Service:
         self.keyed = keyed
         self.retry = retry
         self.handlers: dict[str, Handler] = {}
+        # The deployment (dp_…) whose endpoint runs this service's handlers;
+        # None for handlers defined in this process.
+        self.deployment: str | None = None
 
     def handler(self, fn: Fn | None = None, *, name: str | None = None) -> Any:
         """Decorator registering an `async def h(ctx[, input])` handler."""
@@ -136,6 +155,14 @@ class AppConfig:
     suspend_after: float = 60.0
     # Create declared sink topics that do not exist (else: refuse to start).
     create_sink_topics: bool = False
+    # Remote handlers: how long an invocation retries an endpoint that cannot
+    # be reached (connect errors, timeouts, 5xx/429/408) before it is PAUSED
+    # (attempts are not counted: the handler decided nothing); the bytes of
+    # a key's state sent with each request before the rest is fetched on
+    # demand; the request deadline the endpoint works within.
+    remote_transport_budget: float = 300.0
+    remote_eager_state_bytes: int = 64 * 1024
+    remote_deadline_ms: int = 10_000
     kafka: dict[str, str] = field(default_factory=dict)
 
     def load_env(self, env: dict[str, str]) -> None:
@@ -215,6 +242,7 @@ class App:
         commit_interval: float | None = None,
         kafka: dict[str, str] | None = None,
         retry: RetryPolicy | None = None,
+        deployments: list[str] | None = None,
         **settings: Any,
     ) -> None:
         if not _APP_NAME.match(name) or len(name) > 200:
@@ -234,6 +262,13 @@ class App:
         named = {"bootstrap": bootstrap or None, "state_dir": state_dir, "commit_interval": commit_interval,
                  "kafka": kafka}
         self.config.update({**{k: v for k, v in named.items() if v is not None}, **settings}, f"App({name!r})")
+        if deployments is None:
+            deployments = [u.strip() for u in os.environ.get("ONCELY_DEPLOYMENTS", "").split(",") if u.strip()]
+        if not isinstance(deployments, list) or not all(isinstance(u, str) and u for u in deployments):
+            raise ConfigError("App deployments must be a list of endpoint URLs")
+        # Endpoints whose services run remote; discovered when the processor starts.
+        self.deployments: list[str] = list(deployments)
+        self.remote_deployments: dict[str, Any] = {}  # by id, once discovered (oncely.remote.registry)
 
     # topics
     @property
@@ -273,6 +308,25 @@ class App:
     def service(self, name: str, *, retry: RetryPolicy | None = None) -> Service:
         """A stateless service: invocations run concurrently, without state."""
         return self._add(name, False, retry)
+
+    def add_remote_service(self, name: str, keyed: bool, retry: RetryPolicy, handlers: dict[str, bool],
+                           deployment: str) -> Service | None:
+        """A service that `deployment`'s endpoint runs (from its manifest):
+        `handlers` maps each handler name to whether it takes an input. A
+        service this process defines itself stays in-process (None)."""
+        current = self.services.get(name)
+        if current is not None and current.deployment is None:
+            return None
+        if not _NAME.match(name):
+            raise ConfigError(f"deployment {deployment}: service name {name!r} is not valid")
+        svc = Service(self, name, keyed, retry)
+        svc.deployment = deployment
+        for hname, takes_input in handlers.items():
+            if not _NAME.match(hname):
+                raise ConfigError(f"deployment {deployment}: handler name {name}.{hname!r} is not valid")
+            svc.handlers[hname] = RemoteHandler(svc, hname, takes_input)  # type: ignore[assignment]
+        self.services[name] = svc
+        return svc
 
     def subscribe(
         self,

@@ -83,6 +83,10 @@ async def serve(app: App, stop: asyncio.Event | None = None,
     _on_signals(asyncio.get_running_loop(), stop, interrupt)
     admin = connect_app(app)  # settings checked and the broker reached before any topic is created
     facts = ensure_topics(admin, app)
+    if app.deployments:  # remote services must be known before any partition routes an invocation
+        from oncely.remote.registry import register_all, signing_key_from_env
+
+        await register_all(app, signing_key_from_env())
     processor = CommitLoop(app, cfg, facts, interrupt)
     if on_created is not None:
         on_created(processor)
@@ -100,6 +104,9 @@ async def serve(app: App, stop: asyncio.Event | None = None,
     finally:
         if server is not None:
             await server.stop()
+        close = getattr(processor.executor, "close", None)
+        if close is not None:
+            await close()  # the remote executor's HTTP session
     return processor
 
 

@@ -37,7 +37,7 @@ from oncely.processor import dispatch, recovery
 from oncely.processor.assignment import Assignment
 from oncely.preflight import check_app_settings
 from oncely.processor.clients import KafkaClients, close_clients, source_start
-from oncely.processor.executor import LocalExecutor
+from oncely.remote.executor import executor_for
 from oncely.processor.identity import StateDirLock, transactional_id
 from oncely.processor.partition import PartitionProcessor
 from oncely.processor.producer import Outcome, TxnProducer
@@ -75,7 +75,7 @@ class CommitLoop:
         for sub in app.subscriptions:
             for t in sub.topics:
                 self.sources.setdefault(t, []).append(sub)
-        self.executor = LocalExecutor(app)
+        self.executor = executor_for(app)  # in-process, or routing to remote deployments too
         self.sinks = Sinks(app.sinks, self.clients.topic_exists)
         client_max = int(config.kafka.get("message.max.bytes", CLIENT_MAX_BYTES))
         topic_max = self.facts.get("max_message_bytes", {})
