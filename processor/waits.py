@@ -25,7 +25,7 @@ class Waits:
 
     def future(self, inv: Invocation, index: int) -> asyncio.Future:
         fut = self.futures.get((inv.id, index))
-        if fut is None:
+        if fut is None or fut.cancelled():  # a waiter that was cancelled (e.g. a remote attempt ended) took it along
             fut = self.futures[(inv.id, index)] = asyncio.get_running_loop().create_future()
         return fut
 
