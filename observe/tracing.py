@@ -17,9 +17,10 @@ runs out of attempts (twice, with the same ids, if the process dies between
 that outcome and its commit). The ids are set through the SDK's IdGenerator
 extension point on oncely's own Tracer only.
 
-With OpenTelemetry not installed, or no TracerProvider configured, nothing
-here runs: `setup` leaves `oncely.sdk.runner.tracer` None, and the
-traceparent helpers return None after one test.
+With OpenTelemetry not installed, not imported by the process or no
+TracerProvider configured, nothing here runs: `setup` leaves
+`oncely.sdk.runner.tracer` None, and the traceparent helpers return None
+after one test (OpenTelemetry is not even imported then).
 """
 
 from __future__ import annotations
@@ -27,18 +28,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Awaitable
 
 from oncely.errors import ConfigError
 from oncely.shuffle.ids import format_id
-
-try:
-    from opentelemetry import context as otel_context
-    from opentelemetry import trace
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-except ImportError:  # the extra is not installed
-    trace = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from oncely.sdk.journal import JournalContext
@@ -46,17 +41,37 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("oncely.tracing")
 
-if trace is not None:
-    _propagator = TraceContextTextMapPropagator()
-    # The traceparent that Invokes made by the running attempt carry.
-    _CHILDREN = otel_context.create_key("oncely.children-traceparent")
+# The OpenTelemetry API, once loaded (`_load`): a process that never imported
+# it has no span to continue and no provider, so it is never imported here
+# unless tracing is asked for (`setup(install=True)`).
+trace: Any = None
+otel_context: Any = None
+_propagator: Any = None
+_CHILDREN: Any = None  # context key: the traceparent of Invokes the running attempt makes
+
+
+def _load() -> bool:
+    """Import the OpenTelemetry API; False when it is not installed."""
+    global trace, otel_context, _propagator, _CHILDREN
+    if trace is not None:
+        return True
+    try:
+        from opentelemetry import context, trace as api
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+    except ImportError:
+        return False
+    otel_context, _propagator = context, TraceContextTextMapPropagator()
+    _CHILDREN = context.create_key("oncely.children-traceparent")
+    trace = api
+    return True
+
 
 _EXPORTER_BY_PROTOCOL = {"grpc": "otlp_proto_grpc", "http/protobuf": "otlp_proto_http"}
 
 
 def current_traceparent() -> str | None:
     """The W3C traceparent of the current span (the Client's caller), or None."""
-    if trace is None:
+    if "opentelemetry.trace" not in sys.modules or not _load():
         return None
     carrier: dict[str, str] = {}
     _propagator.inject(carrier)
@@ -66,7 +81,7 @@ def current_traceparent() -> str | None:
 def child_traceparent() -> str | None:
     """The traceparent for an Invoke made by the running attempt (ctx.call,
     ctx.send), or None when it is not traced."""
-    if trace is None:
+    if _CHILDREN is None:
         return None
     return otel_context.get_value(_CHILDREN)  # type: ignore[return-value]
 
@@ -111,6 +126,8 @@ class InvocationTracer:
     """The spans of invocations, for `oncely.sdk.runner` (its `tracer` hook)."""
 
     def __init__(self, tracer: Any) -> None:
+        if not _load():
+            raise ConfigError("tracing needs OpenTelemetry: pip install 'oncely[tracing]'")
         self._tracer = tracer
         self._ids = _InvocationIds(tracer.id_generator)
         tracer.id_generator = self._ids
@@ -179,7 +196,9 @@ def setup(app_name: str, install: bool = False) -> bool:
     runner.tracer = None
     if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return False
-    if trace is None:
+    if not install and "opentelemetry.trace" not in sys.modules:
+        return False  # nothing in this process uses OpenTelemetry
+    if not _load():
         if install:
             raise ConfigError("--tracing needs OpenTelemetry: pip install 'oncely[tracing]'")
         return False

@@ -196,6 +196,41 @@ def test_a_chain_is_one_trace_across_kill9_and_a_subscription_continues_a_trace(
     assert next(s for s in sub if s["name"] == "c/c_step")["parent_id"] == hook["context"]["span_id"]
 
 
+INSTALL = """
+import os, sys
+from opentelemetry import trace
+from oncely.errors import ConfigError
+from oncely.observe import tracing
+from oncely.sdk import runner
+
+assert not tracing.setup("quiet"), "no provider, no --tracing: off"
+os.environ["OTEL_TRACES_EXPORTER"] = "nope"
+try:
+    tracing.setup("shop", install=True)
+    raise AssertionError("an unknown exporter must fail")
+except ConfigError as e:
+    assert "nope" in str(e)
+os.environ["OTEL_TRACES_EXPORTER"] = sys.argv[1]
+assert tracing.setup("shop", install=True) and runner.tracer is not None
+provider = trace.get_tracer_provider()
+assert provider.resource.attributes["service.name"] == "shop"
+processors = provider._active_span_processor._span_processors
+print(",".join(type(p.span_exporter).__module__ for p in processors))
+"""
+
+
+@pytest.mark.parametrize("exporter", ["otlp", "console"])
+def test_tracing_flag_sets_up_the_sdk_from_the_otel_variables(exporter: str) -> None:
+    if exporter == "otlp":
+        pytest.importorskip("opentelemetry.exporter.otlp.proto.grpc")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    done = subprocess.run([sys.executable, "-c", INSTALL, exporter], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    want = "opentelemetry.exporter.otlp.proto.grpc" if exporter == "otlp" else "opentelemetry.sdk.trace.export"
+    assert done.stdout.strip().startswith(want), done.stdout
+
+
 NO_OTEL = """
 import sys
 sys.modules["opentelemetry"] = None  # `import opentelemetry...` raises ImportError, as when not installed
