@@ -87,9 +87,10 @@ def child_traceparent() -> str | None:
 
 
 def header_traceparent(headers: Any) -> str | None:
-    """A source record's `traceparent` header, for its Invoke."""
+    """A source record's `traceparent` header, for its Invoke (at most 128
+    bytes: version 00 has 55; a longer one is no trace context to keep)."""
     for name, value in headers:
-        if name == "traceparent" and value:
+        if name == "traceparent" and value and len(value) <= 128:
             try:
                 return value.decode("ascii") if isinstance(value, bytes) else str(value)
             except UnicodeDecodeError:
