@@ -9,6 +9,7 @@ from typing import Any
 
 from oncely.egress.dead_letters import dead_letter
 from oncely.ingest.subscription import SourceRecord, Subscription, idempotency_text
+from oncely.observe.tracing import header_traceparent
 from oncely.shuffle.envelope import invoke_record
 from oncely.shuffle.ids import idempotent_id, source_record_id
 from oncely.shuffle.routing import partition_for
@@ -97,7 +98,7 @@ def route(app: str, partitions: int, sub: Subscription, msg: Any, id_salt: str |
         idempotency_key=idem, idempotency_retention_ms=int(sub.retention.total_seconds() * 1000),
         source={"topic": rec.topic, "partition": rec.partition, "offset": rec.offset, "timestamp_ms": ts,
                 "key": rkey, "headers": [{"name": n, "value": v} for n, v in headers]},
-        subscription=sub.name if sub.decoder.reencode else None,
+        subscription=sub.name if sub.decoder.reencode else None, traceparent=header_traceparent(headers),
     )
     routing = kb if kb is not None else inv_id
     return Routed(partition_for(routing, partitions), routing, record, inv_id)

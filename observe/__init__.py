@@ -8,7 +8,9 @@ behind `oncely status`.
 - `collector.py`: the Prometheus collector reading a running `CommitLoop`,
   its `Metrics` and the lag cache at scrape time;
 - `server.py`: `/metrics` over aiohttp on the processor's own event loop;
-- `status.py`: what `oncely status` shows, from Kafka and metrics endpoints.
+- `status.py`: what `oncely status` shows, from Kafka and metrics endpoints;
+- `tracing.py`: OpenTelemetry spans of invocations and the traceparent of
+  Invokes (the optional extra oncely[tracing]).
 """
 
 from oncely.observe.metrics import Metrics

@@ -52,7 +52,11 @@ _state_dir = click.option("--state-dir", default=None, type=click.Path(file_okay
 @_state_dir
 @click.option("--metrics", default=None, metavar="HOST:PORT", envvar="ONCELY_METRICS",
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (needs oncely[metrics]; $ONCELY_METRICS).")
-def run_cmd(app_spec: str, bootstrap: str | None, state_dir: str | None, metrics: str | None) -> None:
+@click.option("--tracing", is_flag=True, envvar="ONCELY_TRACING",
+              help="Export OpenTelemetry spans of invocations as the OTEL_* variables say (default OTLP to "
+                   "localhost:4317; needs oncely[tracing]; $ONCELY_TRACING).")
+def run_cmd(app_spec: str, bootstrap: str | None, state_dir: str | None, metrics: str | None,
+            tracing: bool) -> None:
     """Run one processor process of an app; stops cleanly on SIGTERM/SIGINT."""
     from oncely.runtime import run
 
@@ -61,7 +65,7 @@ def run_cmd(app_spec: str, bootstrap: str | None, state_dir: str | None, metrics
 
         require_client()
         parse_address(metrics)
-    run(_load(app_spec, bootstrap, state_dir), metrics)
+    run(_load(app_spec, bootstrap, state_dir), metrics, tracing)
 
 
 @main.command("demo")

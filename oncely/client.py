@@ -14,6 +14,7 @@ from oncely.app import App, Handler
 from oncely.sdk.protocol import encode_value
 from oncely.errors import AwakeableError, ConfigError
 from oncely.logs import kafka_conf_logging
+from oncely.observe.tracing import current_traceparent
 from oncely.shuffle.delivery import awakeable_result
 from oncely.shuffle.envelope import invoke_record
 from oncely.shuffle.ids import format_id, idempotent_id, parse_awakeable, random_id
@@ -78,6 +79,7 @@ class Client:
         record = invoke_record(
             inv_id, service, handler, kb, t.payload, t.payload_format, idempotency_key=idempotency_key,
             idempotency_retention_ms=int(idempotency_retention * 1000) if idempotency_retention else None,
+            traceparent=current_traceparent(),
         )
         routing = kb if kb is not None else inv_id
         partition = partition_for(routing, self._partition_count(app))

@@ -68,11 +68,16 @@ def _on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, interrupt:
 
 async def serve(app: App, stop: asyncio.Event | None = None,
                 on_created: Callable[[CommitLoop], None] | None = None, metrics: str | None = None,
-                on_metrics: Callable[["MetricsServer"], None] | None = None) -> CommitLoop:
+                on_metrics: Callable[["MetricsServer"], None] | None = None, tracing: bool = False) -> CommitLoop:
     """Run the app's processor in this event loop until `stop` is set (or
     SIGTERM/SIGINT arrives); returns the stopped loop (for its counters).
-    `metrics` (HOST:PORT) serves Prometheus metrics there, on this loop."""
+    `metrics` (HOST:PORT) serves Prometheus metrics there, on this loop.
+    Invocations are traced when a TracerProvider is set, or with `tracing`
+    from the OTEL_* environment (observe.tracing)."""
+    from oncely.observe.tracing import setup as setup_tracing
+
     cfg = app.config
+    setup_tracing(app.name, install=tracing)
     if metrics is not None:
         from oncely.observe.server import parse_address, require_client
 
@@ -110,14 +115,14 @@ async def serve(app: App, stop: asyncio.Event | None = None,
     return processor
 
 
-def run(app: App, metrics: str | None = None) -> None:
+def run(app: App, metrics: str | None = None, tracing: bool = False) -> None:
     """Run until signalled. A process that had to abandon a Kafka client
     stuck inside librdkafka exits with os._exit: a normal exit would wait on
     that client's threads forever. A supervisor restarts it; its state is
     safe in Kafka."""
     code = 0
     try:
-        processor = asyncio.run(serve(app, metrics=metrics))
+        processor = asyncio.run(serve(app, metrics=metrics, tracing=tracing))
     except GiveUp as e:
         log.error("%s", e)
         code = 75  # EX_TEMPFAIL: restart me

@@ -292,6 +292,7 @@ class PartitionProcessor:
             journal=inv.journal, state=_KeyState(self.store, inv.sk) if inv.sk is not None else None,
             source=invoke.get("source"), subscription=invoke.get("subscription"),
             effects=InvocationEffects(self, inv), limits=self.limits,
+            traceparent=invoke.get("traceparent"), created_at_ms=invoke.get("created_at_ms"),
         )
         self.active.add(inv)
         if self.metrics is not None:

@@ -69,6 +69,7 @@ class Invoke(TypedDict):
     source: SourceRecord | None
     subscription: str | None  # the handler's input is decoded by this subscription's decoder
     created_at_ms: NotRequired[int]  # when the Invoke was made: end-to-end latency without a source record
+    traceparent: NotRequired[str]  # W3C trace context of whoever made it (observe.tracing)
 
 
 class Response(TypedDict):

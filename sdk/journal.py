@@ -36,7 +36,7 @@ class JournalContext(Context):
     output and messaging, journaled. Stateless services get
     `StatelessContext`, keyed ones `KeyedJournalContext`."""
 
-    __slots__ = ("_call", "_journal", "_replay_len", "_index", "_rng", "diverged", "emits")
+    __slots__ = ("_call", "_journal", "_replay_len", "_index", "_rng", "diverged", "emits", "span")
 
     def __init__(self, call: HandlerCall) -> None:
         self._call = call
@@ -48,6 +48,8 @@ class JournalContext(Context):
         # catches the error, so the runner never lets it complete.
         self.diverged: NonDeterminismError | None = None
         self.emits: list[EmitRecord] = []
+        # The attempt's OpenTelemetry span (observe.tracing); steps become its events.
+        self.span: Any = None
 
     # -- identity ---------------------------------------------------------------
 
@@ -91,6 +93,9 @@ class JournalContext(Context):
             raise self.diverged
         i = self._index
         self._index = i + 1
+        if self.span is not None:
+            self.span.add_event(kind, {"oncely.step.name": name, "oncely.step.index": i,
+                                       "oncely.step.replayed": i < self._replay_len})
         if i < self._replay_len:
             entry = self._journal[i]
             if entry.kind != kind or entry.name != name:

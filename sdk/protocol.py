@@ -177,6 +177,9 @@ class HandlerCall:
     # sleep and awakeable then fail).
     effects: Effects | None = None
     limits: Limits = Limits()
+    # The Invoke's W3C traceparent and creation time (observe.tracing).
+    traceparent: str | None = None
+    created_at_ms: int | None = None
 
 
 OutcomeStatus = Literal["completed", "terminal", "retry", "paused"]

@@ -18,9 +18,14 @@ from oncely.sdk.protocol import HandlerCall, Outcome, encode_value
 from oncely.shuffle.ids import format_id
 
 if TYPE_CHECKING:
-    from oncely.app import App
+    from oncely.app import App, Handler
+    from oncely.observe.tracing import InvocationTracer
+    from oncely.sdk.journal import JournalContext
 
 log = logging.getLogger("oncely.executor")
+
+# Set by oncely.observe.tracing.setup when OpenTelemetry is configured.
+tracer: InvocationTracer | None = None
 
 
 def decode_input(payload: bytes, fmt: str) -> object:
@@ -61,6 +66,12 @@ async def run_handler(app: App, call: HandlerCall) -> Outcome:
     if handler is None:
         return Outcome("terminal", error=f"no handler {call.service}.{call.handler} in app {app.name!r}")
     ctx = context_for(call, handler.service.keyed)
+    if tracer is not None:
+        return await tracer.run(call, ctx, _run(app, call, handler, ctx), handler.service.retry.max_attempts)
+    return await _run(app, call, handler, ctx)
+
+
+async def _run(app: App, call: HandlerCall, handler: Handler, ctx: JournalContext) -> Outcome:
     try:
         if handler.takes_input:
             try:

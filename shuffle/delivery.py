@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from oncely import schemas
+from oncely.observe.tracing import child_traceparent
 from oncely.shuffle.envelope import invoke_record
 from oncely.shuffle.ids import child_id, format_id
 from oncely.shuffle.routing import partition_for
@@ -41,7 +42,8 @@ def child_invoke(parent: bytes, index: int, t: Target, partitions: int,
     caller = None if reply_to is None else {"invocation_id": parent, "partition": reply_to, "journal_index": index}
     # A delivery seen twice is recognised by the callee's partition.
     record = invoke_record(callee, t.service, t.handler, t.key, t.payload, t.payload_format,
-                           idempotency_key=f"child:{format_id(parent)}:{index}", caller=caller)
+                           idempotency_key=f"child:{format_id(parent)}:{index}", caller=caller,
+                           traceparent=child_traceparent())
     routing = t.key if t.key is not None else callee
     return callee, Delivery(routing, partition_for(routing, partitions), record)
 
