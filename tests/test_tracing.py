@@ -25,11 +25,10 @@ from oncely.shuffle.ids import parse_id, random_id
 from oncely.testing import TestDriver
 from support import REPO, ProcessorProcess, changelog_state, wait_for_app_topics, wait_until
 
-pytest.importorskip("opentelemetry.sdk")
-from opentelemetry import context as otel_context, trace  # noqa: E402
-from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
+from opentelemetry import trace  # the `test` extra installs the SDK
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from oncely.observe.tracing import InvocationTracer, current_traceparent  # noqa: E402
 
@@ -221,8 +220,6 @@ print(",".join(type(p.span_exporter).__module__ for p in processors))
 
 @pytest.mark.parametrize("exporter", ["otlp", "console"])
 def test_tracing_flag_sets_up_the_sdk_from_the_otel_variables(exporter: str) -> None:
-    if exporter == "otlp":
-        pytest.importorskip("opentelemetry.exporter.otlp.proto.grpc")
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     done = subprocess.run([sys.executable, "-c", INSTALL, exporter], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=60)
