@@ -22,11 +22,16 @@ def invoke_record(
     caller: dict[str, Any] | None = None,
     source: dict[str, Any] | None = None,
     subscription: str | None = None,
+    reply: dict[str, Any] | None = None,
 ) -> bytes:
-    """An encoded LogRecord holding one Invoke."""
-    return schemas.encode("log_record", {"body": ("oncely.Invoke", {
+    """An encoded LogRecord holding one Invoke (`reply`: where an outside
+    caller waits for its result, gateway/)."""
+    body = {
         "invocation_id": invocation_id, "service": service, "handler": handler, "key": key,
         "payload": payload, "payload_format": payload_format, "idempotency_key": idempotency_key,
         "idempotency_retention_ms": idempotency_retention_ms, "caller": caller, "source": source,
         "subscription": subscription, "created_at_ms": int(time.time() * 1000),
-    })})
+    }
+    if reply is not None:
+        body["reply"] = reply
+    return schemas.encode("log_record", {"body": ("oncely.Invoke", body)})
