@@ -21,7 +21,7 @@ from aiohttp import web
 
 from oncely import schemas
 from oncely.gateway import paths
-from oncely.gateway.kafka import GatewayKafka, KafkaUnavailable
+from oncely.gateway.kafka import GatewayKafka, KafkaUnavailable, NotAckedYet
 from oncely.gateway.paths import HttpError
 from oncely.sdk.protocol import TAG_BYTES, TAG_JSON
 from oncely.shuffle.delivery import awakeable_result
@@ -87,9 +87,17 @@ class Gateway:
             raise HttpError(413, f"the body is above the limit of {self.max_body} bytes") from None
 
     async def _produce(self, partition: int, key: bytes, record: bytes, timeout: float,
-                       inv: str | None = None) -> None:
+                       inv: str | None = None, pending_ok: bool = False) -> None:
+        """Produce and wait for Kafka's acknowledgement; 503 when it refused
+        or (unless `pending_ok`: the caller's wait is over, and the record
+        may still go through) when it did not answer in time."""
         try:
             await self.kafka.produce(partition, key, record, timeout)
+        except NotAckedYet as e:
+            if pending_ok:
+                raise asyncio.TimeoutError() from None
+            raise HttpError(503, f"Kafka unavailable: {e}; retry (with the same Idempotency-Key)", RETRY_AFTER,
+                            inv) from None
         except KafkaUnavailable as e:
             raise HttpError(503, f"Kafka unavailable: {e}; retry (with the same Idempotency-Key)", RETRY_AFTER,
                             inv) from None
@@ -97,12 +105,13 @@ class Gateway:
     async def _ask(self, partition: int, key: bytes, build: Any, wait: float,
                    mined: bool = False) -> dict[str, Any] | None:
         """Produce `build(request_id)` and wait for its answer (None: none
-        within `wait`)."""
+        within `wait`, including a record Kafka has not acknowledged yet:
+        it may still go through, the caller decides how to say so)."""
         deadline = time.monotonic() + wait
         rid = self.kafka.request_id(mined)
         fut = self.kafka.expect(rid)
         try:
-            await self._produce(partition, key, build(rid), wait)
+            await self._produce(partition, key, build(rid), wait, pending_ok=True)
             return await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             return None

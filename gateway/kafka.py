@@ -34,10 +34,16 @@ from oncely.logs import kafka_conf_logging
 from oncely.shuffle.routing import partition_for
 
 log = logging.getLogger("oncely.gateway")
+DELIVERY_TIMEOUT_MS = 15_000  # a request Kafka has not taken by then is a 503
 
 
 class KafkaUnavailable(Exception):
     """The broker did not take a request (down, or the producer's queue is full)."""
+
+
+class NotAckedYet(KafkaUnavailable):
+    """No acknowledgement within the time given, and no error either: the
+    record may still be delivered (the producer retries it)."""
 
 
 class GatewayKafka:
@@ -52,7 +58,7 @@ class GatewayKafka:
         base = {**kafka_conf_logging(), "bootstrap.servers": bootstrap, **(kafka or {})}
         self._base = base
         self.producer = Producer({**base, "enable.idempotence": True, "linger.ms": 1,
-                                  "delivery.timeout.ms": 30_000})
+                                  "delivery.timeout.ms": DELIVERY_TIMEOUT_MS})
         self.consumer = Consumer({**base, "group.id": f"{app}.gateway", "enable.auto.commit": False,
                                   "isolation.level": "read_committed", "enable.partition.eof": False,
                                   "fetch.wait.max.ms": 10})
@@ -74,6 +80,7 @@ class GatewayKafka:
             raise ConfigError(f"cannot read {self.replies_topic}: {e} (start the app once with oncely run "
                               "to create its topics)") from None
         self.consumer.assign([TopicPartition(self.replies_topic, self.replies_partition, high)])
+        await asyncio.to_thread(self.producer.list_topics, self.log_topic, 10)  # connected before the first request
         for target, name in ((self._poll, "gateway-producer"), (self._read, "gateway-replies")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
@@ -156,9 +163,9 @@ class GatewayKafka:
         except KafkaException as e:
             raise KafkaUnavailable(str(e)) from None
         try:
-            err = await asyncio.wait_for(acked, max(timeout, 0.5))
+            err = await asyncio.wait_for(acked, timeout)
         except asyncio.TimeoutError:
-            raise KafkaUnavailable(f"Kafka did not acknowledge the request within {max(timeout, 0.5):g} s") from None
+            raise NotAckedYet(f"Kafka did not acknowledge the request within {timeout:g} s") from None
         if err is not None:
             raise KafkaUnavailable(str(err))
 

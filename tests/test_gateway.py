@@ -321,7 +321,7 @@ def test_attach_after_a_restart_and_awakeables_over_http(kafka: str, tmp_path: P
         status, _, body = client("POST", f"/restate/awakeables/{awk['w1']}/resolve", {"v": 1})
         assert (status, json.loads(body)) == (200, {"ok": True})
         status, _, body = client("POST", f"/restate/awakeables/{awk['w1']}/resolve", {"v": 2})
-        assert status == 409 and "already completed" in json.loads(body)["message"]
+        assert status == 404 and "not in flight" in json.loads(body)["message"]  # w1 finished at once
         status, _, _ = client("POST", f"/restate/awakeables/{awk['w2']}/reject", b"no stock",
                               {"Content-Type": "text/plain"})
         assert status == 200
@@ -333,6 +333,16 @@ def test_attach_after_a_restart_and_awakeables_over_http(kafka: str, tmp_path: P
             {"got": {"v": 1}}
         status, _, body = client("POST", f"/restate/awakeables/{awk['w3']}/resolve", 1)
         assert status == 404 and "not in flight" in json.loads(body)["message"]
+        # 409: completed already while its invocation is still in flight (waiting on b).
+        client("POST", "/waiter/w4/twice", None, {"x-oncely-wait": "0"})
+        ab = wait_until(lambda: (r := client("GET", "/restate/state/ids/w4"))[0] == 200 and
+                        len(d := json.loads(r[2])) == 2 and d, 30, 0.2, "both awakeables of w4")
+        assert client("POST", f"/restate/awakeables/{ab['a']}/resolve", "A")[0] == 200
+        status, _, body = client("POST", f"/restate/awakeables/{ab['a']}/resolve", "again")
+        assert status == 409 and "already completed" in json.loads(body)["message"], body
+        assert client("POST", f"/restate/awakeables/{ab['b']}/resolve", "B")[0] == 200
+        status, h, _ = client("POST", "/restate/awakeables/" + ab["b"] + "/resolve", "B")
+        assert status in (404, 409)  # finished, or about to: either way not completed twice
         nowhere = format_awakeable(app, 1, idempotent_id("waiter", "wait", b"zz", "none"), 1)
         assert client("POST", f"/restate/awakeables/{nowhere}/resolve", 1)[0] == 404
     finally:

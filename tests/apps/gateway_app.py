@@ -46,13 +46,22 @@ async def hello(ctx: oncely.Context, name: str) -> str:
 @waiter.handler
 async def wait(ctx: oncely.Context) -> object:
     awk_id, fut = ctx.awakeable()
-    ctx.send(remember, ctx.key, awk_id)
+    ctx.send(remember, ctx.key, ["id", awk_id])
     try:
         return {"got": await fut}
     except oncely.TerminalError as e:
         return {"rejected": str(e)}
 
 
+@waiter.handler
+async def twice(ctx: oncely.Context) -> object:
+    a_id, a = ctx.awakeable()
+    b_id, b = ctx.awakeable()
+    ctx.send(remember, ctx.key, ["a", a_id])
+    ctx.send(remember, ctx.key, ["b", b_id])
+    return [await a, await b]
+
+
 @ids.handler
-async def remember(ctx: oncely.Context, awakeable_id: str) -> None:
-    ctx.set("id", awakeable_id)
+async def remember(ctx: oncely.Context, named: list) -> None:
+    ctx.set(named[0], named[1])
