@@ -43,13 +43,19 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 async def _one(session: "object", base: str, key: str, lat: list[float], errors: list[int]) -> None:
+    import aiohttp
+
     t = time.perf_counter()
-    async with session.post(f"{base}/counter/{key}/add", data=b"1",  # type: ignore[attr-defined]
-                            headers={"Content-Type": "application/json"}) as r:
-        await r.read()
-        if r.status != 200:
-            errors.append(r.status)
-            return
+    try:
+        async with session.post(f"{base}/counter/{key}/add", data=b"1",  # type: ignore[attr-defined]
+                                headers={"Content-Type": "application/json"}) as r:
+            await r.read()
+            if r.status != 200:
+                errors.append(r.status)
+                return
+    except aiohttp.ClientError:
+        errors.append(0)
+        return
     lat.append(time.perf_counter() - t)
 
 
@@ -59,7 +65,7 @@ async def fixed_rate(base: str, rate: float, seconds: float, keys: int) -> tuple
     lat: list[float] = []
     errors: list[int] = []
     rng = random.Random(1)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512)) as s:
         tasks = []
         start = time.perf_counter()
         n = int(rate * seconds)
@@ -112,6 +118,8 @@ def main() -> None:
     ap.add_argument("--client-calls", type=int, default=200)
     ap.add_argument("--commit-interval", default="0.02")
     ap.add_argument("--port", type=int, default=18080)
+    ap.add_argument("--standalone", action="store_true",
+                    help="serve HTTP from `oncely gateway` in its own process instead of `oncely run --http`")
     args = ap.parse_args()
 
     from oncely.local_kafka import LocalKafka
@@ -126,9 +134,12 @@ def main() -> None:
     env = {**os.environ, "BENCH_APP": name, "ONCELY_COMMIT_INTERVAL": args.commit_interval,
            "ONCELY_STATE_DIR": tempfile.mkdtemp(prefix="oncely-bench-gw-state-"), "PYTHONPATH": str(BENCH)}
     log = open(Path(tempfile.gettempdir()) / f"{name}.log", "w")
+    http = [] if args.standalone else ["--http", f"127.0.0.1:{args.port}"]
     proc = subprocess.Popen([sys.executable, "-m", "oncely.cli", "run", "bench_gateway:app", "--bootstrap", bootstrap,
-                             "--http", f"127.0.0.1:{args.port}", "--log-level", "WARNING"], cwd=BENCH, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+                             *http, "--log-level", "WARNING"], cwd=BENCH, env=env, stdout=log, stderr=subprocess.STDOUT)
+    gw = subprocess.Popen([sys.executable, "-m", "oncely.cli", "gateway", "--app", "bench_gateway:app", "--bootstrap",
+                           bootstrap, "--http", f"127.0.0.1:{args.port}", "--log-level", "WARNING"], cwd=BENCH,
+                          env=env, stdout=log, stderr=subprocess.STDOUT) if args.standalone else None
     base = f"http://127.0.0.1:{args.port}"
     os.environ["BENCH_APP"] = name
     app.name = name
@@ -145,7 +156,8 @@ def main() -> None:
                     raise SystemExit(f"the processor did not come up; see {log.name}")
                 time.sleep(0.3)
         asyncio.run(fixed_rate(base, 50, 2, args.keys))  # warm-up
-        print(f"oncely {oncely.__version__}, commit_interval {args.commit_interval} s, {app.partitions} partitions, "
+        print(f"{'oncely gateway beside oncely run' if gw else 'oncely run --http'}: "
+              f"oncely {oncely.__version__}, commit_interval {args.commit_interval} s, {app.partitions} partitions, "
               f"{args.keys} keys, broker {bootstrap}")
         lat, errors, achieved = asyncio.run(fixed_rate(base, args.rate, args.seconds, args.keys))
         print(f"HTTP fixed rate {args.rate:.0f}/s (achieved {achieved:.0f}/s): {len(lat)} calls, "
@@ -157,6 +169,9 @@ def main() -> None:
         print(f"Kafka Client.call sequential: {len(lat)} calls, p50 {_pct(lat, .5):.1f} ms, "
               f"p99 {_pct(lat, .99):.1f} ms")
     finally:
+        if gw is not None:
+            gw.terminate()
+            gw.wait(60)
         proc.terminate()
         proc.wait(60)
         if local is not None:

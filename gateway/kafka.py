@@ -103,7 +103,12 @@ class GatewayKafka:
     def _read(self) -> None:
         while not self._stop.is_set():
             try:
-                msgs = self.consumer.consume(500, 0.05)
+                # poll returns at the first answer (consume would wait out its
+                # timeout for a full batch); then drain what is buffered.
+                first = self.consumer.poll(0.05)
+                if first is None:
+                    continue
+                msgs = [first, *self.consumer.consume(500, 0)]
             except KafkaException as e:  # pragma: no cover - logged, the reader keeps going
                 log.warning("replies reader: %s", e)
                 continue

@@ -103,7 +103,7 @@ class GatewayServer:
         app = web.Application(client_max_size=self.gateway.max_body, middlewares=[every_request])
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        site = web.TCPSite(self._runner, self.host, self.port, backlog=1024)
         await site.start()
         server = getattr(site, "_server", None)
         if self.port == 0 and server is not None and server.sockets:

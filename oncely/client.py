@@ -169,7 +169,8 @@ class Client:
     def _replies_consumer(self) -> Consumer:
         if self._consumer is None:
             self._consumer = Consumer({**self._admin_conf, "group.id": "oncely-client", "enable.auto.commit": False,
-                                       "isolation.level": "read_committed", "enable.partition.eof": False})
+                                       "isolation.level": "read_committed", "enable.partition.eof": False,
+                                       "fetch.wait.max.ms": 10})  # an answer is read as soon as it commits
         return self._consumer
 
     def _reply_start(self, tp: TopicPartition) -> int:
@@ -186,9 +187,9 @@ class Client:
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
-                for m in consumer.consume(100, timeout=min(0.5, max(0.0, deadline - time.monotonic()))):
-                    if m.error() is None and m.key() == request:
-                        return m.value()
+                m = consumer.poll(min(0.5, max(0.0, deadline - time.monotonic())))  # returns at the first record
+                if m is not None and m.error() is None and m.key() == request:
+                    return m.value()
         finally:
             consumer.unassign()
         raise TimeoutError(f"no answer from app {tp.topic.rsplit('.', 1)[0]!r} in {timeout} s: is a processor "
