@@ -1,7 +1,7 @@
 """The `oncely` command line: run an app, restore and replay it, the demo;
 the other commands live in cli_kafka (local broker), cli_inspect (inspect,
-invocations, awakeable), cli_topics (topics, produce, tail) and cli_status
-(status)."""
+invocations, awakeable), cli_topics (topics, produce, tail), cli_status
+(status) and cli_gateway (gateway)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import click
 
 from oncely import __version__
 from oncely.cli_common import Group, add_log_level
+from oncely.cli_gateway import gateway_cmd
 from oncely.cli_inspect import awakeable, inspect, invocations
 from oncely.cli_kafka import kafka
 from oncely.cli_status import status_cmd
@@ -55,8 +56,11 @@ _state_dir = click.option("--state-dir", default=None, type=click.Path(file_okay
 @click.option("--tracing", is_flag=True, envvar="ONCELY_TRACING",
               help="Export OpenTelemetry spans of invocations as the OTEL_* variables say (default OTLP to "
                    "localhost:4317; needs oncely[tracing]; $ONCELY_TRACING).")
+@click.option("--http", default=None, metavar="HOST:PORT", envvar="ONCELY_HTTP",
+              help="Serve the HTTP ingress (call, send, attach, awakeables, state) there (needs oncely[http]; "
+                   "$ONCELY_HTTP).")
 def run_cmd(app_spec: str, bootstrap: str | None, state_dir: str | None, metrics: str | None,
-            tracing: bool) -> None:
+            tracing: bool, http: str | None) -> None:
     """Run one processor process of an app; stops cleanly on SIGTERM/SIGINT."""
     from oncely.runtime import run
 
@@ -65,7 +69,13 @@ def run_cmd(app_spec: str, bootstrap: str | None, state_dir: str | None, metrics
 
         require_client()
         parse_address(metrics)
-    run(_load(app_spec, bootstrap, state_dir), metrics, tracing)
+    if http is not None:
+        from oncely.gateway.openapi import require_apispec
+        from oncely.gateway.server import parse_address as parse_http
+
+        require_apispec()
+        parse_http(http)
+    run(_load(app_spec, bootstrap, state_dir), metrics, tracing, http)
 
 
 @main.command("demo")
@@ -156,9 +166,9 @@ def replay_cmd(app_spec: str, topic: str, partitions: tuple[int, ...], from_offs
     click.echo(f"{topic}: {summary}")
 
 
-for _command in (kafka, inspect, invocations, awakeable, topics, produce_cmd, tail_cmd, status_cmd):
+for _command in (kafka, inspect, invocations, awakeable, topics, produce_cmd, tail_cmd, status_cmd, gateway_cmd):
     main.add_command(_command)
-add_log_level(main, {"run": "INFO", "restore": "INFO", "replay": "INFO", "demo": "ERROR"})
+add_log_level(main, {"run": "INFO", "gateway": "INFO", "restore": "INFO", "replay": "INFO", "demo": "ERROR"})
 
 
 if __name__ == "__main__":

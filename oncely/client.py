@@ -11,8 +11,9 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from oncely.app import App, Handler
-from oncely.sdk.protocol import encode_value
-from oncely.errors import AwakeableError, ConfigError
+from oncely import schemas
+from oncely.sdk.protocol import decode_value, encode_value
+from oncely.errors import AwakeableError, ConfigError, TerminalError
 from oncely.logs import kafka_conf_logging
 from oncely.observe.tracing import current_traceparent
 from oncely.shuffle.delivery import awakeable_result
@@ -93,6 +94,43 @@ class Client:
         self._producer.poll(0)
         return format_id(inv_id)
 
+    def call(self, target: Handler | str, *args: Any, idempotency_key: str | None = None,
+             timeout: float = 30.0) -> Any:
+        """Invoke a handler and wait for its result (a JSON value, or bytes),
+        on the gateway's path: the Invoke names a reply on `<app>.replies`,
+        answered by the transaction that finishes the invocation.
+
+        Arguments as for `send`. Without an idempotency key one is assigned
+        (kept 1 h); with one, a repeated call (also from another process,
+        or over HTTP) attaches to the same invocation and gets its result.
+        Raises TerminalError when the invocation failed, TimeoutError when
+        no result came within `timeout` (it may still finish: call again
+        with the same idempotency key to get its result)."""
+        if isinstance(target, Handler):
+            app = target.service.app.name
+        else:
+            app = self.app_name
+            if app is None:
+                raise ConfigError("Client(app=...) is needed to call by service name")
+        t = resolve(target, args)
+        idem = idempotency_key or f"client-{os.urandom(12).hex()}"
+        inv_id = idempotent_id(t.service, t.handler, t.key, idem)
+        n = self._partition_count(app)
+        request = random_id()
+        reply_tp = TopicPartition(f"{app}.replies", partition_for(request, n))
+        start = self._reply_start(reply_tp)
+        record = invoke_record(inv_id, t.service, t.handler, t.key, t.payload, t.payload_format,
+                               idempotency_key=idem, idempotency_retention_ms=None if idempotency_key else 3_600_000,
+                               reply={"request_id": request, "partition": reply_tp.partition})
+        routing = t.key if t.key is not None else inv_id
+        self._producer.produce(f"{app}.log", key=routing, value=record, partition=partition_for(routing, n),
+                               on_delivery=self._on_delivery)
+        self.flush()
+        answer = schemas.decode("reply", self._await_reply(reply_tp, start, request, timeout))
+        if answer["status"] == "completed":
+            return decode_value(answer["value"]) if answer["value"] is not None else None
+        raise TerminalError(answer["error"] or f"invocation {format_id(inv_id)} failed")
+
     def resolve_awakeable(self, awakeable_id: str, value: Any = None, *, wait: bool = True,
                           timeout: float = 30.0) -> None:
         """Complete an awakeable with `value` (JSON or bytes). With `wait`,
@@ -126,14 +164,15 @@ class Client:
                                on_delivery=self._on_delivery)
         self.flush()
         if start is not None:
-            answer = self._await_reply(reply_tp, start, request, timeout)
+            answer = orjson.loads(self._await_reply(reply_tp, start, request, timeout))
             if not answer["ok"]:
                 raise AwakeableError(f"awakeable {awakeable_id} was not completed: {answer['error']}")
 
     def _replies_consumer(self) -> Consumer:
         if self._consumer is None:
             self._consumer = Consumer({**self._admin_conf, "group.id": "oncely-client", "enable.auto.commit": False,
-                                       "isolation.level": "read_committed", "enable.partition.eof": False})
+                                       "isolation.level": "read_committed", "enable.partition.eof": False,
+                                       "fetch.wait.max.ms": 10})  # an answer is read as soon as it commits
         return self._consumer
 
     def _reply_start(self, tp: TopicPartition) -> int:
@@ -144,15 +183,15 @@ class Client:
                               "to create it)") from None
         return high
 
-    def _await_reply(self, tp: TopicPartition, start: int, request: bytes, timeout: float) -> dict[str, Any]:
+    def _await_reply(self, tp: TopicPartition, start: int, request: bytes, timeout: float) -> bytes:
         consumer = self._replies_consumer()
         consumer.assign([TopicPartition(tp.topic, tp.partition, start)])
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
-                for m in consumer.consume(100, timeout=min(0.5, max(0.0, deadline - time.monotonic()))):
-                    if m.error() is None and m.key() == request:
-                        return orjson.loads(m.value())
+                m = consumer.poll(min(0.5, max(0.0, deadline - time.monotonic())))  # returns at the first record
+                if m is not None and m.error() is None and m.key() == request:
+                    return m.value()
         finally:
             consumer.unassign()
         raise TimeoutError(f"no answer from app {tp.topic.rsplit('.', 1)[0]!r} in {timeout} s: is a processor "

@@ -22,6 +22,7 @@ from oncely.processor.producer import GiveUp
 from oncely.topics import ensure_topics
 
 if TYPE_CHECKING:
+    from oncely.gateway.server import GatewayServer
     from oncely.observe.server import MetricsServer
 
 log = logging.getLogger("oncely")
@@ -68,10 +69,12 @@ def _on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, interrupt:
 
 async def serve(app: App, stop: asyncio.Event | None = None,
                 on_created: Callable[[CommitLoop], None] | None = None, metrics: str | None = None,
-                on_metrics: Callable[["MetricsServer"], None] | None = None, tracing: bool = False) -> CommitLoop:
+                on_metrics: Callable[["MetricsServer"], None] | None = None, tracing: bool = False,
+                http: str | None = None, on_http: Callable[["GatewayServer"], None] | None = None) -> CommitLoop:
     """Run the app's processor in this event loop until `stop` is set (or
     SIGTERM/SIGINT arrives); returns the stopped loop (for its counters).
-    `metrics` (HOST:PORT) serves Prometheus metrics there, on this loop.
+    `metrics` (HOST:PORT) serves Prometheus metrics there, on this loop;
+    `http` (HOST:PORT) serves the HTTP ingress (oncely.gateway) there.
     Invocations are traced when a TracerProvider is set, or with `tracing`
     from the OTEL_* environment (observe.tracing)."""
     from oncely.observe.tracing import setup as setup_tracing
@@ -83,6 +86,12 @@ async def serve(app: App, stop: asyncio.Event | None = None,
 
         require_client()  # before anything else: a missing extra is one sentence
         parse_address(metrics)
+    if http is not None:
+        from oncely.gateway.openapi import require_apispec
+        from oncely.gateway.server import parse_address as parse_http
+
+        require_apispec()
+        parse_http(http)
     stop = stop or asyncio.Event()
     interrupt = threading.Event()
     _on_signals(asyncio.get_running_loop(), stop, interrupt)
@@ -102,11 +111,20 @@ async def serve(app: App, stop: asyncio.Event | None = None,
         server = await MetricsServer(processor, metrics).start()
         if on_metrics is not None:
             on_metrics(server)
+    gateway = None
+    if http is not None:
+        from oncely.gateway.server import GatewayServer
+
+        gateway = await GatewayServer(app, http).start()
+        if on_http is not None:
+            on_http(gateway)
     log.info("oncely app %r: %d partitions, bootstrap %s, state %s", app.name, app.partitions, cfg.bootstrap,
              cfg.state_dir)
     try:
         await processor.run(stop)
     finally:
+        if gateway is not None:
+            await gateway.stop()
         if server is not None:
             await server.stop()
         close = getattr(processor.executor, "close", None)
@@ -115,14 +133,14 @@ async def serve(app: App, stop: asyncio.Event | None = None,
     return processor
 
 
-def run(app: App, metrics: str | None = None, tracing: bool = False) -> None:
+def run(app: App, metrics: str | None = None, tracing: bool = False, http: str | None = None) -> None:
     """Run until signalled. A process that had to abandon a Kafka client
     stuck inside librdkafka exits with os._exit: a normal exit would wait on
     that client's threads forever. A supervisor restarts it; its state is
     safe in Kafka."""
     code = 0
     try:
-        processor = asyncio.run(serve(app, metrics=metrics, tracing=tracing))
+        processor = asyncio.run(serve(app, metrics=metrics, tracing=tracing, http=http))
     except GiveUp as e:
         log.error("%s", e)
         code = 75  # EX_TEMPFAIL: restart me
@@ -144,10 +162,12 @@ class ProcessorThread:
     With `metrics` (HOST:PORT; port 0 picks a free one) it serves /metrics
     at `metrics_url` once started."""
 
-    def __init__(self, app: App, metrics: str | None = None) -> None:
+    def __init__(self, app: App, metrics: str | None = None, http: str | None = None) -> None:
         self.app = app
         self.metrics = metrics
         self.metrics_server: "MetricsServer | None" = None
+        self.http = http
+        self.gateway: "GatewayServer | None" = None
         self.loop = asyncio.new_event_loop()
         self.stop_event: asyncio.Event | None = None
         self.processor: CommitLoop | None = None
@@ -163,7 +183,8 @@ class ProcessorThread:
         async def main() -> None:
             self.stop_event = asyncio.Event()
             await serve(self.app, self.stop_event, on_created=created, metrics=self.metrics,
-                        on_metrics=lambda server: setattr(self, "metrics_server", server))
+                        on_metrics=lambda server: setattr(self, "metrics_server", server), http=self.http,
+                        on_http=lambda gw: setattr(self, "gateway", gw))
 
         try:
             self.loop.run_until_complete(main())

@@ -22,6 +22,7 @@ DEDUP = b"d"         # d | invocation id                  -> DedupEntry
 FAILED = b"f"        # f | invocation id                  -> InvocationStatus (retained failure)
 EXPIRY = b"x"        # x | expiry ms u64 | space tag | invocation id -> b""
 EARLY = b"c"         # c | invocation id | index u32      -> JournalEntry (a completion that came first)
+WAITER = b"a"        # a | invocation id                  -> (request id, replies partition u32)*: attached callers
 
 # The spaces that say an invocation id was accepted, one lookup each: in
 # flight (suspended ones live only here), queued, finished (result kept), failed.
@@ -117,6 +118,10 @@ def early(inv_id: bytes, index: int) -> bytes:
 
 def early_prefix(inv_id: bytes) -> bytes:
     return EARLY + inv_id
+
+
+def waiters(inv_id: bytes) -> bytes:
+    return WAITER + inv_id
 
 
 def dedup(inv_id: bytes) -> bytes:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from oncely import schemas
 from oncely.egress.dead_letters import dead_letter
 from oncely.logs import invocation_extra
-from oncely.processor import keys
+from oncely.processor import keys, requests
 from oncely.processor.invocation import BACKING_OFF, FAILED, Invocation, now_ms
 from oncely.sdk.protocol import Outcome
 from oncely.shuffle.delivery import response
@@ -69,6 +69,7 @@ def complete(part: PartitionProcessor, inv: Invocation, outcome: Outcome) -> Non
     for topic, key, value, headers in outcome.emits:
         part.out.produce(topic, key, value, headers, owner=inv.id)
     respond(part, inv.invoke["caller"], inv.id, outcome.value, None)
+    requests.finished(part, inv, outcome.value, None)
     remember(part, inv, failed=False, result=outcome.value, error=None)
     part.stats.completed += 1
     if part.metrics is not None:
@@ -123,8 +124,9 @@ def dead(part: PartitionProcessor, inv: Invocation, reason: str, error: str) -> 
         source=invoke.get("source"),
     )
     part.out.produce(part.app.dlq_topic, k, v, h)
-    respond(part, invoke["caller"], inv.id, None,
-            error if reason == "terminal" else f"{inv.target} failed ({reason}): {error}")
+    failure = error if reason == "terminal" else f"{inv.target} failed ({reason}): {error}"
+    respond(part, invoke["caller"], inv.id, None, failure)
+    requests.finished(part, inv, None, failure)
     expires = now_ms() + (invoke.get("idempotency_retention_ms") or DEFAULT_RETENTION_MS)
     part.store.put(keys.failed(inv.id), schemas.encode("invocation_status", {
         "invoke": invoke, "phase": FAILED, "seq": inv.seq, "attempt": inv.attempt, "retry_at_ms": 0,

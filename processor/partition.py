@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from oncely import schemas
 from oncely.logs import invocation_extra
-from oncely.processor import completions, keys, outcomes
+from oncely.processor import completions, keys, outcomes, requests
 from oncely.processor.effects import InvocationEffects
 from oncely.processor.inbox import StoreQueue, invoke_of, mark_queued, queue_record, ready_queue, unmark_queued
 from oncely.processor.invocation import (BACKING_OFF, COMPLETED, FAILED, INBOXED, PAUSED, RUNNING, SUSPENDED,
@@ -191,6 +191,8 @@ class PartitionProcessor:
                 # A finished callee answers its caller again; one in flight
                 # answers when it finishes (the caller is the same one).
                 outcomes.respond_again(self, inv_id, invoke["caller"])
+            if "reply" in invoke:  # an outside caller attaches (requests.py)
+                requests.on_duplicate(self, inv_id, phase, invoke["reply"])
             return
         self.stats.accepted += 1
         svc = self.app.services.get(invoke["service"])

@@ -55,6 +55,12 @@ class SourceRecord(TypedDict):
     headers: list[Header]
 
 
+class ReplyTo(TypedDict):
+    """Where an outside caller waits for an invocation's result (<app>.replies)."""
+    request_id: bytes
+    partition: int
+
+
 class Invoke(TypedDict):
     """Start an invocation of service/handler on key (None: a stateless service)."""
     invocation_id: bytes
@@ -70,6 +76,7 @@ class Invoke(TypedDict):
     subscription: str | None  # the handler's input is decoded by this subscription's decoder
     created_at_ms: NotRequired[int]  # when the Invoke was made: end-to-end latency without a source record
     traceparent: NotRequired[str]  # W3C trace context of whoever made it (observe.tracing)
+    reply: NotRequired[ReplyTo]  # an HTTP/Client call waiting for the result (gateway/)
 
 
 class Response(TypedDict):
@@ -87,6 +94,45 @@ class AwakeableResult(TypedDict):
     value: bytes | None
     failure: str | None
     request_id: bytes | None  # the resolver's request: answered on <app>.replies under this key
+
+
+class Attach(TypedDict):
+    """An outside request for an invocation's outcome (gateway/): answered on
+    <app>.replies now when it is finished (or unknown), else when it finishes
+    (`wait`) or at once with its phase (not `wait`)."""
+    invocation_id: bytes
+    reply: ReplyTo
+    wait: bool
+
+
+class ReadState(TypedDict):
+    """An outside read of a key's committed state (one name, or all: None),
+    answered on <app>.replies in log order."""
+    service: str
+    key: bytes
+    name: str | None
+    reply: ReplyTo
+
+
+class Delay(TypedDict):
+    """A one-way send from outside that starts at `at_ms`: a durable timer
+    on this partition produces `record` (an encoded Invoke) then."""
+    at_ms: int
+    invocation_id: bytes
+    partition: int
+    routing_key: bytes
+    record: bytes
+
+
+class Reply(TypedDict):
+    """A partition's answer on <app>.replies to a call, Attach or ReadState
+    (keyed by its request id). status: completed (value), failed (error),
+    running, unknown, or state (entries: name -> tagged value)."""
+    invocation_id: bytes | None
+    status: Literal["completed", "failed", "running", "unknown", "state"]
+    value: bytes | None
+    error: str | None
+    entries: dict[str, bytes] | None
 
 
 # -- the changelog (and the local store) -----------------------------------------
@@ -141,6 +187,9 @@ LOG_KINDS: dict[str, tuple[int, type]] = {
     "oncely.Invoke": (1, Invoke),
     "oncely.Response": (2, Response),
     "oncely.AwakeableResult": (3, AwakeableResult),
+    "oncely.Attach": (4, Attach),
+    "oncely.ReadState": (5, ReadState),
+    "oncely.Delay": (6, Delay),
 }
 RECORDS: dict[str, type] = {
     "invocation_status": InvocationStatus,
@@ -148,6 +197,7 @@ RECORDS: dict[str, type] = {
     "dedup_entry": DedupEntry,
     "timer": TimerRecord,
     "checkpoint": Checkpoint,
+    "reply": Reply,
 }
 
 _encode = msgspec.msgpack.Encoder().encode

@@ -23,9 +23,11 @@ def invoke_record(
     source: dict[str, Any] | None = None,
     subscription: str | None = None,
     traceparent: str | None = None,
+    reply: dict[str, Any] | None = None,
 ) -> bytes:
     """An encoded LogRecord holding one Invoke (`traceparent`: its W3C trace
-    context, observe.tracing)."""
+    context, observe.tracing; `reply`: where an outside caller waits for its
+    result, gateway/)."""
     body: dict[str, Any] = {
         "invocation_id": invocation_id, "service": service, "handler": handler, "key": key,
         "payload": payload, "payload_format": payload_format, "idempotency_key": idempotency_key,
@@ -34,4 +36,6 @@ def invoke_record(
     }
     if traceparent is not None:
         body["traceparent"] = traceparent
+    if reply is not None:
+        body["reply"] = reply
     return schemas.encode("log_record", {"body": ("oncely.Invoke", body)})

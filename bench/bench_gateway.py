@@ -1,0 +1,182 @@
+"""HTTP ingress benchmark: HTTP call -> keyed handler -> result.
+
+Runs `oncely run bench_gateway:app --http` (the app below) in a child
+process against a local broker (or --bootstrap), then measures from this
+process with aiohttp:
+1. latency at a fixed rate (--rate calls/s for --seconds): p50/p99;
+2. throughput with --clients concurrent clients (each waits for its result
+   before the next call), and their p50/p99;
+3. beside it, the Kafka path: `Client.call` one after another (p50/p99).
+
+    python bench/bench_gateway.py [--rate 500] [--clients 64] [--commit-interval 0.02]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import oncely
+
+BENCH = Path(__file__).resolve().parent
+app = oncely.App(os.environ.get("BENCH_APP", "bench-gw"), partitions=int(os.environ.get("BENCH_PARTITIONS", "4")))
+counter = app.keyed("counter")
+
+
+@counter.handler
+async def add(ctx: oncely.Context, amount: int) -> int:
+    n = ctx.get("n", 0) + amount
+    ctx.set("n", n)
+    return n
+
+
+def _pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))] * 1000 if s else float("nan")
+
+
+async def _one(session: "object", base: str, key: str, lat: list[float], errors: list[int]) -> None:
+    import aiohttp
+
+    t = time.perf_counter()
+    try:
+        async with session.post(f"{base}/counter/{key}/add", data=b"1",  # type: ignore[attr-defined]
+                                headers={"Content-Type": "application/json"}) as r:
+            await r.read()
+            if r.status != 200:
+                errors.append(r.status)
+                return
+    except aiohttp.ClientError:
+        errors.append(0)
+        return
+    lat.append(time.perf_counter() - t)
+
+
+async def fixed_rate(base: str, rate: float, seconds: float, keys: int) -> tuple[list[float], list[int], float]:
+    import aiohttp
+
+    lat: list[float] = []
+    errors: list[int] = []
+    rng = random.Random(1)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512)) as s:
+        tasks = []
+        start = time.perf_counter()
+        n = int(rate * seconds)
+        for i in range(n):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(_one(s, base, f"k{rng.randrange(keys)}", lat, errors)))
+        await asyncio.gather(*tasks)
+        took = time.perf_counter() - start
+    return lat, errors, n / took
+
+
+async def concurrent(base: str, clients: int, seconds: float, keys: int) -> tuple[list[float], list[int], float]:
+    import aiohttp
+
+    lat: list[float] = []
+    errors: list[int] = []
+    stop = time.perf_counter() + seconds
+
+    async def client(c: int) -> None:
+        rng = random.Random(c)
+        while time.perf_counter() < stop:
+            await _one(s, base, f"k{rng.randrange(keys)}", lat, errors)
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(c) for c in range(clients)))
+        took = time.perf_counter() - start
+    return lat, errors, len(lat) / took
+
+
+def kafka_client_calls(bootstrap: str, n: int, keys: int) -> list[float]:
+    lat = []
+    with oncely.Client(bootstrap, app=app.name) as c:
+        for i in range(n):
+            t = time.perf_counter()
+            c.call("counter", f"k{i % keys}", "add", 1)
+            lat.append(time.perf_counter() - t)
+    return lat
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bootstrap", default=None)
+    ap.add_argument("--rate", type=float, default=500)
+    ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--keys", type=int, default=1000)
+    ap.add_argument("--client-calls", type=int, default=200)
+    ap.add_argument("--commit-interval", default="0.02")
+    ap.add_argument("--port", type=int, default=18080)
+    ap.add_argument("--standalone", action="store_true",
+                    help="serve HTTP from `oncely gateway` in its own process instead of `oncely run --http`")
+    args = ap.parse_args()
+
+    from oncely.local_kafka import LocalKafka
+    from oncely.kafka_io import unique_name
+
+    local = None
+    bootstrap = args.bootstrap
+    if not bootstrap:
+        local = LocalKafka(data_dir=tempfile.mkdtemp(prefix="oncely-bench-gw-kafka-"))
+        bootstrap = local.start().bootstrap
+    name = unique_name("bench-gw")
+    env = {**os.environ, "BENCH_APP": name, "ONCELY_COMMIT_INTERVAL": args.commit_interval,
+           "ONCELY_STATE_DIR": tempfile.mkdtemp(prefix="oncely-bench-gw-state-"), "PYTHONPATH": str(BENCH)}
+    log = open(Path(tempfile.gettempdir()) / f"{name}.log", "w")
+    http = [] if args.standalone else ["--http", f"127.0.0.1:{args.port}"]
+    proc = subprocess.Popen([sys.executable, "-m", "oncely.cli", "run", "bench_gateway:app", "--bootstrap", bootstrap,
+                             *http, "--log-level", "WARNING"], cwd=BENCH, env=env, stdout=log, stderr=subprocess.STDOUT)
+    gw = subprocess.Popen([sys.executable, "-m", "oncely.cli", "gateway", "--app", "bench_gateway:app", "--bootstrap",
+                           bootstrap, "--http", f"127.0.0.1:{args.port}", "--log-level", "WARNING"], cwd=BENCH,
+                          env=env, stdout=log, stderr=subprocess.STDOUT) if args.standalone else None
+    base = f"http://127.0.0.1:{args.port}"
+    os.environ["BENCH_APP"] = name
+    app.name = name
+    try:
+        import urllib.request
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/restate/health", timeout=2).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise SystemExit(f"the processor did not come up; see {log.name}")
+                time.sleep(0.3)
+        asyncio.run(fixed_rate(base, 50, 2, args.keys))  # warm-up
+        print(f"{'oncely gateway beside oncely run' if gw else 'oncely run --http'}: "
+              f"oncely {oncely.__version__}, commit_interval {args.commit_interval} s, {app.partitions} partitions, "
+              f"{args.keys} keys, broker {bootstrap}")
+        lat, errors, achieved = asyncio.run(fixed_rate(base, args.rate, args.seconds, args.keys))
+        print(f"HTTP fixed rate {args.rate:.0f}/s (achieved {achieved:.0f}/s): {len(lat)} calls, "
+              f"p50 {_pct(lat, .5):.1f} ms, p99 {_pct(lat, .99):.1f} ms, errors {len(errors)}")
+        lat, errors, tput = asyncio.run(concurrent(base, args.clients, args.seconds, args.keys))
+        print(f"HTTP {args.clients} concurrent clients: {tput:.0f} calls/s, p50 {_pct(lat, .5):.1f} ms, "
+              f"p99 {_pct(lat, .99):.1f} ms, errors {len(errors)}")
+        lat = kafka_client_calls(bootstrap, args.client_calls, args.keys)
+        print(f"Kafka Client.call sequential: {len(lat)} calls, p50 {_pct(lat, .5):.1f} ms, "
+              f"p99 {_pct(lat, .99):.1f} ms")
+    finally:
+        if gw is not None:
+            gw.terminate()
+            gw.wait(60)
+        proc.terminate()
+        proc.wait(60)
+        if local is not None:
+            local.stop()
+
+
+if __name__ == "__main__":
+    main()
