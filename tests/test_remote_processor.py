@@ -143,11 +143,16 @@ def test_endpoint_killed_mid_stream_loses_and_duplicates_nothing(kafka: str, kaf
     n, keys = 400, 10
     try:
         client = oncely.Client(kafka, app=name)
-        for i in range(n):
-            client.send("shop", f"k{i % keys}", "tally", {"id": i, "topic": out})
-        client.flush()
+
+        def send(ids: range) -> None:
+            for i in ids:
+                client.send("shop", f"k{i % keys}", "tally", {"id": i, "topic": out})
+            client.flush()
+
+        send(range(n // 2))
         wait_until(lambda: len(read_to_end(kafka, out)) >= n // 4, 120, 0.1, "a quarter of the outputs")
-        endpoint.kill9()
+        endpoint.kill9()  # mid-stream, or just after: the second half is sent while it is down
+        send(range(n // 2, n))
         time.sleep(1.5)  # requests fail meanwhile: retried, not counted as attempts
         endpoint.start()
         wait_until(lambda: len(read_to_end(kafka, out)) >= n, 180, 0.5, "every output")
