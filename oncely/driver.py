@@ -207,6 +207,46 @@ class TestDriver:
         _, p, inv_id, index = parse_awakeable(awakeable_id)
         self._append(p, inv_id, awakeable_result(inv_id, index, None, reason, None))
 
+    # -- operators' controls (processor/controls.py) ------------------------------------
+
+    def cancel(self, invocation_id: str) -> str:
+        """Cancel (cooperatively) and run; the partition's answer: "applied",
+        "unknown" or "conflict: why". So for kill, pause, resume, purge."""
+        return self._control(invocation_id, "cancel")
+
+    def kill(self, invocation_id: str) -> str:
+        return self._control(invocation_id, "kill")
+
+    def pause(self, invocation_id: str) -> str:
+        return self._control(invocation_id, "pause")
+
+    def resume(self, invocation_id: str) -> str:
+        return self._control(invocation_id, "resume")
+
+    def purge(self, invocation_id: str) -> str:
+        return self._control(invocation_id, "purge")
+
+    def describe(self, invocation_id: str) -> dict[str, Any] | None:
+        """What `oncely invocations describe` shows (None: unknown)."""
+        answer = self._ask(invocation_id, "oncely.Query", {"phases": [], "limit": 1})
+        return orjson.loads(answer["value"])[0] if answer["status"] == "info" else None
+
+    def _control(self, invocation_id: str, action: str) -> str:
+        answer = self._ask(invocation_id, "oncely.Control", {"action": action})
+        return answer["status"] if answer["error"] is None else f"{answer['status']}: {answer['error']}"
+
+    def _ask(self, invocation_id: str, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            part, inv_id = self._where(invocation_id)
+        except KeyError:
+            return {"status": "unknown", "error": None, "value": None}
+        rid = random_id()
+        self._append(part.partition, inv_id, schemas.encode("log_record", {"body": (kind, {
+            **body, "invocation_id": inv_id, "reply": {"request_id": rid, "partition": 0}})}))
+        self.run()
+        found = [r for r in self.output if r.topic == self.app.replies_topic and r.key == rid]
+        return schemas.decode("reply", found[-1].value)  # type: ignore[arg-type]
+
     def _append(self, p: int, key: bytes | None, value: bytes) -> None:
         """A record that is in the log at once (sent from outside, already committed)."""
         self.log[p].append((key, value))

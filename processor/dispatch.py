@@ -1,7 +1,8 @@
 """Records read by the poll loop, to where they belong.
 
 A log record goes to its partition processor by kind (Invoke, Response,
-AwakeableResult; Attach, ReadState and Delay from outside: requests.py); one that does not decode (also one of a kind this version
+AwakeableResult; Attach, ReadState and Delay from outside: requests.py;
+Control and Query from operators: controls.py); one that does not decode (also one of a kind this version
 does not know) becomes a dead letter with the reason, so nothing is lost and
 nothing stalls. A source record becomes an Invoke on the log, or a dead
 letter (ingest/router.py).
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from oncely import schemas
 from oncely.egress.dead_letters import dead_letter
 from oncely.ingest.router import Routed, route
-from oncely.processor import requests
+from oncely.processor import controls, requests
 from oncely.processor.invocation import TxnOutput
 from oncely.processor.partition import PartitionProcessor
 
@@ -41,6 +42,10 @@ def log_record(app: "App", part: PartitionProcessor, m: Any, out: TxnOutput) -> 
         requests.on_attach(part, body)
     elif kind == "oncely.ReadState":
         requests.on_read_state(part, body)
+    elif kind == "oncely.Control":
+        controls.on_control(part, body)
+    elif kind == "oncely.Query":
+        controls.on_query(part, body)
     else:  # the decoder knows no other kind
         requests.on_delay(part, body)
 

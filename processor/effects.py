@@ -8,7 +8,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from oncely.errors import TerminalError
-from oncely.processor import keys
+from oncely.processor import controls, keys
 from oncely.processor.invocation import now_ms
 from oncely.sdk.protocol import Entry
 from oncely.shuffle.delivery import child_invoke
@@ -98,8 +98,11 @@ class InvocationEffects:
 
     async def wait(self, index: int) -> None:
         """Wait until the journal entry at `index` completes."""
-        waits = self._live("wait").waits
+        part = self._live("wait")
         inv = self.inv
+        if inv.cancelled and controls.deliver_cancel(part, inv, index):
+            return  # the entry completed with "cancelled"
+        waits = part.waits
         fut = waits.future(inv, index)
         waits.started(inv, index)
         try:

@@ -17,7 +17,7 @@ from oncely.sdk.protocol import Entry, Running
 INBOXED = "INBOXED"          # queued in the store (for its key or for capacity)
 RUNNING = "RUNNING"
 BACKING_OFF = "BACKING_OFF"  # failed an attempt; a retry timer starts it again
-PAUSED = "PAUSED"            # non-deterministic or not runnable; retried on restart
+PAUSED = "PAUSED"            # non-deterministic or not runnable: retried on restart; paused by an operator (held): until resumed
 SUSPENDED = "SUSPENDED"      # waiting, only in the store
 COMPLETED = "COMPLETED"
 FAILED = "FAILED"
@@ -57,6 +57,8 @@ class Invocation:
     progress_mark: int = 0  # journal length when it was last seen to progress
     has_early: bool = False  # completions that arrived before their entry
     started: float = 0.0  # monotonic start of its current attempt (metrics)
+    held: bool = False       # paused by an operator (controls.py): not restarted on load
+    cancelled: bool = False  # cancelled while awaiting nothing: its next await fails (controls.py)
 
     @property
     def waiting(self) -> bool:

@@ -130,7 +130,7 @@ def dead(part: PartitionProcessor, inv: Invocation, reason: str, error: str) -> 
     expires = now_ms() + (invoke.get("idempotency_retention_ms") or DEFAULT_RETENTION_MS)
     part.store.put(keys.failed(inv.id), schemas.encode("invocation_status", {
         "invoke": invoke, "phase": FAILED, "seq": inv.seq, "attempt": inv.attempt, "retry_at_ms": 0,
-        "error": f"{reason}: {error}"}))
+        "error": f"{reason}: {error}", "expires_at_ms": expires}))
     part.store.put(keys.expiry(expires, keys.FAILED, inv.id), b"")
     if invoke.get("idempotency_key") is not None:
         remember(part, inv, failed=True, result=None, error=error)

@@ -127,6 +127,8 @@ class PartitionProcessor:
                 self.writer.changed(inv)
             if inv.phase == BACKING_OFF:
                 self.timers.retry_at(inv.retry_at_ms, inv.id)
+            elif inv.held:
+                pass  # paused by an operator: until resumed (controls.py)
             else:
                 # RUNNING resumes by replaying its journal; PAUSED invocations
                 # are retried once per (re)start, so a fixed handler resumes them.
@@ -142,7 +144,8 @@ class PartitionProcessor:
         """An in-flight invocation as the store holds it (status and journal)."""
         invoke = st["invoke"]
         inv = Invocation(id=inv_id, invoke=invoke, sk=self._sk(invoke), seq=st["seq"], phase=st["phase"],
-                         attempt=st["attempt"], retry_at_ms=st["retry_at_ms"], error=st["error"])
+                         attempt=st["attempt"], retry_at_ms=st["retry_at_ms"], error=st["error"],
+                         held=st.get("held", False), cancelled=st.get("cancelled", False))
         store = self.store
         inv.journal.extend(Entry.decode(jv) for _, jv in store.scan(keys.journal_prefix(inv_id)))
         inv.has_early = bool(store.scan(keys.early_prefix(inv_id), limit=1))

@@ -30,10 +30,11 @@ class _Written:
 
 
 def status_record(inv: Invocation) -> bytes:
-    return schemas.encode("invocation_status", {
-        "invoke": inv.invoke, "phase": inv.phase, "seq": inv.seq, "attempt": inv.attempt,
-        "retry_at_ms": inv.retry_at_ms, "error": inv.error,
-    })
+    st = {"invoke": inv.invoke, "phase": inv.phase, "seq": inv.seq, "attempt": inv.attempt,
+          "retry_at_ms": inv.retry_at_ms, "error": inv.error}
+    if inv.held or inv.cancelled:  # operators' controls (controls.py)
+        st["held"], st["cancelled"] = inv.held, inv.cancelled
+    return schemas.encode("invocation_status", st)
 
 
 class InvocationWriter:

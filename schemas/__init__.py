@@ -12,7 +12,11 @@ not encoded here.
 Evolution: a reader ignores fields it does not know, so a field may be added
 as `NotRequired` (readers use `.get`). Any other change (a field removed,
 renamed or retyped) takes a new format byte, and readers keep decoding the
-formats they can.
+formats they can. A new log kind gets a new kind byte (an older processor
+dead-letters it as undecodable). A `Reply` status may gain a value only for
+an answer to a new request kind: replies are keyed by request id and a
+reader decodes only the answers to its own requests, so an older reader
+never meets it.
 """
 
 from __future__ import annotations
@@ -124,12 +128,33 @@ class Delay(TypedDict):
     record: bytes
 
 
-class Reply(TypedDict):
-    """A partition's answer on <app>.replies to a call, Attach or ReadState
-    (keyed by its request id). status: completed (value), failed (error),
-    running, unknown, or state (entries: name -> tagged value)."""
+class Control(TypedDict):
+    """An operator's command for one invocation (`oncely invocations`, the
+    admin API), applied by its partition in its transaction
+    (processor/controls.py); answered on <app>.replies when `reply` is set."""
+    invocation_id: bytes
+    action: Literal["cancel", "kill", "pause", "resume", "purge"]
+    reply: ReplyTo | None
+
+
+class Query(TypedDict):
+    """An outside read of invocation status, answered on <app>.replies in
+    log order: one invocation (`invocation_id`) or up to `limit` of this
+    partition's, optionally only those in `phases`."""
     invocation_id: bytes | None
-    status: Literal["completed", "failed", "running", "unknown", "state"]
+    phases: list[str]
+    limit: int
+    reply: ReplyTo
+
+
+class Reply(TypedDict):
+    """A partition's answer on <app>.replies to a call, Attach, ReadState,
+    Control or Query (keyed by its request id). status: completed (value),
+    failed (error), running, unknown, state (entries: name -> tagged value);
+    for a Control applied or conflict (error: why not); for a Query info
+    (value: JSON list of invocation descriptions)."""
+    invocation_id: bytes | None
+    status: Literal["completed", "failed", "running", "unknown", "state", "applied", "conflict", "info"]
     value: bytes | None
     error: str | None
     entries: dict[str, bytes] | None
@@ -146,6 +171,9 @@ class InvocationStatus(TypedDict):
     attempt: int
     retry_at_ms: int
     error: str | None
+    held: NotRequired[bool]       # paused by an operator: stays PAUSED across restarts until resumed
+    cancelled: NotRequired[bool]  # cancelled while awaiting nothing: its next await fails with "cancelled"
+    expires_at_ms: NotRequired[int]  # FAILED (retained): when its retention ends (purge removes the expiry)
 
 
 class JournalEntry(TypedDict):
@@ -190,6 +218,8 @@ LOG_KINDS: dict[str, tuple[int, type]] = {
     "oncely.Attach": (4, Attach),
     "oncely.ReadState": (5, ReadState),
     "oncely.Delay": (6, Delay),
+    "oncely.Control": (7, Control),
+    "oncely.Query": (8, Query),
 }
 RECORDS: dict[str, type] = {
     "invocation_status": InvocationStatus,

@@ -100,6 +100,15 @@ RECORDS = [
                                               "routing_key": b"k", "record": b"\x02\x01"})}),
     ("reply", {"invocation_id": None, "status": "state", "value": None, "error": None, "entries": {"n": b"j1"}}),
     ("reply", {"invocation_id": b"i" * 16, "status": "failed", "value": None, "error": "x", "entries": None}),
+    # Invocation controls and status queries (processor/controls.py).
+    ("log_record", {"body": ("oncely.Control", {"invocation_id": b"i" * 16, "action": "pause",
+                                                "reply": {"request_id": b"r" * 16, "partition": 1}})}),
+    ("log_record", {"body": ("oncely.Control", {"invocation_id": b"i" * 16, "action": "kill", "reply": None})}),
+    ("log_record", {"body": ("oncely.Query", {"invocation_id": None, "phases": ["PAUSED"], "limit": 10,
+                                              "reply": {"request_id": b"r" * 16, "partition": 0}})}),
+    ("invocation_status", {"invoke": INVOKE, "phase": "PAUSED", "seq": 1, "attempt": 0, "retry_at_ms": 0,
+                           "error": "paused", "held": True, "cancelled": False}),
+    ("reply", {"invocation_id": b"i" * 16, "status": "conflict", "value": None, "error": "x", "entries": None}),
 ]
 
 
