@@ -118,19 +118,28 @@ class GatewayServer:
         await self.kafka.stop()
 
 
-def run_gateway(app: "App", address: str, replies_partition: int | None = None) -> None:
-    """A standalone gateway until SIGTERM/SIGINT: no state, no partitions
-    of its own, as many as wanted beside the processors."""
+def run_gateway(app: "App", address: str | None, replies_partition: int | None = None, admin: str | None = None,
+                admin_token: str | None = None) -> None:
+    """A standalone gateway (and/or admin API, gateway/admin.py) until
+    SIGTERM/SIGINT: no state, no partitions of its own, as many as wanted
+    beside the processors."""
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        server = await GatewayServer(app, address, replies_partition).start()
+        servers: list[Any] = []
         try:
+            if address is not None:
+                servers.append(await GatewayServer(app, address, replies_partition).start())
+            if admin is not None:
+                from oncely.gateway.admin import AdminServer
+
+                servers.append(await AdminServer(app, admin, admin_token).start())
             await stop.wait()
         finally:
-            await server.stop()
+            for server in servers:
+                await server.stop()
 
     asyncio.run(main())

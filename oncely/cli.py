@@ -14,7 +14,8 @@ import click
 from oncely import __version__
 from oncely.cli_common import Group, add_log_level
 from oncely.cli_gateway import gateway_cmd
-from oncely.cli_inspect import awakeable, inspect, invocations
+from oncely.cli_inspect import awakeable, inspect
+from oncely.cli_invocations import admin_options, check_admin, invocations
 from oncely.cli_kafka import kafka
 from oncely.cli_status import status_cmd
 from oncely.cli_topics import produce_cmd, tail_cmd, topics
@@ -59,8 +60,9 @@ _state_dir = click.option("--state-dir", default=None, type=click.Path(file_okay
 @click.option("--http", default=None, metavar="HOST:PORT", envvar="ONCELY_HTTP",
               help="Serve the HTTP ingress (call, send, attach, awakeables, state) there (needs oncely[http]; "
                    "$ONCELY_HTTP).")
+@admin_options
 def run_cmd(app_spec: str, bootstrap: str | None, state_dir: str | None, metrics: str | None,
-            tracing: bool, http: str | None) -> None:
+            tracing: bool, http: str | None, admin: str | None, admin_token: str | None) -> None:
     """Run one processor process of an app; stops cleanly on SIGTERM/SIGINT."""
     from oncely.runtime import run
 
@@ -75,7 +77,8 @@ def run_cmd(app_spec: str, bootstrap: str | None, state_dir: str | None, metrics
 
         require_apispec()
         parse_http(http)
-    run(_load(app_spec, bootstrap, state_dir), metrics, tracing, http)
+    check_admin(admin, admin_token)
+    run(_load(app_spec, bootstrap, state_dir), metrics, tracing, http, admin, admin_token)
 
 
 @main.command("demo")

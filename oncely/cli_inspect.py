@@ -1,4 +1,4 @@
-"""`oncely inspect`, `oncely invocations retry` and `oncely awakeable`: look
+"""`oncely inspect` and `oncely awakeable`: look
 at an app's committed state, invocations and timers, and act on them, from
 its changelog and log (no processor needed for reading)."""
 
@@ -71,38 +71,6 @@ def inspect_timers(app: str, bootstrap: str, kafka: dict[str, str]) -> None:
         click.echo(f"{when} {t.invocation} #{t.index} {t.what}")
     if not timers:
         click.echo("no timers")
-
-
-@click.group()
-def invocations() -> None:
-    """Act on an app's invocations (see `oncely inspect invocations`)."""
-
-
-@invocations.command("retry")
-@click.argument("app")
-@click.argument("ids", nargs=-1, metavar="[ID]...")
-@click.option("--all", "all_failed", is_flag=True, help="Retry every failed invocation APP retains.")
-@bootstrap_option
-@kafka_option
-def invocations_retry(app: str, ids: tuple[str, ...], all_failed: bool, bootstrap: str,
-                      kafka: dict[str, str]) -> None:
-    """Run failed invocations of APP again, after fixing what made them fail.
-
-    A failed invocation (its retries exhausted, or a TerminalError) is kept
-    for a day and is not run again by replays. This invokes the same handler
-    with the same key, input and source record under a new id derived from
-    the failed one, so retrying the same ID twice runs it once.
-    """
-    from oncely.admin import retry_failed
-
-    if bool(ids) == all_failed:
-        raise click.UsageError("name the failed invocations (IDs from `oncely inspect invocations APP --failed`), "
-                               "or pass --all")
-    pairs = retry_failed(bootstrap, app, None if all_failed else list(ids), connect(bootstrap, kafka))
-    for failed, retry in pairs:
-        click.echo(f"{failed} retried as {retry}")
-    if not pairs:
-        click.echo("no failed invocations")
 
 
 @click.group()

@@ -22,6 +22,7 @@ from oncely.processor.producer import GiveUp
 from oncely.topics import ensure_topics
 
 if TYPE_CHECKING:
+    from oncely.gateway.admin import AdminServer
     from oncely.gateway.server import GatewayServer
     from oncely.observe.server import MetricsServer
 
@@ -70,11 +71,14 @@ def _on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, interrupt:
 async def serve(app: App, stop: asyncio.Event | None = None,
                 on_created: Callable[[CommitLoop], None] | None = None, metrics: str | None = None,
                 on_metrics: Callable[["MetricsServer"], None] | None = None, tracing: bool = False,
-                http: str | None = None, on_http: Callable[["GatewayServer"], None] | None = None) -> CommitLoop:
+                http: str | None = None, on_http: Callable[["GatewayServer"], None] | None = None,
+                admin: str | None = None, admin_token: str | None = None,
+                on_admin: Callable[["AdminServer"], None] | None = None) -> CommitLoop:
     """Run the app's processor in this event loop until `stop` is set (or
     SIGTERM/SIGINT arrives); returns the stopped loop (for its counters).
     `metrics` (HOST:PORT) serves Prometheus metrics there, on this loop;
-    `http` (HOST:PORT) serves the HTTP ingress (oncely.gateway) there.
+    `http` (HOST:PORT) serves the HTTP ingress (oncely.gateway) there;
+    `admin` (HOST:PORT) the admin API (gateway/admin.py, `admin_token`).
     Invocations are traced when a TracerProvider is set, or with `tracing`
     from the OTEL_* environment (observe.tracing)."""
     from oncely.observe.tracing import setup as setup_tracing
@@ -92,6 +96,12 @@ async def serve(app: App, stop: asyncio.Event | None = None,
 
         require_apispec()
         parse_http(http)
+    if admin is not None:
+        from oncely.gateway.admin import check_exposure
+        from oncely.gateway.openapi import require_apispec
+
+        require_apispec()
+        check_exposure(admin, admin_token)
     stop = stop or asyncio.Event()
     interrupt = threading.Event()
     _on_signals(asyncio.get_running_loop(), stop, interrupt)
@@ -120,11 +130,20 @@ async def serve(app: App, stop: asyncio.Event | None = None,
         gateway = await GatewayServer(app, http).start()
         if on_http is not None:
             on_http(gateway)
+    admin_server = None
+    if admin is not None:
+        from oncely.gateway.admin import AdminServer
+
+        admin_server = await AdminServer(app, admin, admin_token).start()
+        if on_admin is not None:
+            on_admin(admin_server)
     log.info("oncely app %r: %d partitions, bootstrap %s, state %s", app.name, app.partitions, cfg.bootstrap,
              cfg.state_dir)
     try:
         await processor.run(stop)
     finally:
+        if admin_server is not None:
+            await admin_server.stop()
         if gateway is not None:
             await gateway.stop()
         if server is not None:
@@ -135,14 +154,16 @@ async def serve(app: App, stop: asyncio.Event | None = None,
     return processor
 
 
-def run(app: App, metrics: str | None = None, tracing: bool = False, http: str | None = None) -> None:
+def run(app: App, metrics: str | None = None, tracing: bool = False, http: str | None = None,
+        admin: str | None = None, admin_token: str | None = None) -> None:
     """Run until signalled. A process that had to abandon a Kafka client
     stuck inside librdkafka exits with os._exit: a normal exit would wait on
     that client's threads forever. A supervisor restarts it; its state is
     safe in Kafka."""
     code = 0
     try:
-        processor = asyncio.run(serve(app, metrics=metrics, tracing=tracing, http=http))
+        processor = asyncio.run(serve(app, metrics=metrics, tracing=tracing, http=http, admin=admin,
+                                      admin_token=admin_token))
     except GiveUp as e:
         log.error("%s", e)
         code = 75  # EX_TEMPFAIL: restart me
@@ -164,12 +185,15 @@ class ProcessorThread:
     With `metrics` (HOST:PORT; port 0 picks a free one) it serves /metrics
     at `metrics_url` once started."""
 
-    def __init__(self, app: App, metrics: str | None = None, http: str | None = None) -> None:
+    def __init__(self, app: App, metrics: str | None = None, http: str | None = None, admin: str | None = None,
+                 admin_token: str | None = None) -> None:
         self.app = app
         self.metrics = metrics
         self.metrics_server: "MetricsServer | None" = None
         self.http = http
         self.gateway: "GatewayServer | None" = None
+        self.admin, self.admin_token = admin, admin_token
+        self.admin_server: "AdminServer | None" = None
         self.loop = asyncio.new_event_loop()
         self.stop_event: asyncio.Event | None = None
         self.processor: CommitLoop | None = None
@@ -186,7 +210,8 @@ class ProcessorThread:
             self.stop_event = asyncio.Event()
             await serve(self.app, self.stop_event, on_created=created, metrics=self.metrics,
                         on_metrics=lambda server: setattr(self, "metrics_server", server), http=self.http,
-                        on_http=lambda gw: setattr(self, "gateway", gw))
+                        on_http=lambda gw: setattr(self, "gateway", gw), admin=self.admin,
+                        admin_token=self.admin_token, on_admin=lambda a: setattr(self, "admin_server", a))
 
         try:
             self.loop.run_until_complete(main())
