@@ -107,8 +107,8 @@ async def serve(app: App, stop: asyncio.Event | None = None,
     _on_signals(asyncio.get_running_loop(), stop, interrupt)
     # Settings checked and the broker reached before any topic is created;
     # both block (bounded), so they run off the loop thread.
-    admin = await asyncio.to_thread(connect_app, app)
-    facts = await asyncio.to_thread(ensure_topics, admin, app)
+    kafka_admin = await asyncio.to_thread(connect_app, app)
+    facts = await asyncio.to_thread(ensure_topics, kafka_admin, app)
     if app.deployments:  # remote services must be known before any partition routes an invocation
         from oncely.remote.registry import register_all, signing_key_from_env
 
