@@ -158,7 +158,7 @@ def retry_failed(bootstrap: str, app: str, ids: list[str] | None,
             raise ConfigError(f"{text} is not a failed invocation of app {app!r} (or its failure has expired): "
                               f"`oncely inspect invocations {app} --failed` lists them")
         wanted.append(inv_id)
-    n = _log_partitions(bootstrap, app, config)
+    n = log_partitions(bootstrap, app, config)
     by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
     pairs = []
     for inv_id in wanted:
@@ -174,7 +174,7 @@ def retry_failed(bootstrap: str, app: str, ids: list[str] | None,
     return pairs
 
 
-def _log_partitions(bootstrap: str, app: str, config: dict[str, Any] | None) -> int:
+def log_partitions(bootstrap: str, app: str, config: dict[str, Any] | None) -> int:
     from confluent_kafka.admin import AdminClient
 
     md = AdminClient({**kafka_conf_logging(), **(config or {}), "bootstrap.servers": bootstrap}).list_topics(

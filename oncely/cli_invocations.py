@@ -53,8 +53,10 @@ def _run(app: str, bootstrap: str, kafka: dict[str, str], timeout: float, work: 
     from oncely.gateway.kafka import GatewayKafka
     from oncely.gateway.paths import HttpError
 
+    from oncely.admin import log_partitions
+
     settings = connect(bootstrap, kafka)
-    partitions = _partitions(bootstrap, app, settings)
+    partitions = log_partitions(bootstrap, app, settings)
 
     async def main() -> Any:
         gk = GatewayKafka(bootstrap, app, partitions, settings)
@@ -70,18 +72,6 @@ def _run(app: str, bootstrap: str, kafka: dict[str, str], timeout: float, work: 
         raise click.ClickException(e.message) from None
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
-
-
-def _partitions(bootstrap: str, app: str, settings: dict[str, str]) -> int:
-    from confluent_kafka.admin import AdminClient
-
-    from oncely.errors import ConfigError
-
-    md = AdminClient({**settings, "bootstrap.servers": bootstrap}).list_topics(f"{app}.log", timeout=10)
-    t = md.topics.get(f"{app}.log")
-    if t is None or t.error is not None or not t.partitions:
-        raise ConfigError(f"app {app!r} has no topic {app}.log on {bootstrap} (has it ever run?)")
-    return len(t.partitions)
 
 
 @invocations.command("list")

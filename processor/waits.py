@@ -36,7 +36,8 @@ class Waits:
         inv.awaiting.append(index)
 
     def stopped(self, inv: Invocation, index: int) -> None:
-        inv.awaiting.remove(index)
+        if index in inv.awaiting:  # a task an operator's pause dropped may end after a resume restarted it
+            inv.awaiting.remove(index)
         if not inv.awaiting:
             self.idle.pop(inv, None)
 

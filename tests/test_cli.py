@@ -93,6 +93,15 @@ BAD_INPUTS = [
      "Error: app '{app}' has no topic {app}.dlq at {kafka}: check the name"),
     ("retry-nothing-named", ["invocations", "retry", "{app}", "--bootstrap", "{kafka}"], {}, 2,
      "Error: name the failed invocations"),
+    ("invocations-missing-app", ["invocations", "kill", "{app}", "inv_x", "--bootstrap", "{kafka}"], {}, 1,
+     "Error: app '{app}' has no topic {app}.log at {kafka}"),
+    ("invocations-bad-phase", ["invocations", "list", "{app}", "--phase", "DONE", "--bootstrap", "{kafka}"], {}, 2,
+     "Error: Invalid value for '--phase': 'DONE' is not one of"),
+    ("admin-off-loopback", ["run", "tests.apps.counter:app", "--admin", "0.0.0.0:9070"],
+     {"ONCELY_ADMIN_TOKEN": ""}, 1, "Error: --admin 0.0.0.0:9070: the admin API can kill and purge invocations, "
+     "so on a non-loopback address it needs a bearer token (set ONCELY_ADMIN_TOKEN or --admin-token)"),
+    ("gateway-nothing-to-serve", ["gateway", "--app", "tests.apps.counter:app"], {}, 1,
+     "Error: nothing to serve: give --http HOST:PORT, --admin HOST:PORT, or both"),
     ("restore-nothing-named", ["restore", "tests.apps.counter:app", "--bootstrap", "{kafka}"], {}, 2,
      "Error: name the partitions to rebuild with --partition N, or pass --all"),
 ]
