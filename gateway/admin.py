@@ -67,7 +67,8 @@ ADMIN_ROUTES: tuple[Route, ...] = (
                    ("purge", "Purge a finished invocation's result, failure and idempotency entry"))),
 )
 _PARAMS = {"phase": f"only these phases (repeat, or comma-separated): {', '.join(PHASES)}",
-           "limit": "at most this many per partition (1-1000, default 100)"}
+           "limit": "at most this many per partition (1-1000, default 100)",
+           "x-oncely-wait": "seconds to wait for the processor's answer (default 30, at most 60)"}
 
 
 def find(method: str, segs: list[bytes]) -> tuple[Route, dict[str, bytes]] | list[str]:
@@ -98,7 +99,7 @@ def document(app: "App") -> dict[str, Any]:
     for i, r in enumerate(ADMIN_ROUTES):
         op = openapi._operation(r, i)
         for p in op["parameters"]:
-            p["description"] = p["description"] or _PARAMS.get(p["name"], "")
+            p["description"] = _PARAMS.get(p["name"], p["description"])
         if r.op != "health":
             op["security"] = [{"bearer": []}]
         ops.setdefault(r.path, {})[r.method.lower()] = op
