@@ -11,7 +11,7 @@ app = oncely.App(os.environ.get("ONCELY_TEST_APP", "controls-test"),
 trips = app.keyed("trips")
 payments = app.keyed("payments")
 audit = app.keyed("audit")
-HOLD = float(os.environ.get("ONCELY_TEST_HOLD", "6"))
+HOLD = float(os.environ.get("ONCELY_TEST_HOLD", "8"))  # long enough to control it while it sleeps
 
 
 @payments.handler
