@@ -57,6 +57,7 @@ class Invocation:
     progress_mark: int = 0  # journal length when it was last seen to progress
     has_early: bool = False  # completions that arrived before their entry
     started: float = 0.0  # monotonic start of its current attempt (metrics)
+    deployment: str | None = None  # remote deployment it is pinned to (persisted in its status)
 
     @property
     def waiting(self) -> bool:

@@ -142,7 +142,8 @@ class PartitionProcessor:
         """An in-flight invocation as the store holds it (status and journal)."""
         invoke = st["invoke"]
         inv = Invocation(id=inv_id, invoke=invoke, sk=self._sk(invoke), seq=st["seq"], phase=st["phase"],
-                         attempt=st["attempt"], retry_at_ms=st["retry_at_ms"], error=st["error"])
+                         attempt=st["attempt"], retry_at_ms=st["retry_at_ms"], error=st["error"],
+                         deployment=st.get("deployment"))
         store = self.store
         inv.journal.extend(Entry.decode(jv) for _, jv in store.scan(keys.journal_prefix(inv_id)))
         inv.has_early = bool(store.scan(keys.early_prefix(inv_id), limit=1))
@@ -295,6 +296,7 @@ class PartitionProcessor:
             source=invoke.get("source"), subscription=invoke.get("subscription"),
             effects=InvocationEffects(self, inv), limits=self.limits,
             traceparent=invoke.get("traceparent"), created_at_ms=invoke.get("created_at_ms"),
+            deployment=inv.deployment,
         )
         self.active.add(inv)
         if self.metrics is not None:

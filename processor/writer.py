@@ -30,10 +30,11 @@ class _Written:
 
 
 def status_record(inv: Invocation) -> bytes:
-    return schemas.encode("invocation_status", {
-        "invoke": inv.invoke, "phase": inv.phase, "seq": inv.seq, "attempt": inv.attempt,
-        "retry_at_ms": inv.retry_at_ms, "error": inv.error,
-    })
+    record = {"invoke": inv.invoke, "phase": inv.phase, "seq": inv.seq, "attempt": inv.attempt,
+              "retry_at_ms": inv.retry_at_ms, "error": inv.error}
+    if inv.deployment is not None:
+        record["deployment"] = inv.deployment
+    return schemas.encode("invocation_status", record)
 
 
 class InvocationWriter:

@@ -146,6 +146,9 @@ class InvocationStatus(TypedDict):
     attempt: int
     retry_at_ms: int
     error: str | None
+    # The remote deployment (dp_…) whose answer it first applied: retries,
+    # resumptions and restarts go there again (remote/deployments.py).
+    deployment: NotRequired[str]
 
 
 class JournalEntry(TypedDict):
@@ -182,6 +185,20 @@ class Checkpoint(TypedDict):
     written_at_ms: int
 
 
+# -- <app>.deployments (compacted, key = deployment id) ---------------------------
+
+
+class DeploymentRecord(TypedDict):
+    """A registered remote deployment (remote/deployments.py); a tombstone
+    under its id removes it. `manifest` is the endpoint's discovery answer
+    as it came (JSON), checked again by every reader."""
+    id: str
+    uri: str
+    manifest: bytes
+    headers: dict[str, str]  # extra request headers (e.g. a gateway's API key)
+    registered_at_ms: int
+
+
 # A log record is one byte of kind after the format byte, then its body.
 LOG_KINDS: dict[str, tuple[int, type]] = {
     "oncely.Invoke": (1, Invoke),
@@ -198,6 +215,7 @@ RECORDS: dict[str, type] = {
     "timer": TimerRecord,
     "checkpoint": Checkpoint,
     "reply": Reply,
+    "deployment": DeploymentRecord,
 }
 
 _encode = msgspec.msgpack.Encoder().encode

@@ -100,6 +100,11 @@ RECORDS = [
                                               "routing_key": b"k", "record": b"\x02\x01"})}),
     ("reply", {"invocation_id": None, "status": "state", "value": None, "error": None, "entries": {"n": b"j1"}}),
     ("reply", {"invocation_id": b"i" * 16, "status": "failed", "value": None, "error": "x", "entries": None}),
+    # Remote deployments (remote/deployments.py) and the pin of an invocation.
+    ("deployment", {"id": "dp_x", "uri": "http://h/", "manifest": b"{}", "headers": {"k": "v"},
+                    "registered_at_ms": 1}),
+    ("invocation_status", {"invoke": INVOKE, "phase": "SUSPENDED", "seq": 1, "attempt": 0, "retry_at_ms": 0,
+                           "error": None, "deployment": "dp_x"}),
 ]
 
 
