@@ -222,9 +222,11 @@ class DeploymentAdmin:
     # -- operations --------------------------------------------------------------
 
     async def register(self, uri: str, force: bool = False, dry_run: bool = False,
-                       headers: dict[str, str] | None = None) -> Registered:
+                       headers: dict[str, str] | None = None, allow_local: bool = False) -> Registered:
         """Discover `uri` and register it. Refused (Conflict) unless `force`:
-        a service the app defines in-process, a breaking change against the
+        a service the app defines in-process (unless `allow_local`: an app
+        that names the deployment itself serves its own module remotely and
+        keeps those services in-process), a breaking change against the
         newest deployment of a service (handler removed, keyed flag changed),
         the URI registered already with another manifest. DiscoveryFailed /
         DiscoveryTimeout / BadManifest when the endpoint does not answer
@@ -238,14 +240,12 @@ class DeploymentAdmin:
 
         service_specs(dep, RetryPolicy())  # the names and retry policies as a processor will read them
         services = sorted(dep.services())
-        local = sorted(set(services) & self.local_services)
-        if local:
-            raise Conflict(f"deployment {uri}: service(s) {', '.join(local)} are defined in-process by app "
-                           f"{self.app_name!r}; rename them or remove them from the app")
+        local = [] if allow_local else sorted(set(services) & self.local_services)
         current = regs.by_id.get(dep.id)
         if current is not None and current.manifest == dep.manifest and current.headers == dep.headers:
             return Registered(dep.id, dep.uri, services, created=False, dry_run=dry_run)
-        problems = []
+        problems = [f"service(s) {', '.join(local)} are defined in-process by app {self.app_name!r} (they "
+                    "would stay in-process)"] if local else []
         if current is not None:
             problems.append(f"{dep.id} is registered already with another manifest; --force replaces it "
                             "(invocations pinned to it then run the new code)")

@@ -77,7 +77,7 @@ class DeploymentWatcher:
             admin = DeploymentAdmin.for_app(self.app)
             for uri in missing:
                 try:
-                    result = await admin.register(uri)
+                    result = await admin.register(uri, allow_local=True)
                 except BaseException:
                     await self.stop()
                     raise
@@ -110,7 +110,10 @@ class DeploymentWatcher:
         eof_seen = False
         while not self._stop.is_set():
             try:
-                msgs = self.consumer.consume(BATCH, 0.5)
+                # poll returns at the first record (consume would wait out its
+                # timeout for a full batch); then what is buffered.
+                first = self.consumer.poll(0.5)
+                msgs = [] if first is None else [first, *self.consumer.consume(BATCH - 1, 0)]
             except KafkaException as e:  # pragma: no cover - logged, the reader keeps going
                 log.warning("deployments reader: %s", e)
                 continue
