@@ -266,9 +266,9 @@ class App:
             deployments = [u.strip() for u in os.environ.get("ONCELY_DEPLOYMENTS", "").split(",") if u.strip()]
         if not isinstance(deployments, list) or not all(isinstance(u, str) and u for u in deployments):
             raise ConfigError("App deployments must be a list of endpoint URLs")
-        # Endpoints whose services run remote; discovered when the processor starts.
+        # Endpoints whose services run remote; registered when the processor starts.
         self.deployments: list[str] = list(deployments)
-        self.remote_deployments: dict[str, Any] = {}  # by id, once discovered (oncely.remote.registry)
+        self.remote_deployments: dict[str, Any] = {}  # by id: what is registered (remote/watch.py keeps it)
 
     # topics
     @property

@@ -137,6 +137,7 @@ class Registered:
     replaced: bool = False  # the URI was registered with another manifest (forced)
     dry_run: bool = False
     warnings: list[str] | None = None  # breaking changes let through by force
+    registered_at_ms: int = 0  # of the record written
 
 
 @dataclass
@@ -222,13 +223,16 @@ class DeploymentAdmin:
     # -- operations --------------------------------------------------------------
 
     async def register(self, uri: str, force: bool = False, dry_run: bool = False,
-                       headers: dict[str, str] | None = None, allow_local: bool = False) -> Registered:
+                       headers: dict[str, str] | None = None, allow_local: bool = False,
+                       replace: bool = False) -> Registered:
         """Discover `uri` and register it. Refused (Conflict) unless `force`:
         a service the app defines in-process (unless `allow_local`: an app
         that names the deployment itself serves its own module remotely and
         keeps those services in-process), a breaking change against the
         newest deployment of a service (handler removed, keyed flag changed),
-        the URI registered already with another manifest. DiscoveryFailed /
+        the URI registered already with another manifest (unless `replace`:
+        the endpoint at that URI changed in place, without breaking
+        anything). DiscoveryFailed /
         DiscoveryTimeout / BadManifest when the endpoint does not answer
         with a usable manifest."""
         import aiohttp
@@ -246,7 +250,7 @@ class DeploymentAdmin:
             return Registered(dep.id, dep.uri, services, created=False, dry_run=dry_run)
         problems = [f"service(s) {', '.join(local)} are defined in-process by app {self.app_name!r} (they "
                     "would stay in-process)"] if local else []
-        if current is not None:
+        if current is not None and not replace:
             problems.append(f"{dep.id} is registered already with another manifest; --force replaces it "
                             "(invocations pinned to it then run the new code)")
         newest = regs.latest()
@@ -263,7 +267,7 @@ class DeploymentAdmin:
         await asyncio.to_thread(self._write, dep.id, encode_record(dep))
         log.info("registered deployment %s (%s): services %s", dep.id, uri, ", ".join(services) or "(none)")
         return Registered(dep.id, dep.uri, services, created=True, replaced=current is not None,
-                          warnings=problems or None)
+                          warnings=problems or None, registered_at_ms=dep.registered_at_ms)
 
     async def list(self) -> list[dict[str, Any]]:
         """Every registration, oldest first: id, uri, registered_at_ms,

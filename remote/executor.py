@@ -116,6 +116,12 @@ class RemoteExecutor:
         waits: dict[int, asyncio.Task[None]] = {}
         try:
             while True:
+                if self.deployments.get(dep.id) is not dep:  # removed, or replaced (--force), meanwhile
+                    if dep.id not in self.deployments:
+                        return Outcome("paused", error=f"deployment {dep.id}, which this invocation is pinned to, "
+                                                       "is not registered (removed?)")
+                    dep = self.deployments[dep.id]
+                    batcher = self._batcher(dep, app_name, partition, call)
                 state = apply.snapshot(call, cfg.remote_eager_state_bytes, wanted, names_wanted)
                 answer = await self._exchange(batcher, call, apply.build_item(call, payload, state), svc.retry)
                 if isinstance(answer, Outcome):

@@ -27,7 +27,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from oncely.errors import ConfigError
 from oncely.logs import kafka_conf_logging
 from oncely.remote.deployments import DeploymentAdmin, Registrations
-from oncely.remote.registry import deployment_id
+from oncely.remote.registry import DiscoveryFailed, deployment_id
 from oncely.shuffle.ids import random_id
 
 if TYPE_CHECKING:
@@ -72,29 +72,41 @@ class DeploymentWatcher:
         except TimeoutError:
             await self.stop()
             raise ConfigError(f"could not read {self.topic} within {CATCH_UP_TIMEOUT_S:.0f} s") from None
-        missing = [u for u in self.app.deployments if deployment_id(u) not in self.regs.by_id]
-        if missing:
+        # The app's own deployments: registered when missing, their manifest
+        # refreshed when the endpoint at that URI changed without breaking
+        # anything; one that cannot be reached keeps its registration.
+        written: dict[str, int] = {}  # id -> registered_at_ms of the record written
+        if self.app.deployments:
             admin = DeploymentAdmin.for_app(self.app)
-            for uri in missing:
+            for uri in self.app.deployments:
+                known = deployment_id(uri) in self.regs.by_id
                 try:
-                    result = await admin.register(uri, allow_local=True)
+                    result = await admin.register(uri, allow_local=True, replace=True)
+                except DiscoveryFailed as e:
+                    if not known:
+                        await self.stop()
+                        raise
+                    log.warning("%s; using its registration", e)
+                    continue
                 except BaseException:
                     await self.stop()
                     raise
-                log.info("registered deployment %s (%s) named by the app: services %s", result.id, uri,
-                         ", ".join(result.services) or "(none)")
-            # Served only once the reader applied them: every service must be
-            # known before a partition routes an invocation.
-            want = {deployment_id(u) for u in missing}
-            deadline = self.loop.time() + CATCH_UP_TIMEOUT_S
-            while not want <= set(self.regs.by_id):
-                self.changed.clear()
-                try:
-                    await asyncio.wait_for(self.changed.wait(), max(0.0, deadline - self.loop.time()))
-                except TimeoutError:
-                    await self.stop()
-                    raise ConfigError(f"the registrations of {sorted(want)} did not come back from "
-                                      f"{self.topic}") from None
+                if result.created:
+                    written[result.id] = result.registered_at_ms
+                    log.info("registered deployment %s (%s) named by the app: services %s", result.id, uri,
+                             ", ".join(result.services) or "(none)")
+        # Served only once the reader applied them: every service must be
+        # known before a partition routes an invocation.
+        deadline = self.loop.time() + CATCH_UP_TIMEOUT_S
+        while any(self.regs.by_id.get(i) is None or self.regs.by_id[i].registered_at_ms < at
+                  for i, at in written.items()):
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), max(0.0, deadline - self.loop.time()))
+            except TimeoutError:
+                await self.stop()
+                raise ConfigError(f"the registrations of {sorted(written)} did not come back from "
+                                  f"{self.topic}") from None
         return self
 
     async def stop(self) -> None:

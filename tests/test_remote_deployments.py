@@ -23,6 +23,7 @@ import pytest
 from apps.remote_deploy import processor_app
 
 import oncely
+from oncely.processor.invocation import PAUSED
 from oncely.remote.registry import deployment_id
 from oncely.testing import read_to_end, unique_name
 from support import REPO, InProcessProcessor, changelog_state, oncely_cli, wait_until
@@ -234,6 +235,48 @@ def test_upgrade_while_suspended_finishes_on_the_pinned_deployment(kafka: str, k
         assert outputs["a"]["got"] == {"ok": "a"}
         wait_until(lambda: cli.describe(v1.id)["pinned"] == 0, 60, 0.5, "no invocation pinned to v1")
         assert f"removed {v1.id}" in cli("remove", v1.id).stdout
+    finally:
+        runner.stop()
+    assert read_to_end(kafka, f"{name}.dlq") == []
+
+
+def test_forced_removal_pauses_pinned_invocations_until_registered_again(kafka: str, kafka_topic: Any,
+                                                                         tmp_path: Path, endpoints: Any) -> None:
+    name = unique_name("deploy-gone")
+    out = kafka_topic(1, prefix="deploy-gone-out")
+    cli = Deployments(kafka, name)
+    v1 = endpoints("v1")
+
+    def processor() -> InProcessProcessor:  # the app names v1 itself: registered at start
+        return InProcessProcessor(processor_app(name, bootstrap=kafka, state_dir=str(tmp_path / "s"),
+                                                deployments=[v1.url])).start()
+
+    def paused(runner: InProcessProcessor) -> list[str | None]:
+        return runner.on_loop(lambda: [inv.error for p in runner.processor.partitions.values()  # type: ignore
+                                       for inv in p.invocations.values() if inv.phase == PAUSED])
+
+    runner = processor()
+    try:
+        assert [d["id"] for d in orjson.loads(cli("list", "--json").stdout)] == [v1.id]
+        _send(kafka, name, "wait", "p", {"id": "p", "topic": out})
+        awk = wait_until(lambda: changelog_state(kafka, name).get(("notes", b"p", "awakeable")), 60, 0.3,
+                         "p's awakeable")
+        wait_until(lambda: cli.describe(v1.id)["pinned"] == 1, 60, 0.5, "p pinned to v1")
+        assert "1 pinned invocation(s) will pause" in cli("remove", v1.id, "--force").stdout
+        wait_until(lambda: runner.on_loop(lambda: v1.id not in runner.app.remote_deployments), 30, 0.1,
+                   "the processor following the removal")
+        client = oncely.Client(kafka, app=name)
+        client.resolve_awakeable(awk, {"ok": "p"})
+        client.close()
+        [error] = wait_until(lambda: paused(runner), 60, 0.3, "p paused")
+        assert error is not None and f"{v1.id}, which this invocation is pinned to, is not registered" in error
+        assert "p" not in _outputs(kafka, out)
+    finally:
+        runner.stop()
+    runner = processor()  # registers v1 again; paused invocations are retried once per start
+    try:
+        wait_until(lambda: "p" in _outputs(kafka, out), 60, 0.3, "p's output")
+        assert _outputs(kafka, out)["p"] == {"id": "p", "after_wait": "v1", "got": {"ok": "p"}}
     finally:
         runner.stop()
     assert read_to_end(kafka, f"{name}.dlq") == []
