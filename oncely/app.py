@@ -331,7 +331,8 @@ class App:
                 raise ConfigError(f"deployment {deployment}: handler name {name}.{hname!r} is not valid")
         svc = current or Service(self, name, keyed, retry)
         svc.keyed, svc.retry, svc.deployment = keyed, retry, deployment
-        svc.handlers = {h: RemoteHandler(svc, h, takes_input) for h, takes_input in handlers.items()}  # type: ignore[misc]
+        remote = {h: RemoteHandler(svc, h, takes_input) for h, takes_input in handlers.items()}
+        svc.handlers = remote  # type: ignore[assignment]
         self.services[name] = svc
         return svc
 

@@ -118,8 +118,8 @@ class RemoteExecutor:
             while True:
                 if self.deployments.get(dep.id) is not dep:  # removed, or replaced (--force), meanwhile
                     if dep.id not in self.deployments:
-                        return Outcome("paused", error=f"deployment {dep.id}, which this invocation is pinned to, "
-                                                       "is not registered (removed?)")
+                        what = "which this invocation is pinned to" if call.deployment else f"of {call.service!r}"
+                        return Outcome("paused", error=f"deployment {dep.id}, {what}, is not registered (removed?)")
                     dep = self.deployments[dep.id]
                     batcher = self._batcher(dep, app_name, partition, call)
                 state = apply.snapshot(call, cfg.remote_eager_state_bytes, wanted, names_wanted)
