@@ -324,11 +324,9 @@ class App:
         current = self.services.get(name)
         if current is not None and current.deployment is None:
             return None
-        if not _NAME.match(name):
-            raise ConfigError(f"deployment {deployment}: service name {name!r} is not valid")
-        for hname in handlers:
-            if not _NAME.match(hname):
-                raise ConfigError(f"deployment {deployment}: handler name {name}.{hname!r} is not valid")
+        bad = [n for n in (name, *handlers) if not _NAME.match(n)]
+        if bad:
+            raise ConfigError(f"deployment {deployment}: names {bad} may use only letters, digits, '_' and '-'")
         svc = current or Service(self, name, keyed, retry)
         svc.keyed, svc.retry, svc.deployment = keyed, retry, deployment
         remote = {h: RemoteHandler(svc, h, takes_input) for h, takes_input in handlers.items()}

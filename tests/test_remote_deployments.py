@@ -280,3 +280,34 @@ def test_forced_removal_pauses_pinned_invocations_until_registered_again(kafka: 
     finally:
         runner.stop()
     assert read_to_end(kafka, f"{name}.dlq") == []
+
+
+def _dep(uri: str, at: int, services: list[dict[str, Any]]) -> Any:
+    from oncely.remote.registry import parse_manifest
+
+    dep = parse_manifest(uri, orjson.dumps({"protocol": {"min": 1, "max": 1}, "services": services}))
+    dep.registered_at_ms = at
+    return dep
+
+
+def test_newest_registration_wins_and_what_breaks() -> None:
+    from oncely.remote.deployments import Registrations, breaking_changes, decode_record, encode_record
+
+    keyed = {"name": "acct", "keyed": True, "handlers": [{"name": "a"}, {"name": "b"}]}
+    old = _dep("http://h:1", 5, [keyed])
+    new = _dep("http://h:2", 9, [{**keyed, "handlers": [{"name": "a"}, {"name": "c"}]}])
+    regs = Registrations()
+    for d in (new, old):  # read order does not matter, registration time does
+        regs.apply(d.id.encode(), encode_record(d))
+    assert regs.latest()["acct"].id == new.id
+    assert breaking_changes(old, new) == ["service 'acct' drops handler(s) b"]
+    assert breaking_changes(old, _dep("http://h:3", 1, [{**keyed, "keyed": False}])) == [
+        "service 'acct' changes from keyed to stateless"]
+    assert breaking_changes(new, old) == ["service 'acct' drops handler(s) c"]
+    assert breaking_changes(old, _dep("http://h:4", 1, [{"name": "other", "keyed": True, "handlers": []}])) == []
+    back = decode_record(old.id.encode(), encode_record(old))
+    assert (back.id, back.uri, back.manifest, back.registered_at_ms) == (old.id, old.uri, old.manifest, 5)
+    with pytest.raises(ValueError):  # a record filed under another id
+        decode_record(new.id.encode(), encode_record(old))
+    regs.apply(new.id.encode(), None)  # a tombstone
+    assert regs.latest()["acct"].id == old.id and list(regs.by_id) == [old.id]
