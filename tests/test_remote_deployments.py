@@ -147,6 +147,8 @@ def test_register_list_describe_remove_and_breaking_changes(kafka: str, kafka_to
         d = cli.describe(v1.id)
         assert d["services"] == [{"name": "acct", "keyed": True, "handlers": ["wait", "quick", "legacy"]}]
         assert (d["pinned"], d["pending"]) == (0, 0)
+        by_name = oncely_cli("deployments", "list", "--app", name, "--bootstrap", kafka)  # the app by name only
+        assert by_name.returncode == 0 and f"{v1.id}  {v1.url}" in by_name.stdout and "acct*" in by_name.stdout
         # the running processor took it without a restart
         _send(kafka, name, "quick", "k", {"id": "q1", "topic": out})
         wait_until(lambda: "q1" in _outputs(kafka, out), 60, 0.3, "q1's output")
