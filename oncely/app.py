@@ -266,9 +266,9 @@ class App:
             deployments = [u.strip() for u in os.environ.get("ONCELY_DEPLOYMENTS", "").split(",") if u.strip()]
         if not isinstance(deployments, list) or not all(isinstance(u, str) and u for u in deployments):
             raise ConfigError("App deployments must be a list of endpoint URLs")
-        # Endpoints whose services run remote; discovered when the processor starts.
+        # Endpoints whose services run remote; registered when the processor starts.
         self.deployments: list[str] = list(deployments)
-        self.remote_deployments: dict[str, Any] = {}  # by id, once discovered (oncely.remote.registry)
+        self.remote_deployments: dict[str, Any] = {}  # by id: what is registered (remote/watch.py keeps it)
 
     # topics
     @property
@@ -289,8 +289,13 @@ class App:
         return f"{self.name}.replies"
 
     @property
+    def deployments_topic(self) -> str:
+        """Registered remote deployments (compacted; remote/deployments.py)."""
+        return f"{self.name}.deployments"
+
+    @property
     def internal_topics(self) -> set[str]:
-        return {self.log_topic, self.changelog_topic, self.dlq_topic, self.replies_topic}
+        return {self.log_topic, self.changelog_topic, self.dlq_topic, self.replies_topic, self.deployments_topic}
 
     def _add(self, name: str, keyed: bool, retry: RetryPolicy | None) -> Service:
         if not _NAME.match(name):
@@ -313,18 +318,19 @@ class App:
                            deployment: str) -> Service | None:
         """A service that `deployment`'s endpoint runs (from its manifest):
         `handlers` maps each handler name to whether it takes an input. A
-        service this process defines itself stays in-process (None)."""
+        service this process defines itself stays in-process (None). A
+        remote service known already is updated in place (a newer
+        deployment took it over), so what holds it sees the change."""
         current = self.services.get(name)
         if current is not None and current.deployment is None:
             return None
-        if not _NAME.match(name):
-            raise ConfigError(f"deployment {deployment}: service name {name!r} is not valid")
-        svc = Service(self, name, keyed, retry)
-        svc.deployment = deployment
-        for hname, takes_input in handlers.items():
-            if not _NAME.match(hname):
-                raise ConfigError(f"deployment {deployment}: handler name {name}.{hname!r} is not valid")
-            svc.handlers[hname] = RemoteHandler(svc, hname, takes_input)  # type: ignore[assignment]
+        bad = [n for n in (name, *handlers) if not _NAME.match(n)]
+        if bad:
+            raise ConfigError(f"deployment {deployment}: names {bad} may use only letters, digits, '_' and '-'")
+        svc = current or Service(self, name, keyed, retry)
+        svc.keyed, svc.retry, svc.deployment = keyed, retry, deployment
+        remote = {h: RemoteHandler(svc, h, takes_input) for h, takes_input in handlers.items()}
+        svc.handlers = remote  # type: ignore[assignment]
         self.services[name] = svc
         return svc
 

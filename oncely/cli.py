@@ -1,7 +1,7 @@
 """The `oncely` command line: run an app, restore and replay it, the demo;
 the other commands live in cli_kafka (local broker), cli_inspect (inspect,
 invocations, awakeable), cli_topics (topics, produce, tail), cli_status
-(status) and cli_gateway (gateway)."""
+(status), cli_gateway (gateway) and cli_deployments (deployments)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import click
 
 from oncely import __version__
 from oncely.cli_common import Group, add_log_level
+from oncely.cli_deployments import deployments
 from oncely.cli_gateway import gateway_cmd
 from oncely.cli_inspect import awakeable, inspect
 from oncely.cli_invocations import admin_options, check_admin, invocations
@@ -169,7 +170,8 @@ def replay_cmd(app_spec: str, topic: str, partitions: tuple[int, ...], from_offs
     click.echo(f"{topic}: {summary}")
 
 
-for _command in (kafka, inspect, invocations, awakeable, topics, produce_cmd, tail_cmd, status_cmd, gateway_cmd):
+for _command in (kafka, inspect, invocations, awakeable, topics, produce_cmd, tail_cmd, status_cmd, gateway_cmd,
+                 deployments):
     main.add_command(_command)
 add_log_level(main, {"run": "INFO", "gateway": "INFO", "restore": "INFO", "replay": "INFO", "demo": "ERROR"})
 

@@ -109,11 +109,16 @@ async def serve(app: App, stop: asyncio.Event | None = None,
     # both block (bounded), so they run off the loop thread.
     kafka_admin = await asyncio.to_thread(connect_app, app)
     facts = await asyncio.to_thread(ensure_topics, kafka_admin, app)
-    if app.deployments:  # remote services must be known before any partition routes an invocation
-        from oncely.remote.registry import register_all, signing_key_from_env
+    # Registered deployments (remote handlers) are read, and followed from
+    # now on, before any partition routes an invocation.
+    from oncely.remote.watch import DeploymentWatcher
 
-        await register_all(app, signing_key_from_env())
-    processor = CommitLoop(app, cfg, facts, interrupt)
+    deployments = await DeploymentWatcher(app).start()
+    try:
+        processor = CommitLoop(app, cfg, facts, interrupt)
+    except BaseException:
+        await deployments.stop()
+        raise
     if on_created is not None:
         on_created(processor)
     server = None
@@ -148,6 +153,7 @@ async def serve(app: App, stop: asyncio.Event | None = None,
             await gateway.stop()
         if server is not None:
             await server.stop()
+        await deployments.stop()
         close = getattr(processor.executor, "close", None)
         if close is not None:
             await close()  # the remote executor's HTTP session

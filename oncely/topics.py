@@ -30,6 +30,8 @@ def topic_specs(app: "App") -> dict[str, tuple[int, dict[str, str]]]:
         }),
         app.dlq_topic: (1, {"cleanup.policy": "delete", "retention.ms": str(2 * WEEK_MS)}),
         app.replies_topic: (app.partitions, {"cleanup.policy": "delete", "retention.ms": str(DAY_MS)}),
+        # Remote deployments by id: every processor reads it whole, so compacted.
+        app.deployments_topic: (1, {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}),
     }
 
 

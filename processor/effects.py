@@ -80,6 +80,16 @@ class InvocationEffects:
         self._live("sleep").timers.add(fire_ms, self.inv.id, index, {
             "kind": "WAKE", "partition": -1, "routing_key": None, "record": None})
 
+    def pin(self, deployment: str) -> None:
+        """Remote handlers: the invocation stays with `deployment` (its first
+        applied answer came from there); persisted with its status, in the
+        transaction that holds that answer's effects."""
+        part, inv = self.part, self.inv
+        if part.closed or part.invocations.get(inv.id) is not inv or inv.deployment == deployment:
+            return
+        inv.deployment = deployment
+        part.writer.changed(inv)
+
     def awakeable_id(self, index: int) -> str:
         return format_awakeable(self.part.app.name, self.part.partition, self.inv.id, index)
 

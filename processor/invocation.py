@@ -59,6 +59,7 @@ class Invocation:
     started: float = 0.0  # monotonic start of its current attempt (metrics)
     held: bool = False       # paused by an operator (controls.py): not restarted on load
     cancelled: bool = False  # cancelled while awaiting nothing: its next await fails (controls.py)
+    deployment: str | None = None  # remote deployment it is pinned to (persisted in its status)
 
     @property
     def waiting(self) -> bool:

@@ -145,7 +145,8 @@ class PartitionProcessor:
         invoke = st["invoke"]
         inv = Invocation(id=inv_id, invoke=invoke, sk=self._sk(invoke), seq=st["seq"], phase=st["phase"],
                          attempt=st["attempt"], retry_at_ms=st["retry_at_ms"], error=st["error"],
-                         held=st.get("held", False), cancelled=st.get("cancelled", False))
+                         held=st.get("held", False), cancelled=st.get("cancelled", False),
+                         deployment=st.get("deployment"))
         store = self.store
         inv.journal.extend(Entry.decode(jv) for _, jv in store.scan(keys.journal_prefix(inv_id)))
         inv.has_early = bool(store.scan(keys.early_prefix(inv_id), limit=1))
@@ -298,6 +299,7 @@ class PartitionProcessor:
             source=invoke.get("source"), subscription=invoke.get("subscription"),
             effects=InvocationEffects(self, inv), limits=self.limits,
             traceparent=invoke.get("traceparent"), created_at_ms=invoke.get("created_at_ms"),
+            deployment=inv.deployment,
         )
         self.active.add(inv)
         if self.metrics is not None:

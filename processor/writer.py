@@ -34,6 +34,8 @@ def status_record(inv: Invocation) -> bytes:
           "retry_at_ms": inv.retry_at_ms, "error": inv.error}
     if inv.held or inv.cancelled:  # operators' controls (controls.py)
         st["held"], st["cancelled"] = inv.held, inv.cancelled
+    if inv.deployment is not None:  # the remote deployment it is pinned to
+        st["deployment"] = inv.deployment
     return schemas.encode("invocation_status", st)
 
 

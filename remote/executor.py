@@ -77,7 +77,7 @@ class RemoteExecutor:
 
     def _batcher(self, dep: Deployment, app_name: str, partition: int, call: HandlerCall) -> Batcher:
         b = self.batchers.get((dep.id, partition))
-        if b is None:
+        if b is None or b.dep is not dep:  # new, or its registration was replaced (--force)
             if self.session is None:
                 import aiohttp
 
@@ -90,9 +90,15 @@ class RemoteExecutor:
 
     async def _run(self, call: HandlerCall) -> Outcome:
         svc = self.app.services[call.service]
-        dep = self.deployments.get(svc.deployment or "")
+        # Pinned: the deployment that first ran it, whatever was registered
+        # since (REMOTE.md D.5); else the newest one serving the service.
+        dep = self.deployments.get(call.deployment or svc.deployment or "")
         if dep is None:
-            return Outcome("paused", error=f"deployment {svc.deployment} of service {call.service!r} is not known")
+            if call.deployment is not None:
+                return Outcome("paused", error=f"deployment {call.deployment}, which this invocation is pinned to, "
+                                               "is not registered (removed?)")
+            return Outcome("paused", error=f"deployment {svc.deployment} of service {call.service!r} is not "
+                                           "registered (removed?)")
         if call.effects is None:
             return Outcome("terminal", error="a remote invocation needs the processor's effects")
         app_name, partition, _, _ = parse_awakeable(call.effects.awakeable_id(0))
@@ -110,6 +116,12 @@ class RemoteExecutor:
         waits: dict[int, asyncio.Task[None]] = {}
         try:
             while True:
+                if self.deployments.get(dep.id) is not dep:  # removed, or replaced (--force), meanwhile
+                    if dep.id not in self.deployments:
+                        what = "which this invocation is pinned to" if call.deployment else f"of {call.service!r}"
+                        return Outcome("paused", error=f"deployment {dep.id}, {what}, is not registered (removed?)")
+                    dep = self.deployments[dep.id]
+                    batcher = self._batcher(dep, app_name, partition, call)
                 state = apply.snapshot(call, cfg.remote_eager_state_bytes, wanted, names_wanted)
                 answer = await self._exchange(batcher, call, apply.build_item(call, payload, state), svc.retry)
                 if isinstance(answer, Outcome):
@@ -120,6 +132,9 @@ class RemoteExecutor:
                     return Outcome("terminal", error=e.message)
                 except BadAnswer as e:
                     return Outcome("paused", error=f"invalid answer from {dep.uri}: {e}")
+                if call.deployment is None:  # its first applied answer: pinned, in this transaction
+                    call.deployment = dep.id
+                    call.effects.pin(dep.id)  # type: ignore[attr-defined]
                 status = answer.status
                 log.debug("%s: %s after %d new entries (journal %d)", format_id(call.invocation_id), status,
                           len(answer.entries), len(call.journal))
@@ -218,12 +233,10 @@ class RoutingExecutor:
 
 
 def executor_for(app: App) -> Any:
-    """The processor's executor: in-process only, unless the app has
-    deployments (discovered at start into `app.remote_deployments`)."""
+    """The processor's executor: routes by service, so a deployment
+    registered while it runs (`app.remote_deployments`, kept by
+    remote/deployments.py) is used without a restart."""
     from oncely.processor.executor import LocalExecutor
 
-    local = LocalExecutor(app)
-    deployments = getattr(app, "remote_deployments", None)
-    if not deployments:
-        return local
-    return RoutingExecutor(app, local, RemoteExecutor(app, deployments, signing_key_from_env()))
+    return RoutingExecutor(app, LocalExecutor(app), RemoteExecutor(app, app.remote_deployments,
+                                                                   signing_key_from_env()))

@@ -1,15 +1,12 @@
 """Deployments: the endpoints a processor runs remote handlers on.
 
-At start the processor asks each configured endpoint (`App(deployments=[…])`
-or ONCELY_DEPLOYMENTS) for its manifest (`GET …/discover`, signed when a
-signing key is configured) and adds the services it names to the app as
-remote services, so routing, key locks and retry policies work as for
-in-process ones. A service the app defines itself stays in-process.
-
-Registrations are not yet kept in a compacted topic (`oncely deployments`):
-every processor discovers its endpoints itself, and refuses to start when
-one cannot be reached (its invocations would otherwise dead-letter as
-unknown handlers).
+Discovery (`GET …/discover`, signed when a signing key is configured) and
+the manifest's checks (it is untrusted input); `register` adds a manifest's
+services to an app as remote services, so routing, key locks and retry
+policies work as for in-process ones (a service the app defines itself
+stays in-process). Registrations themselves live in `<app>.deployments`
+(remote/deployments.py). The errors carry the HTTP status an admin API
+answers with.
 """
 
 from __future__ import annotations
@@ -18,7 +15,7 @@ import base64
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -32,12 +29,43 @@ from oncely.remote.wire import MANIFEST_MEDIA_TYPE, PROTOCOL_MAX, PROTOCOL_MIN
 if TYPE_CHECKING:
     import aiohttp
 
-    from oncely.app import App
+    from oncely.app import App, RetryPolicy
 
 log = logging.getLogger("oncely.remote")
 
 MAX_MANIFEST_BYTES = 1024 * 1024
 DISCOVER_TIMEOUT_S = 10.0
+
+
+class DeploymentError(ConfigError):
+    """A deployment operation refused; `status` is its HTTP answer."""
+    status = 400
+
+
+class BadManifest(DeploymentError):
+    """The endpoint answered, but not with a usable manifest (or no common protocol)."""
+    status = 400
+
+
+class NotFound(DeploymentError):
+    """No deployment with that id is registered."""
+    status = 404
+
+
+class Conflict(DeploymentError):
+    """Refused unless forced: a breaking change, a service defined in-process,
+    or a removal while invocations are pinned to the deployment."""
+    status = 409
+
+
+class DiscoveryFailed(DeploymentError):
+    """The endpoint could not be reached or did not answer 200."""
+    status = 502
+
+
+class DiscoveryTimeout(DiscoveryFailed):
+    """The endpoint did not answer the discovery within its time."""
+    status = 504
 
 
 def deployment_id(uri: str) -> str:
@@ -57,6 +85,12 @@ class Deployment:
     max_batch: int
     max_request_bytes: int
     max_response_bytes: int
+    headers: dict[str, str] = field(default_factory=dict)  # sent with every request
+    registered_at_ms: int = 0
+    raw: bytes = b""  # the manifest as the endpoint sent it
+
+    def services(self) -> dict[str, dict[str, Any]]:
+        return {s["name"]: s for s in self.manifest["services"]}
 
     def url(self, route: str) -> str:
         return f"{self.uri.rstrip('/')}/{route}"
@@ -107,18 +141,30 @@ def parse_manifest(uri: str, body: bytes) -> Deployment:
                 and isinstance(s.get("handlers"), list)
                 and all(isinstance(h, dict) and isinstance(h.get("name"), str) for h in s["handlers"])):
             raise ValueError(f"a service entry of the manifest is malformed: {str(s)[:200]}")
+    for s in services:
+        for h in s["handlers"]:
+            if not isinstance(h.get("takes_input", True), bool):
+                raise ValueError(f"handler {s['name']}.{h['name']}: takes_input must be a bool")
+    names = [s["name"] for s in services]
+    if len(set(names)) != len(names):
+        raise ValueError("the manifest names a service twice")
     return Deployment(deployment_id(uri), uri, doc, _int(doc, "max_batch", 32),
                       _int(doc, "max_request_bytes", 8 * 1024 * 1024),
-                      _int(doc, "max_response_bytes", 8 * 1024 * 1024))
+                      _int(doc, "max_response_bytes", 8 * 1024 * 1024), raw=body)
 
 
-async def discover(session: aiohttp.ClientSession, uri: str, key: SigningKey | None) -> Deployment:
-    """`GET {uri}/discover`, checked; ConfigError when it fails."""
+async def discover(session: aiohttp.ClientSession, uri: str, key: SigningKey | None,
+                   extra_headers: dict[str, str] | None = None) -> Deployment:
+    """`GET {uri}/discover`, checked: DiscoveryFailed (unreachable, not
+    200), DiscoveryTimeout, BadManifest; DeploymentError for a bad URI."""
     import aiohttp
 
-    _check_uri(uri)
+    try:
+        _check_uri(uri)
+    except ConfigError as e:
+        raise DeploymentError(str(e)) from None
     dp = deployment_id(uri)
-    headers = {"accept": MANIFEST_MEDIA_TYPE, "x-oncely-deployment": dp}
+    headers = {**(extra_headers or {}), "accept": MANIFEST_MEDIA_TYPE, "x-oncely-deployment": dp}
     url = f"{uri.rstrip('/')}/discover"
     if key is not None:
         headers.update(sign_request(key, "GET", urlsplit(url).path, b"", dp))
@@ -127,47 +173,47 @@ async def discover(session: aiohttp.ClientSession, uri: str, key: SigningKey | N
                                timeout=aiohttp.ClientTimeout(total=DISCOVER_TIMEOUT_S)) as resp:
             body = await resp.content.read(MAX_MANIFEST_BYTES + 1)
             if resp.status != 200:
-                raise ConfigError(f"deployment {uri}: discovery answered {resp.status}: {body[:300]!r}")
-    except (aiohttp.ClientError, TimeoutError) as e:
-        raise ConfigError(f"deployment {uri}: discovery failed: {type(e).__name__}: {e}") from None
+                raise DiscoveryFailed(f"deployment {uri}: discovery answered {resp.status}: "
+                                      f"{body[:300].decode('utf-8', 'replace')}")
+    except TimeoutError:
+        raise DiscoveryTimeout(f"deployment {uri}: discovery timed out after {DISCOVER_TIMEOUT_S:.0f} s") from None
+    except (aiohttp.ClientError, OSError) as e:
+        raise DiscoveryFailed(f"deployment {uri}: unreachable: {type(e).__name__}: {e}") from None
     if len(body) > MAX_MANIFEST_BYTES:
-        raise ConfigError(f"deployment {uri}: the manifest is larger than {MAX_MANIFEST_BYTES} bytes")
+        raise BadManifest(f"deployment {uri}: the manifest is larger than {MAX_MANIFEST_BYTES} bytes")
     try:
-        return parse_manifest(uri, body)
-    except ValueError as e:
-        raise ConfigError(f"deployment {uri}: bad manifest: {e}") from None
+        dep = parse_manifest(uri, body)
+    except ValueError as e:  # orjson.JSONDecodeError is one
+        raise BadManifest(f"deployment {uri}: bad manifest: {e}") from None
+    dep.headers = dict(extra_headers or {})
+    return dep
+
+
+def service_specs(dep: Deployment, default_retry: RetryPolicy) -> list[tuple[str, bool, RetryPolicy, dict[str, bool]]]:
+    """(name, keyed, retry policy, {handler: takes_input}) of each service
+    the manifest names; BadManifest when a name or retry policy is invalid."""
+    from oncely.app import _NAME, RetryPolicy
+
+    out = []
+    for s in dep.manifest["services"]:
+        r = s.get("retry")
+        try:
+            retry = default_retry if not isinstance(r, dict) else RetryPolicy(
+                int(r["max_attempts"]), float(r["initial_interval"]), float(r["factor"]), float(r["max_interval"]))
+        except (KeyError, TypeError, ValueError, ConfigError) as e:
+            raise BadManifest(f"deployment {dep.uri}: service {s['name']!r} has a bad retry policy: {e}") from None
+        bad = [n for n in [s["name"], *(h["name"] for h in s["handlers"])] if not _NAME.match(n)]
+        if bad:
+            raise BadManifest(f"deployment {dep.uri}: names {bad} may use only letters, digits, '_' and '-'")
+        out.append((s["name"], s["keyed"], retry, {h["name"]: bool(h.get("takes_input", True)) for h in s["handlers"]}))
+    return out
 
 
 def register(app: App, dep: Deployment) -> list[str]:
     """Add the deployment's services to `app` (those it does not define
     itself); returns the names of the services that now run remote."""
-    from oncely.app import RetryPolicy
-
     remote = []
-    for s in dep.manifest["services"]:
-        r = s.get("retry")
-        try:
-            retry = app.default_retry if not isinstance(r, dict) else RetryPolicy(
-                int(r["max_attempts"]), float(r["initial_interval"]), float(r["factor"]), float(r["max_interval"]))
-        except (KeyError, TypeError, ValueError, ConfigError) as e:
-            raise ConfigError(f"deployment {dep.uri}: service {s['name']!r} has a bad retry policy: {e}") from None
-        handlers = {h["name"]: bool(h.get("takes_input", True)) for h in s["handlers"]}
-        if app.add_remote_service(s["name"], s["keyed"], retry, handlers, dep.id) is not None:
-            remote.append(s["name"])
+    for name, keyed, retry, handlers in service_specs(dep, app.default_retry):
+        if app.add_remote_service(name, keyed, retry, handlers, dep.id) is not None:
+            remote.append(name)
     return remote
-
-
-async def register_all(app: App, key: SigningKey | None) -> dict[str, Deployment]:
-    """Discover and register every deployment the app names; by id."""
-    import aiohttp
-
-    found: dict[str, Deployment] = {}
-    if not app.deployments:
-        return found
-    async with aiohttp.ClientSession() as session:
-        for uri in app.deployments:
-            dep = await discover(session, uri, key)
-            services = register(app, dep)
-            found[dep.id] = app.remote_deployments[dep.id] = dep
-            log.info("deployment %s (%s): remote services %s", dep.id, uri, ", ".join(services) or "(none)")
-    return found

@@ -132,7 +132,7 @@ class Batcher:
 
         body = invoke_request(self.app, self.partition, items, self.deadline_ms, self.limits)
         url = self.dep.url("invoke")
-        headers = {"content-type": INVOKE_MEDIA_TYPE, "x-oncely-deployment": self.dep.id,
+        headers = {**self.dep.headers, "content-type": INVOKE_MEDIA_TYPE, "x-oncely-deployment": self.dep.id,
                    "x-oncely-request-id": random_id().hex(), "x-oncely-deadline-ms": str(self.deadline_ms)}
         if self.key is not None:
             headers.update(sign_request(self.key, "POST", urlsplit(url).path, body, self.dep.id))

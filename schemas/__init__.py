@@ -174,6 +174,9 @@ class InvocationStatus(TypedDict):
     held: NotRequired[bool]       # paused by an operator: stays PAUSED across restarts until resumed
     cancelled: NotRequired[bool]  # cancelled while awaiting nothing: its next await fails with "cancelled"
     expires_at_ms: NotRequired[int]  # FAILED (retained): when its retention ends (purge removes the expiry)
+    # The remote deployment (dp_…) whose answer it first applied: retries,
+    # resumptions and restarts go there again (remote/deployments.py).
+    deployment: NotRequired[str]
 
 
 class JournalEntry(TypedDict):
@@ -210,6 +213,20 @@ class Checkpoint(TypedDict):
     written_at_ms: int
 
 
+# -- <app>.deployments (compacted, key = deployment id) ---------------------------
+
+
+class DeploymentRecord(TypedDict):
+    """A registered remote deployment (remote/deployments.py); a tombstone
+    under its id removes it. `manifest` is the endpoint's discovery answer
+    as it came (JSON), checked again by every reader."""
+    id: str
+    uri: str
+    manifest: bytes
+    headers: dict[str, str]  # extra request headers (e.g. a gateway's API key)
+    registered_at_ms: int
+
+
 # A log record is one byte of kind after the format byte, then its body.
 LOG_KINDS: dict[str, tuple[int, type]] = {
     "oncely.Invoke": (1, Invoke),
@@ -228,6 +245,7 @@ RECORDS: dict[str, type] = {
     "timer": TimerRecord,
     "checkpoint": Checkpoint,
     "reply": Reply,
+    "deployment": DeploymentRecord,
 }
 
 _encode = msgspec.msgpack.Encoder().encode

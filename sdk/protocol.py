@@ -180,6 +180,9 @@ class HandlerCall:
     # The Invoke's W3C traceparent and creation time (observe.tracing).
     traceparent: str | None = None
     created_at_ms: int | None = None
+    # The remote deployment the invocation is pinned to (remote handlers):
+    # None until an answer of one was applied.
+    deployment: str | None = None
 
 
 OutcomeStatus = Literal["completed", "terminal", "retry", "paused"]

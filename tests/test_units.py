@@ -109,6 +109,11 @@ RECORDS = [
     ("invocation_status", {"invoke": INVOKE, "phase": "PAUSED", "seq": 1, "attempt": 0, "retry_at_ms": 0,
                            "error": "paused", "held": True, "cancelled": False}),
     ("reply", {"invocation_id": b"i" * 16, "status": "conflict", "value": None, "error": "x", "entries": None}),
+    # Remote deployments (remote/deployments.py) and the pin of an invocation.
+    ("deployment", {"id": "dp_x", "uri": "http://h/", "manifest": b"{}", "headers": {"k": "v"},
+                    "registered_at_ms": 1}),
+    ("invocation_status", {"invoke": INVOKE, "phase": "SUSPENDED", "seq": 1, "attempt": 0, "retry_at_ms": 0,
+                           "error": None, "deployment": "dp_x"}),
 ]
 
 
