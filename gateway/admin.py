@@ -25,6 +25,7 @@ from aiohttp import web
 from oncely import __version__
 from oncely.errors import ConfigError
 from oncely.gateway import openapi, paths
+from oncely.gateway.admin_deployments import DEPLOYMENT_ROUTES, DeploymentRoutes
 from oncely.gateway.admin_ops import PHASES, InvocationOps, parse_limit
 from oncely.gateway.handlers import json_response
 from oncely.gateway.kafka import GatewayKafka
@@ -65,9 +66,11 @@ ADMIN_ROUTES: tuple[Route, ...] = (
                    ("pause", "Pause: stop it where it is; it keeps its key and stays paused across restarts"),
                    ("resume", "Resume a paused invocation (by journal replay)"),
                    ("purge", "Purge a finished invocation's result, failure and idempotency entry"))),
+    *DEPLOYMENT_ROUTES,
 )
 _PARAMS = {"phase": f"only these phases (repeat, or comma-separated): {', '.join(PHASES)}",
            "limit": "at most this many per partition (1-1000, default 100)",
+           "force": "true: remove even while invocations are pinned to it (they pause)",
            "x-oncely-wait": "seconds to wait for the processor's answer (default 30, at most 60)"}
 
 
@@ -133,8 +136,8 @@ def parse_address(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-class Admin:
-    """What each admin route does."""
+class Admin(DeploymentRoutes):
+    """What each admin route does (the /deployments ones in admin_deployments.py)."""
 
     def __init__(self, app: "App", kafka: GatewayKafka) -> None:
         self.app = app

@@ -7,6 +7,7 @@ without a token refuses to start, and with no processor a describe is a
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
@@ -40,7 +41,12 @@ BAD_INPUT: list[tuple[str, str, dict[str, str], int, str]] = [
     ("GET", "/invocations?limit=x", AUTH, 400, "limit 'x'"),
     ("GET", "/invocations?phase=DONE", AUTH, 400, "unknown phase 'DONE'"),
     ("GET", "/invocations", {**AUTH, "x-oncely-wait": "soon"}, 400, "not a number"),
-    ("GET", "/deployments", AUTH, 404, "no route"),
+    ("GET", "/deployments", {}, 401, "missing bearer token"),
+    ("GET", "/deployments/dp_nope", AUTH, 404, "no deployment dp_nope"),
+    ("DELETE", "/deployments/dp_nope", AUTH, 404, "no deployment dp_nope"),
+    ("DELETE", "/deployments/dp_nope?force=maybe", AUTH, 400, "force must be true or false"),
+    ("PUT", "/deployments", AUTH, 405, "allowed: POST, GET"),
+    ("POST", "/deployments", AUTH, 415, "application/json"),
     ("GET", "/", AUTH, 404, "no route"),
 ]
 
@@ -96,6 +102,34 @@ def test_describe_and_a_wrong_phase_409(served: Served) -> None:
     # A plain id (no partition) is found by asking every partition.
     plain = inv.rsplit("_", 1)[0]
     assert served.describe(plain)["invocation_id"] == inv
+
+
+def test_deployments_register_list_describe_remove(served: Served, tmp_path: Path) -> None:
+    from test_remote_deployments import EndpointProcess
+
+    bad = [({"url": "http://x"}, 400, "non-empty string \"uri\""), ({"uri": 5}, 400, "non-empty string"),
+           ({"uri": "http://127.0.0.1:9", "force": "yes"}, 400, "force must be true or false"),
+           ({"uri": "http://127.0.0.1:9", "extra": 1}, 400, "unknown field(s) extra"),
+           ({"uri": "ftp://nowhere"}, 400, "ftp://nowhere"),
+           ({"uri": f"http://127.0.0.1:{free_port()}"}, 502, "")]
+    for body, status, message in bad:
+        got, _, answer = served.admin("POST", "/deployments", body, headers=AUTH)
+        assert (got, message in answer["message"]) == (status, True), (body, answer)
+    ep = EndpointProcess("v1", tmp_path / "endpoint.log")
+    try:
+        status, _, reg = served.admin("POST", "/deployments", {"uri": ep.url}, headers=AUTH)
+        assert status == 201 and reg["id"] == ep.id and reg["created"], reg
+        assert served.admin("POST", "/deployments", {"uri": ep.url}, headers=AUTH)[0] == 200  # the same manifest
+        status, _, listed = served.admin("GET", "/deployments", headers=AUTH)
+        assert status == 200 and [d["id"] for d in listed["deployments"]] == [ep.id], listed
+        status, _, one = served.admin("GET", f"/deployments/{ep.id}", headers=AUTH)
+        assert status == 200 and one["uri"] == ep.url and one["pinned"] == 0, one
+        status, _, gone = served.admin("DELETE", f"/deployments/{ep.id}", headers=AUTH)
+        assert status == 202 and gone == {"id": ep.id, "pinned": 0, "pending": 0}, gone
+        assert served.admin("GET", f"/deployments/{ep.id}", headers=AUTH)[0] == 404
+        assert "/deployments/{deployment_id}" in served.admin("GET", "/openapi.json", headers=AUTH)[2]["paths"]
+    finally:
+        ep.kill()
 
 
 def test_a_non_loopback_address_without_a_token_refuses_to_start(kafka: str) -> None:
