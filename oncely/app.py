@@ -75,6 +75,31 @@ class RemoteHandler:
         return f"<remote handler {self.service.name}.{self.name}>"
 
 
+class HandlerRef:
+    """A subscription's target named `"service/handler"`: a handler a
+    deployment's endpoint runs, known only once the processor discovered
+    its deployments (`check()` at start); until then `service` raises."""
+
+    def __init__(self, app: "App", service: str, name: str) -> None:
+        self.app = app
+        self.service_name = service
+        self.name = name
+
+    @property
+    def service(self) -> "Service":
+        svc = self.app.services.get(self.service_name)
+        if svc is None or self.name not in svc.handlers:
+            raise ConfigError(f"subscription target {self.service_name}/{self.name}: no deployment of app "
+                              f"{self.app.name!r} has this handler")
+        return svc
+
+    def check(self) -> None:
+        self.service  # noqa: B018  raises ConfigError when unknown
+
+    def __repr__(self) -> str:
+        return f"<handler {self.service_name}/{self.name} (remote)>"
+
+
 class Service:
     """A set of handlers. Keyed services run one invocation per key at a time
     and have per-key state; stateless services run concurrently."""
@@ -163,6 +188,10 @@ class AppConfig:
     remote_transport_budget: float = 300.0
     remote_eager_state_bytes: int = 64 * 1024
     remote_deadline_ms: int = 10_000
+    # Items per request to an endpoint (capped by its manifest) and how long
+    # a batch waits for more after its first item; from bench/bench_remote.py.
+    remote_max_batch: int = 32
+    remote_linger: float = 0.002
     kafka: dict[str, str] = field(default_factory=dict)
 
     def load_env(self, env: dict[str, str]) -> None:
@@ -331,7 +360,7 @@ class App:
     def subscribe(
         self,
         topics: str | list[str],
-        target: Handler,
+        target: Handler | str,
         *,
         key: Callable[[Any], Any] | None = None,
         value: str | Callable[[bytes | None], Any] = "json",
@@ -341,6 +370,9 @@ class App:
         name: str | None = None,
     ) -> Any:
         """Feed every record of `topics` to `target`, exactly once.
+
+        target: a handler of this app, or `"service/handler"` for one a
+        deployment's endpoint runs (checked when the processor starts).
 
         key: the routing key for keyed targets, a function of the record
         (`rec.value` is decoded); default: the record's key.
@@ -358,18 +390,26 @@ class App:
         internal = self.internal_topics
         if internal & set(names):
             raise ConfigError(f"subscribe: {sorted(internal & set(names))} is one of the app's own topics")
-        if not isinstance(target, Handler) or target.service.app is not self:
+        if isinstance(target, str):
+            svc_name, _, h_name = target.partition("/")
+            if not (_NAME.match(svc_name) and _NAME.match(h_name)):
+                raise ConfigError(f"subscribe: target {target!r}: name a remote handler as 'service/handler'")
+            target = HandlerRef(self, svc_name, h_name)  # type: ignore[assignment]
+            target_name = f"{svc_name}/{h_name}"
+        elif not isinstance(target, Handler) or target.service.app is not self:
             raise ConfigError("subscribe: the target must be a handler of this app (e.g. counter.add)")
+        else:
+            target_name = f"{target.service.name}/{target.name}"
         if key is not None and not callable(key):
             raise ConfigError("subscribe: key must be a function of the record (or None for the record key)")
         retention = idempotency_retention if isinstance(idempotency_retention, timedelta) else timedelta(
             seconds=float(idempotency_retention))
         if retention <= timedelta(0):
             raise ConfigError("subscribe: idempotency_retention must be positive")
-        sub_name = name or f"{','.join(names)}->{target.service.name}/{target.name}"
+        sub_name = name or f"{','.join(names)}->{target_name}"
         if any(s.name == sub_name for s in self.subscriptions):
             raise ConfigError(f"subscribe: there is already a subscription named {sub_name!r}; pass name=")
-        sub = Subscription(sub_name, tuple(names), target, make_decoder(value), key, make_idempotency(idempotency),
+        sub = Subscription(sub_name, tuple(names), target, make_decoder(value),  # type: ignore[arg-type] key, make_idempotency(idempotency),
                            retention, max_bytes or DEFAULT_MAX_BYTES)
         self.subscriptions.append(sub)
         return sub

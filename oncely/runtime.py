@@ -103,6 +103,9 @@ async def serve(app: App, stop: asyncio.Event | None = None,
         from oncely.remote.registry import register_all, signing_key_from_env
 
         await register_all(app, signing_key_from_env())
+    for sub in app.subscriptions:  # a "service/handler" target must now be known
+        if hasattr(sub.target, "check"):
+            sub.target.check()
     processor = CommitLoop(app, cfg, facts, interrupt)
     if on_created is not None:
         on_created(processor)

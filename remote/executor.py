@@ -232,4 +232,6 @@ def executor_for(app: App) -> Any:
     deployments = getattr(app, "remote_deployments", None)
     if not deployments:
         return local
-    return RoutingExecutor(app, local, RemoteExecutor(app, deployments, signing_key_from_env()))
+    cfg = app.config
+    return RoutingExecutor(app, local, RemoteExecutor(app, deployments, signing_key_from_env(),
+                                                      cfg.remote_max_batch, cfg.remote_linger))

@@ -36,6 +36,7 @@ log = logging.getLogger("oncely.remote")
 
 TRANSIENT = frozenset((401, 403, 408, 425, 429, 500, 502, 503, 504))
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
+TIMEOUT_SLACK_S = 5.0  # the client gives up this long after the request's deadline
 
 
 class Unreachable(Exception):
@@ -65,6 +66,19 @@ def _retry_after(value: str | None) -> float | None:
         return max(0.0, float(value)) if value is not None else None
     except ValueError:
         return None
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
+    """The whole body, or its first `cap` bytes and more (the caller refuses
+    it). `content.read(n)` would return only what has arrived so far."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= cap:
+            break
+    return b"".join(chunks)
 
 
 class Batcher:
@@ -163,10 +177,10 @@ class Batcher:
         if self.key is not None:
             headers.update(sign_request(self.key, "POST", urlsplit(url).path, body, self.dep.id))
         self.requests += 1
-        timeout = aiohttp.ClientTimeout(total=self.deadline_ms / 1000 + 5)
+        timeout = aiohttp.ClientTimeout(total=self.deadline_ms / 1000 + TIMEOUT_SLACK_S)
         try:
             async with self.session.post(url, data=body, headers=headers, timeout=timeout) as resp:
-                out = await resp.content.read(MAX_ANSWER_BYTES + 1)
+                out = await _read_capped(resp, MAX_ANSWER_BYTES + 1)
                 status = resp.status
                 retry_after = _retry_after(resp.headers.get("retry-after"))
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
