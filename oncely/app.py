@@ -409,8 +409,8 @@ class App:
         sub_name = name or f"{','.join(names)}->{target_name}"
         if any(s.name == sub_name for s in self.subscriptions):
             raise ConfigError(f"subscribe: there is already a subscription named {sub_name!r}; pass name=")
-        sub = Subscription(sub_name, tuple(names), target, make_decoder(value),  # type: ignore[arg-type] key, make_idempotency(idempotency),
-                           retention, max_bytes or DEFAULT_MAX_BYTES)
+        sub = Subscription(sub_name, tuple(names), target, make_decoder(value),  # type: ignore[arg-type]
+                           key, make_idempotency(idempotency), retention, max_bytes or DEFAULT_MAX_BYTES)
         self.subscriptions.append(sub)
         return sub
 
