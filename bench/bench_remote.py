@@ -17,8 +17,8 @@ Remote runs cover max batch 1, 8, 32 and 64 (linger `--linger-ms`), each
 unsigned and HMAC-signed. The table gives the ratio to in-process
 throughput and the p50 the endpoint adds.
 
-Usage: python bench/bench_remote.py [--records 6000] [--partitions 4]
-       [--keys 200] [--rate 300] [--latency-seconds 5] [--batches 1,8,32,64]
+Usage: python bench/bench_remote.py [--records 3000] [--partitions 4]
+       [--keys 200] [--rate 100] [--latency-seconds 5] [--batches 1,8,32,64]
        [--bootstrap HOST:PORT]
 Without --bootstrap (or ONCELY_KAFKA_BOOTSTRAP) a local broker is started.
 """
@@ -113,7 +113,7 @@ def run(bootstrap: str, args: argparse.Namespace, batch: int | None, signed: boo
     if batch is None:
         app = inprocess_app(name, bootstrap, args.partitions, state, source, out)
     else:
-        endpoint = Endpoint(name, out, signed, log)
+        endpoint = Endpoint(name, out, signed, log.parent / f"endpoint-{name}.log")
         app = remote_app(name, bootstrap, args.partitions, state, source, out, endpoint.url, batch,
                          args.linger_ms / 1000)
     lat: list[float] = []
@@ -126,8 +126,9 @@ def run(bootstrap: str, args: argparse.Namespace, batch: int | None, signed: boo
 
     reader = OutputReader(bootstrap, out, args.partitions, on_record)
     reader.start()
-    runner = ProcessorThread(app).start()
+    runner = ProcessorThread(app)
     try:
+        runner.start()
         preload(bootstrap, source, args.warmup, args.keys, args.partitions)
         if not reader.wait_count(args.warmup, 120):
             raise RuntimeError(f"warm-up did not finish ({reader.count} of {args.warmup})")
@@ -166,11 +167,11 @@ def run(bootstrap: str, args: argparse.Namespace, batch: int | None, signed: boo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--records", type=int, default=6000)
+    ap.add_argument("--records", type=int, default=3000)
     ap.add_argument("--warmup", type=int, default=500)
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--keys", type=int, default=200)
-    ap.add_argument("--rate", type=int, default=300, help="offered rate of the latency runs (records/s)")
+    ap.add_argument("--rate", type=int, default=100, help="offered rate of the latency runs (records/s)")
     ap.add_argument("--latency-seconds", type=float, default=5.0)
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--linger-ms", type=float, default=2.0)
@@ -178,10 +179,10 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     broker = Broker(args.bootstrap)
-    log = Path(tempfile.mkdtemp(prefix="oncely-bench-remote-")) / "endpoints.log"
+    log = Path(tempfile.mkdtemp(prefix="oncely-bench-remote-")) / "endpoint.log"  # one per run beside it
     try:
         print(f"records={args.records} partitions={args.partitions} keys={args.keys} rate={args.rate}/s "
-              f"linger={args.linger_ms} ms bootstrap={broker.bootstrap} (endpoint log {log})", flush=True)
+              f"linger={args.linger_ms} ms bootstrap={broker.bootstrap} (endpoint logs in {log.parent})", flush=True)
         base = run(broker.bootstrap, args, None, False, log)
         print(f"in-process: {base['rate']:.0f}/s p50 {base['p50']:.1f} ms p99 {base['p99']:.1f} ms", flush=True)
         rows = [["in-process", "—", "—", fmt(base["rate"]), "1.00", fmt(base["p50"], 1), fmt(base["p99"], 1), "—",
