@@ -75,31 +75,6 @@ class RemoteHandler:
         return f"<remote handler {self.service.name}.{self.name}>"
 
 
-class HandlerRef:
-    """A subscription's target named `"service/handler"`: a handler a
-    deployment's endpoint runs, known only once the processor discovered
-    its deployments (`check()` at start); until then `service` raises."""
-
-    def __init__(self, app: "App", service: str, name: str) -> None:
-        self.app = app
-        self.service_name = service
-        self.name = name
-
-    @property
-    def service(self) -> "Service":
-        svc = self.app.services.get(self.service_name)
-        if svc is None or self.name not in svc.handlers:
-            raise ConfigError(f"subscription target {self.service_name}/{self.name}: no deployment of app "
-                              f"{self.app.name!r} has this handler")
-        return svc
-
-    def check(self) -> None:
-        self.service  # noqa: B018  raises ConfigError when unknown
-
-    def __repr__(self) -> str:
-        return f"<handler {self.service_name}/{self.name} (remote)>"
-
-
 class Service:
     """A set of handlers. Keyed services run one invocation per key at a time
     and have per-key state; stateless services run concurrently."""
@@ -188,8 +163,7 @@ class AppConfig:
     remote_transport_budget: float = 300.0
     remote_eager_state_bytes: int = 64 * 1024
     remote_deadline_ms: int = 10_000
-    # Items per request to an endpoint (capped by its manifest) and how long
-    # a batch waits for more after its first item; from bench/bench_remote.py.
+    # Items per request to an endpoint (≤ its manifest's), wait after the first.
     remote_max_batch: int = 32
     remote_linger: float = 0.002
     kafka: dict[str, str] = field(default_factory=dict)
@@ -371,9 +345,7 @@ class App:
     ) -> Any:
         """Feed every record of `topics` to `target`, exactly once.
 
-        target: a handler of this app, or `"service/handler"` for one a
-        deployment's endpoint runs (checked when the processor starts).
-
+        target: a handler of this app, or a deployment's "service/handler".
         key: the routing key for keyed targets, a function of the record
         (`rec.value` is decoded); default: the record's key.
         value: "json", "bytes", "avro:<path to .avsc>" or a callable on the
@@ -381,7 +353,7 @@ class App:
         None (deduplicate by topic/partition/offset). Records that cannot be
         decoded or keyed, or are larger than max_bytes, go to the DLQ.
         """
-        from oncely.ingest.subscription import (DEFAULT_MAX_BYTES, Subscription, make_decoder,
+        from oncely.ingest.subscription import (DEFAULT_MAX_BYTES, HandlerRef, Subscription, make_decoder,
                                                 make_idempotency)
 
         names = [topics] if isinstance(topics, str) else list(topics)
@@ -391,22 +363,17 @@ class App:
         if internal & set(names):
             raise ConfigError(f"subscribe: {sorted(internal & set(names))} is one of the app's own topics")
         if isinstance(target, str):
-            svc_name, _, h_name = target.partition("/")
-            if not (_NAME.match(svc_name) and _NAME.match(h_name)):
-                raise ConfigError(f"subscribe: target {target!r}: name a remote handler as 'service/handler'")
-            target = HandlerRef(self, svc_name, h_name)  # type: ignore[assignment]
-            target_name = f"{svc_name}/{h_name}"
+            target = HandlerRef.named(self, target)  # type: ignore[assignment]
         elif not isinstance(target, Handler) or target.service.app is not self:
             raise ConfigError("subscribe: the target must be a handler of this app (e.g. counter.add)")
-        else:
-            target_name = f"{target.service.name}/{target.name}"
+        svc = target.service_name if isinstance(target, HandlerRef) else target.service.name
         if key is not None and not callable(key):
             raise ConfigError("subscribe: key must be a function of the record (or None for the record key)")
         retention = idempotency_retention if isinstance(idempotency_retention, timedelta) else timedelta(
             seconds=float(idempotency_retention))
         if retention <= timedelta(0):
             raise ConfigError("subscribe: idempotency_retention must be positive")
-        sub_name = name or f"{','.join(names)}->{target_name}"
+        sub_name = name or f"{','.join(names)}->{svc}/{target.name}"
         if any(s.name == sub_name for s in self.subscriptions):
             raise ConfigError(f"subscribe: there is already a subscription named {sub_name!r}; pass name=")
         sub = Subscription(sub_name, tuple(names), target, make_decoder(value),  # type: ignore[arg-type]

@@ -100,7 +100,11 @@ class RemoteExecutor:
             return Outcome("paused", error=f"deployment {svc.deployment} of service {call.service!r} is not known")
         if call.effects is None:
             return Outcome("terminal", error="a remote invocation needs the processor's effects")
-        app_name, partition, _, _ = parse_awakeable(call.effects.awakeable_id(0))
+        part = getattr(call.effects, "part", None)  # the partition's own effects: no id to format and parse
+        if part is not None:
+            app_name, partition = part.app.name, part.partition
+        else:
+            app_name, partition, _, _ = parse_awakeable(call.effects.awakeable_id(0))
         batcher = self._batcher(dep, app_name, partition, call)
         try:
             payload = apply.item_input(self.app, call)
@@ -126,8 +130,9 @@ class RemoteExecutor:
                 except BadAnswer as e:
                     return Outcome("paused", error=f"invalid answer from {dep.uri}: {e}")
                 status = answer.status
-                log.debug("%s: %s after %d new entries (journal %d)", format_id(call.invocation_id), status,
-                          len(answer.entries), len(call.journal))
+                if log.isEnabledFor(logging.DEBUG):  # format_id costs a base32 encode per answer
+                    log.debug("%s: %s after %d new entries (journal %d)", format_id(call.invocation_id), status,
+                              len(answer.entries), len(call.journal))
                 if status == "completed":
                     return apply.completed(call, answer)
                 if status in ("terminal", "retry", "paused"):
