@@ -133,15 +133,16 @@ def run(bootstrap: str, args: argparse.Namespace, batch: int | None, signed: boo
         preload(bootstrap, source, args.warmup, args.keys, args.partitions)
         if not wait_for(lambda: reader.count >= args.warmup, 120, 0.05):  # polls cost the processor CPU
             raise RuntimeError(f"warm-up did not finish ({reader.count} of {args.warmup})")
+        executor = getattr(runner.processor, "executor", None)
+        remote = getattr(executor, "remote", None)
+        before = sum(b.requests for b in remote.batchers.values()) if remote else 0
         t0 = time.time()
         preload(bootstrap, source, args.records, args.keys, args.partitions, first=args.warmup)
         total = args.warmup + args.records
         if not wait_for(lambda: reader.count >= total, 600, 0.05):
             raise RuntimeError(f"throughput run did not finish ({reader.count} of {total})")
         rate = args.records / (reader.seen.times[total - 1] - t0)
-        executor = getattr(runner.processor, "executor", None)
-        remote = getattr(executor, "remote", None)
-        requests = sum(b.requests for b in remote.batchers.values()) if remote else 0
+        requests = sum(b.requests for b in remote.batchers.values()) - before if remote else 0
         # latency: paced, one second not measured
         pacer = Pacer(bootstrap, source, args.keys, args.partitions, args.rate)
         pacer.sent = total  # numbering continues (idempotency keys stay distinct)
@@ -152,7 +153,7 @@ def run(bootstrap: str, args: argparse.Namespace, batch: int | None, signed: boo
         pacer.stop()
         wait_for(lambda: reader.count >= pacer.sent, 60, 0.05)
         if remote:
-            requests_lat = sum(b.requests for b in remote.batchers.values()) - requests
+            requests_lat = sum(b.requests for b in remote.batchers.values()) - requests - before
     finally:
         runner.stop()
         reader.stop()
