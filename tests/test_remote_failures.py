@@ -104,9 +104,8 @@ def test_processor_killed_mid_batch_then_restarted(kafka: str, kafka_topic: Any,
         ctl.mode("slow 0.4")  # every request stays out a while: the kill finds some in flight
         _send_tally(kafka, name, out, range(n), keys)
         wait_until(lambda: len(read_to_end(kafka, out)) >= n // 5, 120, 0.1, "a fifth of the outputs")
-        in_flight = sum(i for i, _ in ctl.requests()) - ctl.answered()
-        proc.kill9()
-        assert in_flight > 0, "no request was out at the endpoint when the processor died"
+        wait_until(lambda: sum(i for i, _ in ctl.requests()) > ctl.answered(), 60, 0.02, "a request out")
+        proc.kill9()  # within the 0.4 s the endpoint holds it (the end checks that work was lost)
         time.sleep(0.6)  # the endpoint answers them to a dead socket
         ctl.mode("")
         proc.start()
