@@ -142,7 +142,7 @@ class Pacer(threading.Thread):
         self.halt = threading.Event()
 
     def run(self) -> None:
-        t0, base = time.monotonic(), 0
+        t0, base = time.monotonic(), self.sent  # numbering may start past 0
         rate = self.rate
         while not self.halt.is_set():
             if rate != self.rate:  # restart the schedule at the new rate

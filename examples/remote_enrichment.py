@@ -8,9 +8,16 @@ in its own transaction. Serve it with
     python -m oncely.examples.remote_enrichment [--host 127.0.0.1] [--port 9080]
 
 Signed requests only once keys are set: ONCELY_VERIFY_KEYS=oncelypk1_…
-(ed25519 public keys) or ONCELY_SIGNING_SECRET=… (HMAC). The processor side
-(registering the endpoint, running invocations there) is not built yet; see
-the README, "Remote handlers".
+(ed25519 public keys) or ONCELY_SIGNING_SECRET=… (HMAC).
+
+`processor` is the processor's side: the same subscription, its target named
+`"customers/add_order"` (the endpoint runs it), the endpoint from
+ONCELY_DEPLOYMENTS (and the same ONCELY_SIGNING_SECRET to sign with):
+
+    ONCELY_DEPLOYMENTS=http://127.0.0.1:9080 \
+        oncely run oncely.examples.remote_enrichment:processor --bootstrap HOST:PORT
+
+`oncely demo --remote` runs both, killing each -9 mid-stream.
 """
 
 from __future__ import annotations
@@ -20,10 +27,16 @@ import asyncio
 
 from aiohttp import web
 
-from oncely.examples.enrichment import app
+import oncely
+from oncely.examples.enrichment import ENRICHED, ORDERS, app
 from oncely.remote import Endpoint
 
 endpoint = Endpoint(app)
+
+processor = oncely.App(app.name, partitions=app.partitions)  # deployments: ONCELY_DEPLOYMENTS
+processor.sink(ENRICHED)
+processor.subscribe(ORDERS, "customers/add_order", key=lambda rec: rec.value["customer"], value="json",
+                    idempotency="header:Idempotency-Key")
 
 
 async def serve(host: str, port: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -153,6 +154,41 @@ def idempotency_text(value: str | bytes) -> str:
         return value.decode()
     except UnicodeDecodeError:
         return "b64:" + base64.b64encode(value).decode()
+
+
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class HandlerRef:
+    """A subscription's target named `"service/handler"`: a handler a
+    deployment's endpoint runs, known only once the processor discovered
+    its deployments (`check()` at start); until then `service` raises."""
+
+    def __init__(self, app: Any, service: str, name: str) -> None:
+        self.app = app
+        self.service_name = service
+        self.name = name
+
+    @property
+    def service(self) -> Any:
+        svc = self.app.services.get(self.service_name)
+        if svc is None or self.name not in svc.handlers:
+            raise ConfigError(f"subscription target {self.service_name}/{self.name}: no deployment of app "
+                              f"{self.app.name!r} has this handler")
+        return svc
+
+    @classmethod
+    def named(cls, app: Any, target: str) -> HandlerRef:
+        svc, _, handler = target.partition("/")
+        if not (_NAME.match(svc) and _NAME.match(handler)):
+            raise ConfigError(f"subscribe: target {target!r}: name a remote handler as 'service/handler'")
+        return cls(app, svc, handler)
+
+    def check(self) -> None:
+        self.service  # noqa: B018  raises ConfigError when unknown
+
+    def __repr__(self) -> str:
+        return f"<handler {self.service_name}/{self.name} (remote)>"
 
 
 @dataclass

@@ -163,6 +163,9 @@ class AppConfig:
     remote_transport_budget: float = 300.0
     remote_eager_state_bytes: int = 64 * 1024
     remote_deadline_ms: int = 10_000
+    # Items per request to an endpoint (≤ its manifest's), wait after the first.
+    remote_max_batch: int = 32
+    remote_linger: float = 0.002
     kafka: dict[str, str] = field(default_factory=dict)
 
     def load_env(self, env: dict[str, str]) -> None:
@@ -337,7 +340,7 @@ class App:
     def subscribe(
         self,
         topics: str | list[str],
-        target: Handler,
+        target: Handler | str,
         *,
         key: Callable[[Any], Any] | None = None,
         value: str | Callable[[bytes | None], Any] = "json",
@@ -348,6 +351,7 @@ class App:
     ) -> Any:
         """Feed every record of `topics` to `target`, exactly once.
 
+        target: a handler of this app, or a deployment's "service/handler".
         key: the routing key for keyed targets, a function of the record
         (`rec.value` is decoded); default: the record's key.
         value: "json", "bytes", "avro:<path to .avsc>" or a callable on the
@@ -355,7 +359,7 @@ class App:
         None (deduplicate by topic/partition/offset). Records that cannot be
         decoded or keyed, or are larger than max_bytes, go to the DLQ.
         """
-        from oncely.ingest.subscription import (DEFAULT_MAX_BYTES, Subscription, make_decoder,
+        from oncely.ingest.subscription import (DEFAULT_MAX_BYTES, HandlerRef, Subscription, make_decoder,
                                                 make_idempotency)
 
         names = [topics] if isinstance(topics, str) else list(topics)
@@ -364,19 +368,22 @@ class App:
         internal = self.internal_topics
         if internal & set(names):
             raise ConfigError(f"subscribe: {sorted(internal & set(names))} is one of the app's own topics")
-        if not isinstance(target, Handler) or target.service.app is not self:
+        if isinstance(target, str):
+            target = HandlerRef.named(self, target)  # type: ignore[assignment]
+        elif not isinstance(target, Handler) or target.service.app is not self:
             raise ConfigError("subscribe: the target must be a handler of this app (e.g. counter.add)")
+        svc = target.service_name if isinstance(target, HandlerRef) else target.service.name
         if key is not None and not callable(key):
             raise ConfigError("subscribe: key must be a function of the record (or None for the record key)")
         retention = idempotency_retention if isinstance(idempotency_retention, timedelta) else timedelta(
             seconds=float(idempotency_retention))
         if retention <= timedelta(0):
             raise ConfigError("subscribe: idempotency_retention must be positive")
-        sub_name = name or f"{','.join(names)}->{target.service.name}/{target.name}"
+        sub_name = name or f"{','.join(names)}->{svc}/{target.name}"
         if any(s.name == sub_name for s in self.subscriptions):
             raise ConfigError(f"subscribe: there is already a subscription named {sub_name!r}; pass name=")
-        sub = Subscription(sub_name, tuple(names), target, make_decoder(value), key, make_idempotency(idempotency),
-                           retention, max_bytes or DEFAULT_MAX_BYTES)
+        sub = Subscription(sub_name, tuple(names), target, make_decoder(value),  # type: ignore[arg-type]
+                           key, make_idempotency(idempotency), retention, max_bytes or DEFAULT_MAX_BYTES)
         self.subscriptions.append(sub)
         return sub
 

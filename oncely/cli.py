@@ -91,12 +91,16 @@ def run_cmd(app_spec: str, bootstrap: str | None, state_dir: str | None, metrics
               help="distinct customers (keys)")
 @click.option("--kills", default=2, show_default=True, type=click.IntRange(min=0),
               help="times to kill -9 the processor mid-stream")
-def demo_cmd(bootstrap: str | None, orders: int, customers: int, kills: int) -> None:
+@click.option("--remote", is_flag=True,
+              help="run the handler behind an HTTP endpoint in its own process, killed -9 too")
+def demo_cmd(bootstrap: str | None, orders: int, customers: int, kills: int, remote: bool) -> None:
     """Subscribe a keyed handler to an orders topic (with duplicates and
-    malformed records), kill -9 its processor mid-stream, check every total."""
+    malformed records), kill -9 its processor mid-stream, check every total.
+    With --remote the handler runs behind an HTTP endpoint (oncely.remote)."""
     from oncely.demo import run_demo
 
-    ok = run_demo(bootstrap or os.environ.get("ONCELY_KAFKA_BOOTSTRAP"), orders, customers, kills, click.echo)
+    ok = run_demo(bootstrap or os.environ.get("ONCELY_KAFKA_BOOTSTRAP"), orders, customers, kills, click.echo,
+                  remote=remote)
     sys.exit(0 if ok else 1)
 
 

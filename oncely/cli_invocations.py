@@ -122,24 +122,34 @@ def describe_cmd(app: str, invocation_id: str, bootstrap: str, kafka: dict[str, 
 
 
 def _control(action: str, doc: str) -> None:
-    @invocations.command(action, help=doc)
+    @invocations.command(action, help=doc + " Several ids are sent at once; the exit status is 1 if any of "
+                                            "them was not applied.")
     @click.argument("app")
-    @click.argument("invocation_id")
+    @click.argument("invocation_ids", nargs=-1, required=True, metavar="INVOCATION_ID...")
     @bootstrap_option
     @kafka_option
     @_timeout
-    def command(app: str, invocation_id: str, bootstrap: str, kafka: dict[str, str], timeout: float) -> None:
-        status, why, inv = _run(app, bootstrap, kafka, timeout,
-                                lambda ops: ops.control(invocation_id, action, timeout))
-        if status == "applied":
-            click.echo(f"{inv}: {action} applied")
-        elif status == "pending":
-            raise click.ClickException(f"{inv}: no answer within {timeout:g} s; the {action} is on the log and is "
-                                       "applied when the app's processor reads it")
-        elif status == "conflict":
-            raise click.ClickException(f"{inv}: {action} refused: {why}")
-        else:
-            raise click.ClickException(f"invocation {inv} is unknown (never accepted, or past its retention)")
+    def command(app: str, invocation_ids: tuple[str, ...], bootstrap: str, kafka: dict[str, str],
+                timeout: float) -> None:
+        async def all_of(ops: Any) -> list[tuple[str, str | None, str]]:
+            return list(await asyncio.gather(*(ops.control(i, action, timeout) for i in invocation_ids)))
+
+        failed = []
+        for status, why, inv in _run(app, bootstrap, kafka, timeout, all_of):
+            if status == "applied":
+                click.echo(f"{inv}: {action} applied")
+                continue
+            if status == "pending":
+                failed.append(f"{inv}: no answer within {timeout:g} s; the {action} is on the log and is "
+                              "applied when the app's processor reads it")
+            elif status == "conflict":
+                failed.append(f"{inv}: {action} refused: {why}")
+            else:
+                failed.append(f"invocation {inv} is unknown (never accepted, or past its retention)")
+        if failed:
+            for line in failed[:-1]:
+                click.echo(f"Error: {line}", err=True)
+            raise click.ClickException(failed[-1])
 
 
 for _action, _doc in (

@@ -9,12 +9,20 @@ an output topic. The demo runs the app in a separate `oncely run` process,
 kills it with SIGKILL twice in the middle of the stream and restarts it, then
 reads the output topic (read_committed), the state and the dead letters, and
 checks them against a sequential computation over the distinct orders.
+
+`--remote` runs the same handler behind an HTTP endpoint
+(`oncely.examples.remote_enrichment`, aiohttp, HMAC-signed requests) in a
+process of its own; the processor runs only the subscription and applies
+what the endpoint answers. At each kill point both are killed -9 (the
+endpoint first, mid-request) and restarted; the checks are the same.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -75,7 +83,7 @@ def _sequential(records: list[tuple]) -> dict[str, tuple[int, str]]:
 
 
 def _produce_killing(bootstrap: str, topic: str, records: list[tuple], kills: int, rng: random.Random,
-                     restart: Callable[[], None], echo: Callable[[str], None]) -> None:
+                     restart: Callable[[], None], echo: Callable[[str], None], what: str) -> None:
     """Produce the records in ten chunks, killing the processor -9 after
     `kills` of them (`restart` kills and starts it again). The producer is
     gone when this returns, so it says nothing when the broker stops."""
@@ -100,11 +108,45 @@ def _produce_killing(bootstrap: str, topic: str, records: list[tuple], kills: in
         if c in kill_after:
             time.sleep(rng.uniform(1.0, 2.0))
             restart()
-            echo(f"  kill -9 the processor after {min(len(records), (c + 1) * step)} records; restarting it")
+            echo(f"  kill -9 {what} after {min(len(records), (c + 1) * step)} records; restarting")
+
+
+class _Endpoint:
+    """`python -m oncely.examples.remote_enrichment` in its own process; it
+    comes back on the same port after a kill -9."""
+
+    def __init__(self, env: dict[str, str], log_path: str) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "oncely.examples.remote_enrichment", "--port",
+                                          str(self.port)], env=self.env, stdout=subprocess.PIPE, stderr=log)
+        assert self.proc.stdout is not None
+        end = time.monotonic() + 60
+        while time.monotonic() < end and self.proc.poll() is None:
+            if select.select([self.proc.stdout], [], [], 0.5)[0]:
+                line = self.proc.stdout.readline().decode()
+                if " on http://" in line:
+                    self.port = int(line.split(" on http://", 1)[1].split()[0].rsplit(":", 1)[1])
+                    return
+        raise RuntimeError(f"the endpoint did not start; see {self.log_path}")
+
+    def kill9(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
 
 
 def run_demo(bootstrap: str | None, records_n: int, customers_n: int, kills: int,
-             echo: Callable[[str], None]) -> bool:
+             echo: Callable[[str], None], remote: bool = False) -> bool:
     from oncely.admin import read_state
     from oncely.errors import ConfigError
     from oncely.kafka_io import create_topic, read_to_end
@@ -126,8 +168,12 @@ def run_demo(bootstrap: str | None, records_n: int, customers_n: int, kills: int
     log_path = os.path.join(tempfile.gettempdir(), f"oncely-{name}.log")
     env = {**os.environ, "ENRICH_APP": name, "ORDERS_TOPIC": topic, "ENRICHED_TOPIC": enriched,
            "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "oncely", "run", "oncely.examples.enrichment:app", "--bootstrap", bootstrap,
-           "--state-dir", state_dir]
+    spec = "oncely.examples.remote_enrichment:processor" if remote else "oncely.examples.enrichment:app"
+    cmd = [sys.executable, "-m", "oncely", "run", spec, "--bootstrap", bootstrap, "--state-dir", state_dir]
+    endpoint = None
+    if remote:
+        env["ONCELY_SIGNING_SECRET"] = secrets.token_urlsafe(32)  # the processor signs, the endpoint checks
+        endpoint = _Endpoint(dict(env), os.path.join(tempfile.gettempdir(), f"oncely-{name}-endpoint.log"))
 
     def start() -> subprocess.Popen:
         with open(log_path, "a") as log:
@@ -139,6 +185,11 @@ def run_demo(bootstrap: str | None, records_n: int, customers_n: int, kills: int
         create_topic(bootstrap, enriched, 3)
         echo(f"app {name!r} (oncely.examples.enrichment): {topic!r} -> customers/add_order -> {enriched!r}, "
              f"on {bootstrap}")
+        if endpoint is not None:
+            endpoint.start()
+            env["ONCELY_DEPLOYMENTS"] = endpoint.url
+            echo(f"handler behind an HTTP endpoint at {endpoint.url} (oncely.examples.remote_enrichment, "
+                 f"signed requests); endpoint log: {endpoint.log_path}")
         echo(f"processor log: {log_path}")
         proc = start()
         rng = random.Random()
@@ -147,11 +198,17 @@ def run_demo(bootstrap: str | None, records_n: int, customers_n: int, kills: int
 
         def restart() -> None:
             nonlocal proc
+            if endpoint is not None:  # mid-request: the processor retries without counting an attempt
+                endpoint.kill9()
+                time.sleep(0.5)
             proc.send_signal(signal.SIGKILL)
             proc.wait()
+            if endpoint is not None:
+                endpoint.start()  # first: the processor discovers it at start
             proc = start()
 
-        _produce_killing(bootstrap, topic, records, kills, rng, restart, echo)
+        _produce_killing(bootstrap, topic, records, kills, rng, restart, echo,
+                         "the endpoint and the processor" if remote else "the processor")
         echo(f"produced {len(records)} records: {records_n} orders, {dups} duplicates, {bad} malformed; "
              "waiting for the processor...")
         deadline = time.monotonic() + 300
@@ -203,7 +260,7 @@ def run_demo(bootstrap: str | None, records_n: int, customers_n: int, kills: int
             d = dead[0]
             echo(f"  e.g. {d.header('oncely.source.topic').decode()}[{d.header('oncely.source.partition').decode()}]"
                  f"@{d.header('oncely.source.offset').decode()}: {d.header('oncely.error').decode()}")
-        echo(f"processor killed {kills} times; {len(records)} records in {elapsed:.1f} s; "
+        echo(f"{'endpoint and processor' if remote else 'processor'} killed {kills} times; {len(records)} records in {elapsed:.1f} s; "
              f"{aborted} enriched records of aborted transactions visible only to read_uncommitted")
         ok = missing == doubled == wrong == 0 and len(dead) == bad and twice == absent == off == 0
         echo(f"exactly-once check (read_committed): orders in {len(expected)}, enriched out {len(out)} "
@@ -212,11 +269,15 @@ def run_demo(bootstrap: str | None, records_n: int, customers_n: int, kills: int
              f"{len(totals)} customers; dead letters {len(dead)} of {bad} malformed -> {'OK' if ok else 'FAILED'}")
         if ok:
             os.unlink(log_path)
+            if endpoint is not None:
+                os.unlink(endpoint.log_path)
         return ok
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
+        if endpoint is not None:
+            endpoint.kill9()
         shutil.rmtree(state_dir, ignore_errors=True)
         if broker is not None:
             broker.stop()

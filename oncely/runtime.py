@@ -115,6 +115,9 @@ async def serve(app: App, stop: asyncio.Event | None = None,
 
     deployments = await DeploymentWatcher(app).start()
     try:
+        for sub in app.subscriptions:  # a "service/handler" target must now be known
+            if hasattr(sub.target, "check"):
+                sub.target.check()
         processor = CommitLoop(app, cfg, facts, interrupt)
     except BaseException:
         await deployments.stop()

@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any, Callable
 from oncely.errors import TerminalError
 from oncely.remote import apply
 from oncely.remote.answers import Answer, BadAnswer
+from oncely.remote.breaker import Breaker
 from oncely.remote.registry import Deployment, signing_key_from_env
-from oncely.remote.transport import Batcher, Refused, Unreachable
+from oncely.remote.transport import Batcher, CircuitOpen, Refused, Unreachable
 from oncely.sdk.protocol import HandlerCall, Outcome
 from oncely.sdk.runner import describe_error
 from oncely.shuffle.ids import format_id, parse_awakeable
@@ -57,6 +58,7 @@ class RemoteExecutor:
         self.linger = linger
         self.session: aiohttp.ClientSession | None = None
         self.batchers: dict[tuple[str, int], Batcher] = {}
+        self.breakers: dict[str, Breaker] = {}  # one circuit per deployment, shared by its batchers
         self.transport_retries = 0
 
     def start(self, call: HandlerCall, done: Callable[[Outcome], None]) -> asyncio.Task[Outcome]:
@@ -83,9 +85,12 @@ class RemoteExecutor:
 
                 self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(
                     limit=0, limit_per_host=CONNECTIONS_PER_HOST))
+            breaker = self.breakers.get(dep.id)
+            if breaker is None:
+                breaker = self.breakers[dep.id] = Breaker(dep.id)
             b = self.batchers[(dep.id, partition)] = Batcher(
                 self.session, dep, app_name, partition, self.key, self.app.config.remote_deadline_ms, call.limits,
-                self.max_batch, self.linger)
+                self.max_batch, self.linger, breaker)
         return b
 
     async def _run(self, call: HandlerCall) -> Outcome:
@@ -101,7 +106,11 @@ class RemoteExecutor:
                                            "registered (removed?)")
         if call.effects is None:
             return Outcome("terminal", error="a remote invocation needs the processor's effects")
-        app_name, partition, _, _ = parse_awakeable(call.effects.awakeable_id(0))
+        part = getattr(call.effects, "part", None)  # the partition's own effects: no id to format and parse
+        if part is not None:
+            app_name, partition = part.app.name, part.partition
+        else:
+            app_name, partition, _, _ = parse_awakeable(call.effects.awakeable_id(0))
         batcher = self._batcher(dep, app_name, partition, call)
         try:
             payload = apply.item_input(self.app, call)
@@ -136,8 +145,9 @@ class RemoteExecutor:
                     call.deployment = dep.id
                     call.effects.pin(dep.id)  # type: ignore[attr-defined]
                 status = answer.status
-                log.debug("%s: %s after %d new entries (journal %d)", format_id(call.invocation_id), status,
-                          len(answer.entries), len(call.journal))
+                if log.isEnabledFor(logging.DEBUG):  # format_id costs a base32 encode per answer
+                    log.debug("%s: %s after %d new entries (journal %d)", format_id(call.invocation_id), status,
+                              len(answer.entries), len(call.journal))
                 if status == "completed":
                     return apply.completed(call, answer)
                 if status in ("terminal", "retry", "paused"):
@@ -183,8 +193,9 @@ class RemoteExecutor:
                 if e.retry_after is not None:
                     delay = max(delay, min(e.retry_after, 60.0))
                 delay = min(delay, since + budget - now)
-                log.info("%s: %s unreachable (%s); again in %.2f s", format_id(call.invocation_id),
-                         batcher.dep.uri, e, delay)
+                log.log(logging.DEBUG if isinstance(e, CircuitOpen) else logging.INFO,
+                        "%s: %s unreachable (%s); again in %.2f s", format_id(call.invocation_id),
+                        batcher.dep.uri, e, delay)
                 await asyncio.sleep(delay)  # a timer on the loop: the partition goes on meanwhile
 
     async def close(self) -> None:
@@ -238,5 +249,7 @@ def executor_for(app: App) -> Any:
     remote/deployments.py) is used without a restart."""
     from oncely.processor.executor import LocalExecutor
 
-    return RoutingExecutor(app, LocalExecutor(app), RemoteExecutor(app, app.remote_deployments,
-                                                                   signing_key_from_env()))
+    cfg = app.config
+    remote = RemoteExecutor(app, app.remote_deployments, signing_key_from_env(), cfg.remote_max_batch,
+                            cfg.remote_linger)
+    return RoutingExecutor(app, LocalExecutor(app), remote)

@@ -8,7 +8,9 @@ key never has two items in a batch (its lock), so items are independent.
 A request that cannot be delivered raises `Unreachable` to every item in it
 (the item's loop retries it without counting an attempt); one the endpoint
 refuses in a way no retry fixes (400, 404, 415, a malformed answer) raises
-`Refused` (the invocation pauses). A 413 splits the batch.
+`Refused` (the invocation pauses). A 413 splits the batch. The deployment's
+circuit breaker (`remote.breaker`) sees every request's fate; while it is
+open, batches fail at once with `CircuitOpen` and nothing is sent.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from oncely.remote.answers import Answer, BadAnswer, parse_answers
+from oncely.remote.breaker import Breaker
 from oncely.remote.signing import SigningKey, sign_request
 from oncely.remote.wire import INVOKE_MEDIA_TYPE, invoke_request
 from oncely.shuffle.ids import random_id
@@ -33,6 +36,7 @@ log = logging.getLogger("oncely.remote")
 
 TRANSIENT = frozenset((401, 403, 408, 425, 429, 500, 502, 503, 504))
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
+TIMEOUT_SLACK_S = 5.0  # the client gives up this long after the request's deadline
 
 
 class Unreachable(Exception):
@@ -42,6 +46,11 @@ class Unreachable(Exception):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class CircuitOpen(Unreachable):
+    """Not sent: the deployment's circuit is open (retry_after: until it
+    lets a probe through)."""
 
 
 class Refused(Exception):
@@ -59,11 +68,25 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
+async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
+    """The whole body, or its first `cap` bytes and more (the caller refuses
+    it). `content.read(n)` would return only what has arrived so far."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= cap:
+            break
+    return b"".join(chunks)
+
+
 class Batcher:
     """Requests to one deployment for one log partition."""
 
     def __init__(self, session: aiohttp.ClientSession, dep: Deployment, app: str, partition: int,
-                 key: SigningKey | None, deadline_ms: int, limits: Limits, max_batch: int, linger: float) -> None:
+                 key: SigningKey | None, deadline_ms: int, limits: Limits, max_batch: int, linger: float,
+                 breaker: Breaker | None = None) -> None:
         self.session = session
         self.dep = dep
         self.app = app
@@ -77,6 +100,7 @@ class Batcher:
         self._timer: asyncio.TimerHandle | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.requests = 0
+        self.breaker = breaker or Breaker(dep.id)
 
     def submit(self, item: dict[str, Any], sent: tuple[bytes, int]) -> asyncio.Future[Answer]:
         """Queue one item; its answer (or Unreachable/Refused) arrives on the future."""
@@ -104,8 +128,23 @@ class Batcher:
         task.add_done_callback(self.tasks.discard)
 
     async def _send(self, batch: list[Pending]) -> None:
+        wait = self.breaker.allow()
+        if wait > 0:
+            e: Exception = CircuitOpen(f"the circuit of {self.dep.uri} is open", wait)
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(e)
+            return
         try:
-            answers = await self._post([p[0] for p in batch], [p[1] for p in batch])
+            try:
+                answers = await self._post([p[0] for p in batch], [p[1] for p in batch])
+            except Unreachable:
+                self.breaker.failure()
+                raise
+            except (Refused, _Split):
+                self.breaker.success()  # it answered: it is there
+                raise
+            self.breaker.success()
         except _Split:
             for p in batch:
                 self._spawn([p])
@@ -116,6 +155,7 @@ class Batcher:
                     fut.set_exception(e)
             return
         except BaseException as e:  # a bug here must not leave items waiting forever
+            self.breaker.abandoned()
             for _, _, fut in batch:
                 if not fut.done():
                     fut.set_exception(Refused(f"internal error sending the request: {type(e).__name__}: {e}"))
@@ -137,10 +177,10 @@ class Batcher:
         if self.key is not None:
             headers.update(sign_request(self.key, "POST", urlsplit(url).path, body, self.dep.id))
         self.requests += 1
-        timeout = aiohttp.ClientTimeout(total=self.deadline_ms / 1000 + 5)
+        timeout = aiohttp.ClientTimeout(total=self.deadline_ms / 1000 + TIMEOUT_SLACK_S)
         try:
             async with self.session.post(url, data=body, headers=headers, timeout=timeout) as resp:
-                out = await resp.content.read(MAX_ANSWER_BYTES + 1)
+                out = await _read_capped(resp, MAX_ANSWER_BYTES + 1)
                 status = resp.status
                 retry_after = _retry_after(resp.headers.get("retry-after"))
         except (aiohttp.ClientError, TimeoutError, OSError) as e:

@@ -8,13 +8,21 @@ test) on the endpoint, which serves `build(...)` whole:
     python -m tests.apps.remote_conf [PORT]   # prints "PORT <n>"
 
 Signing comes from the environment like any endpoint (ONCELY_SIGNING_SECRET).
+With REMOTE_CONF_CTL=<dir> the failure tests steer it: each `/invoke` reads
+`<dir>/mode` (empty: normal; `503`; `slow S`: answer after S seconds; `hang`)
+and appends `<items> <body bytes>` to `<dir>/requests` when it arrives and
+`<items>` to `<dir>/answered` once it answered 200.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
+from pathlib import Path
 from typing import Any
+
+import orjson
 
 import oncely
 
@@ -63,6 +71,22 @@ def build(name: str, remote: bool = False, **settings: Any) -> oncely.App:
         raise oncely.TerminalError(f"no such product {order['sku']}")
 
     @shop.handler
+    async def fill(ctx: oncely.KeyedContext, m: dict) -> int:
+        """`m["n"]` values of `m["size"]` bytes each (many MB of state)."""
+        for i in range(m["n"]):
+            ctx.set(f"blob{i:03d}", chr(65 + i % 26) * m["size"])
+        return m["n"]
+
+    @shop.handler
+    async def peek(ctx: oncely.KeyedContext, m: dict) -> dict:
+        """Reads a few of the big values (they cannot travel eagerly)."""
+        got = {n: ctx.get(n) for n in m["names"]}
+        out = {"id": m["id"], "lens": {n: len(v or "") for n, v in got.items()},
+               "firsts": "".join((v or "?")[0] for v in got.values())}
+        ctx.emit(m["topic"], out, key=ctx.key)
+        return out
+
+    @shop.handler
     async def tally(ctx: oncely.KeyedContext, m: dict) -> int:
         """Counts per key and emits one record per message."""
         n = ctx.get("n", 0) + 1
@@ -74,12 +98,43 @@ def build(name: str, remote: bool = False, **settings: Any) -> oncely.App:
     return app
 
 
+def _steered(ctl: Path) -> Any:
+    from aiohttp import web
+
+    @web.middleware
+    async def steer(request: web.Request, handler: Any) -> Any:
+        if not request.path.endswith("/invoke"):
+            return await handler(request)
+        body = await request.read()
+        items = len(orjson.loads(body)["items"]) if body[:1] == b"{" else -1
+        with open(ctl / "requests", "a") as f:
+            f.write(f"{items} {len(body)}\n")
+        mode = (ctl / "mode").read_text().split() if (ctl / "mode").exists() else []
+        if mode == ["503"]:
+            return web.Response(status=503, text="down for the test")
+        if mode[:1] == ["slow"]:
+            await asyncio.sleep(float(mode[1]))
+        elif mode == ["hang"]:
+            await asyncio.sleep(3600)
+        resp = await handler(request)
+        if resp.status == 200:
+            with open(ctl / "answered", "a") as f:
+                f.write(f"{items}\n")
+        return resp
+
+    return steer
+
+
 async def _serve(port: int) -> None:
     from aiohttp import web
 
     from oncely.remote import Endpoint
 
-    runner = web.AppRunner(Endpoint(build("conf-endpoint")).aiohttp_app())
+    webapp = Endpoint(build("conf-endpoint")).aiohttp_app()
+    ctl = os.environ.get("REMOTE_CONF_CTL")
+    if ctl:
+        webapp.middlewares.append(_steered(Path(ctl)))
+    runner = web.AppRunner(webapp)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
