@@ -55,6 +55,9 @@ log = logging.getLogger("oncely.commit")
 
 # The watchdog's bound on one blocking client call, beyond librdkafka's own timeout.
 WATCHDOG_SLACK = 2.0
+# The longest sleep of an idle loop pass: what a record arriving after a
+# quiet spell waits before it is read (a pass costs ~0.1 ms when idle).
+IDLE_MAX = 0.005
 
 
 class CommitLoop:
@@ -273,7 +276,7 @@ class CommitLoop:
         self.restorer = Restorer(clients.base(), self.app.changelog_topic,
                                  self.facts.get("changelog_delete_retention_ms", 24 * 3600 * 1000))
         self.txn = TxnProducer(clients.producer_conf(transactional_id(self.root, self.app.name)), self.bound,
-                               self.cfg.txn_call_timeout, self.app.log_topic, self.interrupt)
+                               self.cfg.txn_call_timeout, self.interrupt)
         self.restorer.metrics = self.metrics
         self.txn.start()
         self.new_transaction()
@@ -370,17 +373,17 @@ class CommitLoop:
             since = time.monotonic() - self._last_commit
             open_ = self.open
             assert open_ is not None
-            # Records for the log wait for the commit before anyone can read
-            # them (a callee's Invoke, a caller's Response): when there is
-            # nothing else to read, commit them after a tenth of the interval.
+            # Produced records wait for the commit before anyone can read
+            # them (a reply, an output, a callee's Invoke): when nothing
+            # else was waiting to be read, commit them now (early commit).
             if (since >= cfg.commit_interval or open_.records >= cfg.max_batch or open_.fault is not None
-                    or (open_.awaited and not msgs and since >= cfg.commit_interval * 0.1)):
+                    or (open_.outputs and not msgs):
                 await self._drain()
                 self.commit()
             if msgs:
                 idle = 0.0
             else:
-                idle = min(0.02, idle + 0.001)
+                idle = min(IDLE_MAX, idle + 0.001)
                 await asyncio.sleep(idle)
 
     async def shutdown(self, grace: float = 5.0) -> None:
