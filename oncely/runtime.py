@@ -74,7 +74,8 @@ async def serve(app: App, stop: asyncio.Event | None = None,
     """Run the app's processor in this event loop until `stop` is set (or
     SIGTERM/SIGINT arrives); returns the stopped loop (for its counters).
     `metrics` (HOST:PORT) serves Prometheus metrics there, on this loop;
-    `http` (HOST:PORT) serves the HTTP ingress (oncely.gateway) there.
+    `http` (HOST:PORT) serves the HTTP ingress (oncely.gateway) there, on
+    a thread of its own (commits do not stall it).
     Invocations are traced when a TracerProvider is set, or with `tracing`
     from the OTEL_* environment (observe.tracing)."""
     from oncely.observe.tracing import setup as setup_tracing
@@ -115,18 +116,19 @@ async def serve(app: App, stop: asyncio.Event | None = None,
             on_metrics(server)
     gateway = None
     if http is not None:
-        from oncely.gateway.server import GatewayServer
+        from oncely.gateway.server import GatewayThread
 
-        gateway = await GatewayServer(app, http).start()
+        gateway = GatewayThread(app, http)
+        server_ = await asyncio.to_thread(gateway.start)
         if on_http is not None:
-            on_http(gateway)
+            on_http(server_)
     log.info("oncely app %r: %d partitions, bootstrap %s, state %s", app.name, app.partitions, cfg.bootstrap,
              cfg.state_dir)
     try:
         await processor.run(stop)
     finally:
         if gateway is not None:
-            await gateway.stop()
+            await asyncio.to_thread(gateway.stop)
         if server is not None:
             await server.stop()
         close = getattr(processor.executor, "close", None)

@@ -377,7 +377,7 @@ class CommitLoop:
             # them (a reply, an output, a callee's Invoke): when nothing
             # else was waiting to be read, commit them now (early commit).
             if (since >= cfg.commit_interval or open_.records >= cfg.max_batch or open_.fault is not None
-                    or (open_.outputs and not msgs):
+                    or (open_.outputs and not msgs)):
                 await self._drain()
                 self.commit()
             if msgs:
