@@ -92,6 +92,7 @@ class CommitLoop:
         self.rewinds = 0
         self.consumer_restarts = 0
         self._last_commit = time.monotonic()
+        self._commit_took = 0.0  # how long the last commit blocked the loop
         self._stopping = False
         self._paused_sources: set[tuple[str, int]] = set()
         self.lock: StateDirLock | None = None
@@ -198,6 +199,7 @@ class CommitLoop:
             return False
         ended = open_.commit(self.partitions, consumer.consumer_group_metadata)
         self._last_commit = time.monotonic()
+        self._commit_took = self._last_commit - started
         if ended is None:
             return False
         result, done = ended
@@ -375,9 +377,11 @@ class CommitLoop:
             assert open_ is not None
             # Produced records wait for the commit before anyone can read
             # them (a reply, an output, a callee's Invoke): when nothing
-            # else was waiting to be read, commit them now (early commit).
+            # else was waiting to be read, commit them now (early commit),
+            # though not sooner after the last commit than it took, so that
+            # commits never take more than half the loop's time.
             if (since >= cfg.commit_interval or open_.records >= cfg.max_batch or open_.fault is not None
-                    or (open_.outputs and not msgs)):
+                    or (open_.outputs and not msgs and since >= self._commit_took)):
                 await self._drain()
                 self.commit()
             if msgs:

@@ -9,6 +9,8 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from oncely.local_kafka import LocalKafka
 from oncely.testing import unique_name
 from support import ProcessorProcess, wait_until
@@ -18,6 +20,7 @@ WAIT = 8.0  # the caller's x-oncely-wait
 SLACK = 4.0  # what a loaded machine may add to an answer that must come within the wait
 
 
+@pytest.mark.slow  # a broker of its own, started twice
 def test_503_with_retry_after_while_kafka_is_down_then_calls_succeed(tmp_path: Path) -> None:
     broker = LocalKafka(data_dir=tmp_path / "broker")
     bootstrap = broker.start().bootstrap
