@@ -59,10 +59,12 @@ class GatewayKafka:
         self._base = base
         self.producer = Producer({**base, "enable.idempotence": True, "linger.ms": 1,
                                   "delivery.timeout.ms": DELIVERY_TIMEOUT_MS, "error_cb": self._on_error})
-        # Why no broker is reachable (librdkafka said all brokers are down),
-        # None while one is: requests are refused at once meanwhile (503)
-        # instead of queueing until their wait ends.
+        # Why no broker is reachable (librdkafka said all brokers are down
+        # and a metadata probe failed), None while one is: requests are
+        # refused at once meanwhile (503) instead of queueing until their
+        # wait ends.
         self.down: str | None = None
+        self._suspect: str | None = None  # librdkafka said so; not probed yet
         self.consumer = Consumer({**base, "group.id": f"{app}.gateway", "enable.auto.commit": False,
                                   "isolation.level": "read_committed", "enable.partition.eof": False,
                                   "fetch.wait.max.ms": 10})
@@ -103,20 +105,25 @@ class GatewayKafka:
     def _poll(self) -> None:
         while not self._stop.is_set():
             self.producer.poll(0.05)
-            if self.down is not None:
+            if self.down is not None or self._suspect is not None:
                 self._probe()
 
     def _on_error(self, err: KafkaError) -> None:
         if err.code() == KafkaError._ALL_BROKERS_DOWN:
-            if self.down is None:
-                log.warning("gateway: Kafka unreachable (%s); refusing requests with 503 until it answers", err.str())
-            self.down = err.str()
+            self._suspect = err.str()
 
     def _probe(self) -> None:
-        """While down: one bounded metadata request; an answer ends the outage."""
+        """One bounded metadata request: no answer confirms an outage (an
+        idle connection closed by the broker also reads as all brokers
+        down), an answer ends it."""
+        suspect, self._suspect = self._suspect, None
         try:
             self.producer.list_topics(self.log_topic, 1.0)
         except KafkaException:
+            if self.down is None:
+                log.warning("gateway: Kafka unreachable (%s); refusing requests with 503 until it answers",
+                            suspect)
+                self.down = suspect or "no answer"
             return
         if self.down is not None:
             log.warning("gateway: Kafka answers again")

@@ -41,8 +41,11 @@ def test_503_with_retry_after_while_kafka_is_down_then_calls_succeed(tmp_path: P
 
         broker.stop()
         for name, client in clients.items():
-            wait_until(lambda c=client: c("GET", "/restate/health", timeout=30)[0] == 503, 60, 0.2,
-                       f"{name}: health 503 while the broker is down")
+            # Until the gateway has found the broker gone, a call is queued
+            # (202 after its wait): key `probe`, never checked.
+            wait_until(lambda c=client: c("POST", "/counter/probe/add", 1, {"x-oncely-wait": "1"},
+                                          timeout=30)[0] == 503, 60, 0.2, f"{name}: a 503 while the broker is down")
+            assert client("GET", "/restate/health", timeout=30)[0] == 503, name
             for path in ("/counter/down/add", "/counter/down/add/send", "/greeter/hello"):
                 started = time.monotonic()
                 status, headers, body = client("POST", path, 1, {"x-oncely-wait": str(WAIT)}, timeout=60)
