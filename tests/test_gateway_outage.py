@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from oncely.local_kafka import LocalKafka
+from oncely.local_kafka import LocalKafka, LocalKafkaError
 from oncely.testing import unique_name
 from support import ProcessorProcess, wait_until
 from test_gateway import SPEC, GatewayProcess, Http, _env, _port
@@ -55,7 +55,10 @@ def test_503_with_retry_after_while_kafka_is_down_then_calls_succeed(tmp_path: P
                 assert "Kafka unavailable" in json.loads(body)["message"], (name, path, body)
                 assert took < WAIT + SLACK, (name, path, took)
 
-        broker.start()
+        try:
+            broker.start()
+        except LocalKafkaError:  # seen once at load average 46: the restarted broker's startup failed
+            broker.start()
 
         def supervised() -> bool:
             """A processor that gave up on stuck Kafka clients exits 75 by design; its supervisor restarts it."""
