@@ -1,14 +1,16 @@
 """HTTP ingress benchmark: HTTP call -> keyed handler -> result.
 
-Runs `oncely run bench_gateway:app --http` (the app below) in a child
-process against a local broker (or --bootstrap), then measures from this
+In one run, for each setup (`oncely run bench_gateway:app --http`, then
+`oncely run` beside a standalone `oncely gateway`; the app below, in child
+processes against a local broker or --bootstrap), measured from this
 process with aiohttp:
 1. latency at a fixed rate (--rate calls/s for --seconds): p50/p99;
 2. throughput with --clients concurrent clients (each waits for its result
    before the next call), and their p50/p99;
 3. beside it, the Kafka path: `Client.call` one after another (p50/p99).
+Then one Markdown table of both.
 
-    python bench/bench_gateway.py [--rate 500] [--clients 64] [--commit-interval 0.02]
+    python bench/bench_gateway.py [--rate 500] [--clients 64] [--commit-interval S] [--only http|standalone]
 """
 
 from __future__ import annotations
@@ -108,6 +110,64 @@ def kafka_client_calls(bootstrap: str, n: int, keys: int) -> list[float]:
     return lat
 
 
+def _wait_up(base: str, procs: list[subprocess.Popen], log: str) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{base}/restate/health", timeout=2).read()
+            return
+        except OSError:
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                raise SystemExit(f"the processor did not come up; see {log}") from None
+            time.sleep(0.3)
+
+
+def measure(args: argparse.Namespace, bootstrap: str, standalone: bool) -> dict[str, str]:
+    """One setup: `oncely run --http`, or `oncely run` beside `oncely gateway`
+    (a fresh app each), measured at the fixed rate, with concurrent clients,
+    then through `Client.call`."""
+    from oncely.kafka_io import unique_name
+
+    name = unique_name("bench-gw")
+    env = {**os.environ, "BENCH_APP": name, "ONCELY_STATE_DIR": tempfile.mkdtemp(prefix="oncely-bench-gw-state-"),
+           "PYTHONPATH": str(BENCH)}
+    if args.commit_interval:
+        env["ONCELY_COMMIT_INTERVAL"] = args.commit_interval
+    log = open(Path(tempfile.gettempdir()) / f"{name}.log", "w")
+    http = [] if standalone else ["--http", f"127.0.0.1:{args.port}"]
+    cli = [sys.executable, "-m", "oncely.cli"]
+    procs = [subprocess.Popen([*cli, "run", "bench_gateway:app", "--bootstrap", bootstrap, *http, "--log-level",
+                               "WARNING"], cwd=BENCH, env=env, stdout=log, stderr=subprocess.STDOUT)]
+    if standalone:
+        procs.append(subprocess.Popen([*cli, "gateway", "--app", "bench_gateway:app", "--bootstrap", bootstrap,
+                                       "--http", f"127.0.0.1:{args.port}", "--log-level", "WARNING"], cwd=BENCH,
+                                      env=env, stdout=log, stderr=subprocess.STDOUT))
+    base = f"http://127.0.0.1:{args.port}"
+    app.name = name
+    row: dict[str, str] = {"setup": "`oncely gateway` beside `oncely run`" if standalone else "`oncely run --http`"}
+    try:
+        _wait_up(base, procs, log.name)
+        asyncio.run(fixed_rate(base, 50, 2, args.keys))  # warm-up
+        lat, errors, achieved = asyncio.run(fixed_rate(base, args.rate, args.seconds, args.keys))
+        row["rate"] = (f"{achieved:.0f}/s achieved: p50 {_pct(lat, .5):.1f} ms, p99 {_pct(lat, .99):.1f} ms"
+                       f"{f', {len(errors)} errors' if errors else ''}")
+        print(f"{row['setup']}: HTTP at {args.rate:.0f}/s asked, {row['rate']}", flush=True)
+        lat, errors, tput = asyncio.run(concurrent(base, args.clients, args.seconds, args.keys))
+        row["clients"] = (f"{tput:.0f} calls/s, p50 {_pct(lat, .5):.1f} ms, p99 {_pct(lat, .99):.1f} ms"
+                          f"{f', {len(errors)} errors' if errors else ''}")
+        print(f"{row['setup']}: HTTP {args.clients} concurrent clients: {row['clients']}", flush=True)
+        lat = kafka_client_calls(bootstrap, args.client_calls, args.keys)
+        row["client"] = f"p50 {_pct(lat, .5):.1f} ms, p99 {_pct(lat, .99):.1f} ms"
+        print(f"{row['setup']}: Client.call one after another ({len(lat)}): {row['client']}", flush=True)
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            p.wait(60)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bootstrap", default=None)
@@ -116,66 +176,35 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--keys", type=int, default=1000)
     ap.add_argument("--client-calls", type=int, default=200)
-    ap.add_argument("--commit-interval", default="0.02")
+    ap.add_argument("--commit-interval", default=None, help="seconds (default: the app's, 0.1)")
     ap.add_argument("--port", type=int, default=18080)
-    ap.add_argument("--standalone", action="store_true",
-                    help="serve HTTP from `oncely gateway` in its own process instead of `oncely run --http`")
+    ap.add_argument("--only", choices=("http", "standalone"), default=None,
+                    help="one setup instead of both: `oncely run --http`, or `oncely gateway` beside `oncely run`")
     args = ap.parse_args()
 
     from oncely.local_kafka import LocalKafka
-    from oncely.kafka_io import unique_name
 
     local = None
     bootstrap = args.bootstrap
     if not bootstrap:
         local = LocalKafka(data_dir=tempfile.mkdtemp(prefix="oncely-bench-gw-kafka-"))
         bootstrap = local.start().bootstrap
-    name = unique_name("bench-gw")
-    env = {**os.environ, "BENCH_APP": name, "ONCELY_COMMIT_INTERVAL": args.commit_interval,
-           "ONCELY_STATE_DIR": tempfile.mkdtemp(prefix="oncely-bench-gw-state-"), "PYTHONPATH": str(BENCH)}
-    log = open(Path(tempfile.gettempdir()) / f"{name}.log", "w")
-    http = [] if args.standalone else ["--http", f"127.0.0.1:{args.port}"]
-    proc = subprocess.Popen([sys.executable, "-m", "oncely.cli", "run", "bench_gateway:app", "--bootstrap", bootstrap,
-                             *http, "--log-level", "WARNING"], cwd=BENCH, env=env, stdout=log, stderr=subprocess.STDOUT)
-    gw = subprocess.Popen([sys.executable, "-m", "oncely.cli", "gateway", "--app", "bench_gateway:app", "--bootstrap",
-                           bootstrap, "--http", f"127.0.0.1:{args.port}", "--log-level", "WARNING"], cwd=BENCH,
-                          env=env, stdout=log, stderr=subprocess.STDOUT) if args.standalone else None
-    base = f"http://127.0.0.1:{args.port}"
-    os.environ["BENCH_APP"] = name
-    app.name = name
+    print(f"oncely {oncely.__version__}, commit_interval {args.commit_interval or 'default (0.1)'} s, "
+          f"{app.partitions} partitions, {args.keys} keys, broker {bootstrap}, load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
+    rows = []
     try:
-        import urllib.request
-
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/restate/health", timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise SystemExit(f"the processor did not come up; see {log.name}")
-                time.sleep(0.3)
-        asyncio.run(fixed_rate(base, 50, 2, args.keys))  # warm-up
-        print(f"{'oncely gateway beside oncely run' if gw else 'oncely run --http'}: "
-              f"oncely {oncely.__version__}, commit_interval {args.commit_interval} s, {app.partitions} partitions, "
-              f"{args.keys} keys, broker {bootstrap}")
-        lat, errors, achieved = asyncio.run(fixed_rate(base, args.rate, args.seconds, args.keys))
-        print(f"HTTP fixed rate {args.rate:.0f}/s (achieved {achieved:.0f}/s): {len(lat)} calls, "
-              f"p50 {_pct(lat, .5):.1f} ms, p99 {_pct(lat, .99):.1f} ms, errors {len(errors)}")
-        lat, errors, tput = asyncio.run(concurrent(base, args.clients, args.seconds, args.keys))
-        print(f"HTTP {args.clients} concurrent clients: {tput:.0f} calls/s, p50 {_pct(lat, .5):.1f} ms, "
-              f"p99 {_pct(lat, .99):.1f} ms, errors {len(errors)}")
-        lat = kafka_client_calls(bootstrap, args.client_calls, args.keys)
-        print(f"Kafka Client.call sequential: {len(lat)} calls, p50 {_pct(lat, .5):.1f} ms, "
-              f"p99 {_pct(lat, .99):.1f} ms")
+        for standalone in (False, True):
+            if args.only is None or args.only == ("standalone" if standalone else "http"):
+                rows.append(measure(args, bootstrap, standalone))
     finally:
-        if gw is not None:
-            gw.terminate()
-            gw.wait(60)
-        proc.terminate()
-        proc.wait(60)
         if local is not None:
             local.stop()
+    print(f"\n| setup | HTTP at {args.rate:.0f}/s | {args.clients} concurrent clients | `Client.call` one by one |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['setup']} | {r['rate']} | {r['clients']} | {r['client']} |")
+    print(f"(load average after: {os.getloadavg()[0]:.1f})")
 
 
 if __name__ == "__main__":

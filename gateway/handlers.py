@@ -305,7 +305,7 @@ class Gateway:
         return json_response(200, {n: _json_value(v) for n, v in sorted(entries.items())})
 
     async def health(self, request: web.Request, p: dict[str, bytes]) -> web.Response:
-        why = await self.kafka.healthy()
+        why = self.kafka.down and f"Kafka unreachable: {self.kafka.down}" or await self.kafka.healthy()
         if why is not None:
             raise HttpError(503, why, RETRY_AFTER)
         return json_response(200, {"status": "ok", "app": self.app.name,

@@ -25,7 +25,7 @@ import threading
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from oncely import schemas
 from oncely.errors import ConfigError
@@ -58,7 +58,13 @@ class GatewayKafka:
         base = {**kafka_conf_logging(), "bootstrap.servers": bootstrap, **(kafka or {})}
         self._base = base
         self.producer = Producer({**base, "enable.idempotence": True, "linger.ms": 1,
-                                  "delivery.timeout.ms": DELIVERY_TIMEOUT_MS})
+                                  "delivery.timeout.ms": DELIVERY_TIMEOUT_MS, "error_cb": self._on_error})
+        # Why no broker is reachable (librdkafka said all brokers are down
+        # and a metadata probe failed), None while one is: requests are
+        # refused at once meanwhile (503) instead of queueing until their
+        # wait ends.
+        self.down: str | None = None
+        self._suspect: str | None = None  # librdkafka said so; not probed yet
         self.consumer = Consumer({**base, "group.id": f"{app}.gateway", "enable.auto.commit": False,
                                   "isolation.level": "read_committed", "enable.partition.eof": False,
                                   "fetch.wait.max.ms": 10})
@@ -99,6 +105,29 @@ class GatewayKafka:
     def _poll(self) -> None:
         while not self._stop.is_set():
             self.producer.poll(0.05)
+            if self.down is not None or self._suspect is not None:
+                self._probe()
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._suspect = err.str()
+
+    def _probe(self) -> None:
+        """One bounded metadata request: no answer confirms an outage (an
+        idle connection closed by the broker also reads as all brokers
+        down), an answer ends it."""
+        suspect, self._suspect = self._suspect, None
+        try:
+            self.producer.list_topics(self.log_topic, 1.0)
+        except KafkaException:
+            if self.down is None:
+                log.warning("gateway: Kafka unreachable (%s); refusing requests with 503 until it answers",
+                            suspect)
+                self.down = suspect or "no answer"
+            return
+        if self.down is not None:
+            log.warning("gateway: Kafka answers again")
+        self.down = None
 
     def _read(self) -> None:
         while not self._stop.is_set():
@@ -154,10 +183,14 @@ class GatewayKafka:
         """Produce to the log and wait until Kafka acknowledged it, at most
         `timeout` seconds; KafkaUnavailable otherwise."""
         assert self.loop is not None
+        if self.down is not None:
+            raise KafkaUnavailable(f"no broker reachable ({self.down})")
         loop = self.loop
         acked = loop.create_future()
 
         def on_delivery(err: Any, _msg: Any) -> None:
+            if err is None:
+                self.down = None
             loop.call_soon_threadsafe(_settle, acked, err)
 
         try:

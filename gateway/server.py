@@ -1,5 +1,5 @@
 """The ingress's aiohttp server: inside a processor (`oncely run --http`,
-on the processor's own event loop, like /metrics) or standalone (`oncely
+on a thread of its own: `GatewayThread`) or standalone (`oncely
 gateway`). One catch-all aiohttp route hands every request to `dispatch`,
 which matches the raw (still percent-encoded) path against the route table,
 so keys are decoded to bytes by us and never mangled as text; every error is
@@ -9,8 +9,10 @@ JSON `{"message": ...}`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import signal
+import threading
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -116,6 +118,46 @@ class GatewayServer:
             await self._runner.cleanup()
             self._runner = None
         await self.kafka.stop()
+
+
+class GatewayThread:
+    """The ingress inside a processor process (`oncely run --http`), on its
+    own thread and event loop. The processor's loop waits for each commit
+    (bounded, but seconds during a broker outage): HTTP served on that loop
+    would wait with it, and a request could outlive its wait. The gateway
+    shares nothing with the processor but the process, so it needs no more."""
+
+    def __init__(self, app: "App", address: str) -> None:
+        self.server = GatewayServer(app, address)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="oncely-http", daemon=True)
+        self._started: concurrent.futures.Future = concurrent.futures.Future()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self.server.start())
+        except BaseException as e:  # raised again by start()
+            self._started.set_exception(e)
+            self.loop.close()
+            return
+        self._started.set_result(self.server)
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.run_until_complete(self.server.stop())
+            self.loop.close()
+
+    def start(self, timeout: float = 120.0) -> GatewayServer:
+        """Blocks until the server listens (call it off the processor's loop)."""
+        self._thread.start()
+        return self._started.result(timeout)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Blocks until the server and its Kafka clients are closed (bounded)."""
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout)
 
 
 def run_gateway(app: "App", address: str | None, replies_partition: int | None = None, admin: str | None = None,

@@ -56,7 +56,7 @@ def kafka_option(fn: F) -> F:
 def connect(bootstrap: str, kafka: dict[str, str]) -> dict[str, str]:
     """The Kafka settings of a command (environment, then --kafka), once a
     broker at `bootstrap` answered with them; else a one-line ConfigError."""
-    from oncely.app import kafka_from_env
+    from oncely.config import kafka_from_env
     from oncely.preflight import connect as reach
 
     settings = {**kafka_from_env(dict(os.environ)), **kafka}

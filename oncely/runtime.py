@@ -77,8 +77,9 @@ async def serve(app: App, stop: asyncio.Event | None = None,
     """Run the app's processor in this event loop until `stop` is set (or
     SIGTERM/SIGINT arrives); returns the stopped loop (for its counters).
     `metrics` (HOST:PORT) serves Prometheus metrics there, on this loop;
-    `http` (HOST:PORT) serves the HTTP ingress (oncely.gateway) there;
-    `admin` (HOST:PORT) the admin API (gateway/admin.py, `admin_token`).
+    `http` (HOST:PORT) serves the HTTP ingress (oncely.gateway) there, on
+    a thread of its own (commits do not stall it); `admin` (HOST:PORT) the
+    admin API (gateway/admin.py, `admin_token`).
     Invocations are traced when a TracerProvider is set, or with `tracing`
     from the OTEL_* environment (observe.tracing)."""
     from oncely.observe.tracing import setup as setup_tracing
@@ -133,11 +134,12 @@ async def serve(app: App, stop: asyncio.Event | None = None,
             on_metrics(server)
     gateway = None
     if http is not None:
-        from oncely.gateway.server import GatewayServer
+        from oncely.gateway.server import GatewayThread
 
-        gateway = await GatewayServer(app, http).start()
+        gateway = GatewayThread(app, http)
+        server_ = await asyncio.to_thread(gateway.start)
         if on_http is not None:
-            on_http(gateway)
+            on_http(server_)
     admin_server = None
     if admin is not None:
         from oncely.gateway.admin import AdminServer
@@ -153,7 +155,7 @@ async def serve(app: App, stop: asyncio.Event | None = None,
         if admin_server is not None:
             await admin_server.stop()
         if gateway is not None:
-            await gateway.stop()
+            await asyncio.to_thread(gateway.stop)
         if server is not None:
             await server.stop()
         await deployments.stop()

@@ -55,6 +55,10 @@ log = logging.getLogger("oncely.commit")
 
 # The watchdog's bound on one blocking client call, beyond librdkafka's own timeout.
 WATCHDOG_SLACK = 2.0
+# The longest sleep of an idle loop pass: what a record arriving after a
+# quiet spell waits before it is read (an idle pass only polls the local
+# queue and the timers).
+IDLE_MAX = 0.005
 
 
 class CommitLoop:
@@ -89,6 +93,7 @@ class CommitLoop:
         self.rewinds = 0
         self.consumer_restarts = 0
         self._last_commit = time.monotonic()
+        self._commit_took = 0.0  # how long the last commit blocked the loop
         self._stopping = False
         self._paused_sources: set[tuple[str, int]] = set()
         self.lock: StateDirLock | None = None
@@ -195,6 +200,7 @@ class CommitLoop:
             return False
         ended = open_.commit(self.partitions, consumer.consumer_group_metadata)
         self._last_commit = time.monotonic()
+        self._commit_took = self._last_commit - started
         if ended is None:
             return False
         result, done = ended
@@ -273,7 +279,7 @@ class CommitLoop:
         self.restorer = Restorer(clients.base(), self.app.changelog_topic,
                                  self.facts.get("changelog_delete_retention_ms", 24 * 3600 * 1000))
         self.txn = TxnProducer(clients.producer_conf(transactional_id(self.root, self.app.name)), self.bound,
-                               self.cfg.txn_call_timeout, self.app.log_topic, self.interrupt)
+                               self.cfg.txn_call_timeout, self.interrupt)
         self.restorer.metrics = self.metrics
         self.txn.start()
         self.new_transaction()
@@ -370,17 +376,19 @@ class CommitLoop:
             since = time.monotonic() - self._last_commit
             open_ = self.open
             assert open_ is not None
-            # Records for the log wait for the commit before anyone can read
-            # them (a callee's Invoke, a caller's Response): when there is
-            # nothing else to read, commit them after a tenth of the interval.
+            # Produced records wait for the commit before anyone can read
+            # them (a reply, an output, a callee's Invoke): when nothing
+            # else was waiting to be read, commit them now (early commit),
+            # though not sooner after the last commit than it took, so that
+            # commits never take more than half the loop's time.
             if (since >= cfg.commit_interval or open_.records >= cfg.max_batch or open_.fault is not None
-                    or (open_.awaited and not msgs and since >= cfg.commit_interval * 0.1)):
+                    or (open_.outputs and not msgs and since >= self._commit_took)):
                 await self._drain()
                 self.commit()
             if msgs:
                 idle = 0.0
             else:
-                idle = min(0.02, idle + 0.001)
+                idle = min(IDLE_MAX, idle + 0.001)
                 await asyncio.sleep(idle)
 
     async def shutdown(self, grace: float = 5.0) -> None:

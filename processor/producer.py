@@ -73,7 +73,6 @@ class _Open:
     """What the open transaction holds."""
 
     produced: int = 0
-    awaited: int = 0                       # records for the app's own log
     error: KafkaError | None = None        # a produce() that failed at once
     faults: list[tuple[bytes, str]] = field(default_factory=list)  # (owner, why)
     # Owned records not delivered (yet): seq -> (owner, topic).
@@ -92,12 +91,10 @@ class CommitResult:
 
 
 class TxnProducer:
-    def __init__(self, conf: dict[str, Any], bound: float, call_timeout: float, log_topic: str,
-                 interrupt: threading.Event) -> None:
+    def __init__(self, conf: dict[str, Any], bound: float, call_timeout: float, interrupt: threading.Event) -> None:
         self.conf = conf
         self.bound = bound                # the watchdog's limit for one blocking call
         self.call_timeout = call_timeout  # librdkafka's own timeout for it
-        self.log_topic = log_topic
         self.interrupt = interrupt
         self.stats = TxnStats()
         self.txn = _Open()
@@ -235,8 +232,6 @@ class TxnProducer:
                     txn.faults.append((owner, f"a record for {topic} cannot be produced: {err.str()}"))
                 return
         txn.produced += 1
-        if topic == self.log_topic:
-            txn.awaited += 1
 
     def _attributed(self, owner: bytes, topic: str,
                     then: Callable[[Any, Any], None] | None) -> Callable[[Any, Any], None]:

@@ -56,9 +56,10 @@ class Transaction:
         self.producer.produce(topic, key, value, headers, partition, owner)
 
     @property
-    def awaited(self) -> bool:
-        """It holds records for the app's own log (someone reads them after the commit)."""
-        return self.producer.txn.awaited > 0
+    def outputs(self) -> bool:
+        """It holds produced records (replies, outputs, Invokes, Responses):
+        someone reads them once the commit makes them visible."""
+        return self.producer.txn.produced > 0
 
     def dirty(self, partitions: Iterable[PartitionProcessor]) -> bool:
         return bool(self.consumed) or self.producer.txn.produced > 0 or self.fault is not None or any(
