@@ -14,7 +14,6 @@ document is generated from: a route is one `Route` line plus its method on
 from __future__ import annotations
 
 import asyncio
-import hmac
 import ipaddress
 import logging
 from typing import TYPE_CHECKING, Any
@@ -226,12 +225,7 @@ class AdminServer:
     def _authorize(self, request: web.Request, route: Route) -> None:
         if self.token is None or route.op == "health":
             return
-        given = request.headers.get("Authorization", "")
-        if not given.startswith("Bearer "):
-            raise HttpError(401, "missing bearer token: send Authorization: Bearer <token>",
-                            {"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(given[7:].strip().encode(), self.token.encode()):
-            raise HttpError(401, "wrong bearer token", {"WWW-Authenticate": "Bearer"})
+        paths.check_bearer(request.headers.get("Authorization", ""), self.token)
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         try:

@@ -6,6 +6,7 @@ status and a message for the caller: user input never becomes a 500.
 
 from __future__ import annotations
 
+import hmac
 import re
 from urllib.parse import unquote_to_bytes
 
@@ -55,6 +56,15 @@ def segments(raw_path: str) -> list[bytes]:
     if any(not p for p in out):
         raise HttpError(400, "empty path segment (a key must not be empty)")
     return out
+
+
+def check_bearer(authorization: str, token: str) -> None:
+    """401 unless the Authorization header carries `token` (constant-time)."""
+    if not authorization.startswith("Bearer "):
+        raise HttpError(401, "missing bearer token: send Authorization: Bearer <token>",
+                        {"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(authorization[7:].strip().encode(), token.encode()):
+        raise HttpError(401, "wrong bearer token", {"WWW-Authenticate": "Bearer"})
 
 
 def text(seg: bytes, what: str) -> str:

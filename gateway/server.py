@@ -61,6 +61,7 @@ class GatewayServer:
         self.kafka = GatewayKafka(app.config.bootstrap, app.name, app.partitions, app.config.kafka,
                                   replies_partition)
         self.gateway = Gateway(app, self.kafka, max_body)
+        self.token = app.config.http_token or None
         self._doc: bytes | None = None
         self._runner: web.AppRunner | None = None
 
@@ -74,6 +75,8 @@ class GatewayServer:
                                     {"Allow": ", ".join(found)})
                 raise HttpError(404, f"no route {request.method} {request.path} (see /openapi.json)")
             route, params = found
+            if self.token is not None and route.op != "health":
+                paths.check_bearer(request.headers.get("Authorization", ""), self.token)
             if route.op == "openapi":
                 return self._openapi()
             request["segments"] = segs

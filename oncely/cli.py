@@ -16,7 +16,7 @@ from oncely.cli_common import Group, add_log_level
 from oncely.cli_deployments import deployments
 from oncely.cli_gateway import gateway_cmd
 from oncely.cli_inspect import awakeable, inspect
-from oncely.cli_invocations import admin_options, check_admin, invocations
+from oncely.cli_invocations import admin_options, check_admin, http_token_option, invocations
 from oncely.cli_kafka import kafka
 from oncely.cli_status import status_cmd
 from oncely.cli_topics import produce_cmd, tail_cmd, topics
@@ -61,9 +61,11 @@ _state_dir = click.option("--state-dir", default=None, type=click.Path(file_okay
 @click.option("--http", default=None, metavar="HOST:PORT", envvar="ONCELY_HTTP",
               help="Serve the HTTP ingress (call, send, attach, awakeables, state) there (needs oncely[http]; "
                    "$ONCELY_HTTP).")
+@http_token_option
 @admin_options
 def run_cmd(app_spec: str, bootstrap: str | None, state_dir: str | None, metrics: str | None,
-            tracing: bool, http: str | None, admin: str | None, admin_token: str | None) -> None:
+            tracing: bool, http: str | None, http_token: str | None, admin: str | None,
+            admin_token: str | None) -> None:
     """Run one processor process of an app; stops cleanly on SIGTERM/SIGINT."""
     from oncely.runtime import run
 
@@ -79,7 +81,10 @@ def run_cmd(app_spec: str, bootstrap: str | None, state_dir: str | None, metrics
         require_apispec()
         parse_http(http)
     check_admin(admin, admin_token)
-    run(_load(app_spec, bootstrap, state_dir), metrics, tracing, http, admin, admin_token)
+    app = _load(app_spec, bootstrap, state_dir)
+    if http_token:
+        app.config.http_token = http_token
+    run(app, metrics, tracing, http, admin, admin_token)
 
 
 @main.command("demo")

@@ -26,6 +26,13 @@ def admin_options(fn: F) -> F:
                              "127.0.0.1:9070 (needs oncely[http]; $ONCELY_ADMIN).")(fn)
 
 
+def http_token_option(fn: F) -> F:
+    """--http-token (or $ONCELY_HTTP_TOKEN): the ingress's bearer token."""
+    return click.option("--http-token", default=None, envvar="ONCELY_HTTP_TOKEN", metavar="TOKEN",
+                        help="Bearer token the HTTP ingress requires on every route but health "
+                             "($ONCELY_HTTP_TOKEN).")(fn)
+
+
 def check_admin(admin: str | None, token: str | None) -> None:
     """Refuse a bad --admin before anything starts (one sentence)."""
     if admin is not None:

@@ -59,6 +59,9 @@ class AppConfig:
     # Items per request to an endpoint (≤ its manifest's), wait after the first.
     remote_max_batch: int = 32
     remote_linger: float = 0.002
+    # Bearer token the HTTP ingress requires on every route but health
+    # (`--http-token`, ONCELY_HTTP_TOKEN); None: no token (keep it on loopback).
+    http_token: str | None = None
     kafka: dict[str, str] = field(default_factory=dict)
 
     def load_env(self, env: dict[str, str]) -> None:

@@ -142,18 +142,20 @@ def test_a_non_loopback_address_without_a_token_refuses_to_start(kafka: str) -> 
 
 def test_without_a_processor_describe_is_a_503_within_the_wait(kafka: str, served: Served,
                                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
-    # A standalone admin API (oncely gateway --admin) of the same app, with its processor stopped.
+    # A standalone admin API (oncely gateway --admin) of the same app, with its processor stopped;
+    # its ingress (--http) asks for a token of its own.
     import subprocess
     import sys
 
     from support import REPO, wait_until
 
-    port = free_port()
+    port, http_port = free_port(), free_port()
     log = tmp_path_factory.mktemp("admgw") / "gw.log"
     env: dict[str, Any] = {"ONCELY_TEST_APP": served.app, "ONCELY_ADMIN_TOKEN": TOKEN, "PATH": "/usr/bin:/bin"}
     with open(log, "w") as out:
         gw = subprocess.Popen([sys.executable, "-m", "oncely.cli", "gateway", "--app", SPEC, "--admin",
-                               f"127.0.0.1:{port}", "--bootstrap", kafka], cwd=REPO, env=env, stdout=out,
+                               f"127.0.0.1:{port}", "--http", f"127.0.0.1:{http_port}", "--http-token", "in-tok",
+                               "--bootstrap", kafka], cwd=REPO, env=env, stdout=out,
                               stderr=subprocess.STDOUT)
     admin = Http(port)
     try:
@@ -163,6 +165,15 @@ def test_without_a_processor_describe_is_a_503_within_the_wait(kafka: str, serve
             except OSError:
                 return False
         wait_until(up, 60, 0.2, "the standalone admin API")
+        ingress = Http(http_port)
+        assert ingress("GET", "/restate/health")[0] == 200  # no token needed
+        for headers, message in (({}, "missing bearer token"), ({"Authorization": "Bearer " + TOKEN}, "wrong"),
+                                 ({"Authorization": "in-tok"}, "missing bearer token")):
+            status, h, body = ingress("POST", "/trips/erin/hold/send", headers=headers)
+            assert (status, message in body["message"], h.get("www-authenticate")) == (401, True, "Bearer"), body
+            assert ingress("GET", "/openapi.json", headers=headers)[0] == 401
+        status, _, body = ingress("POST", "/trips/erin/hold/send", headers={"Authorization": "Bearer in-tok"})
+        assert status == 202 and body["status"] == "accepted", body
         assert served.proc.stop() == 0
         started = time.monotonic()
         status, h, body = admin("GET", f"/invocations/{_UNKNOWN}", headers={**AUTH, "x-oncely-wait": "1"})
