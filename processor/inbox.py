@@ -12,8 +12,9 @@ applied (the held ones), so a re-read after a crash or rebalance applies
 exactly those and skips everything else (records already applied, which
 exactly-once needs for Invokes that are not idempotent). Beyond that bound,
 or when the held ones trail the read position by more than `SPAN` offsets,
-waiting Invokes go to the store as before (the held ones first, so what is
-stored always precedes what is held): the queue entry holds the Invoke;
+waiting Invokes go to the store as before (the held ones first, and only an
+Invoke newer than everything stored is held, so what is stored always
+precedes what is held): the queue entry holds the Invoke;
 one with an idempotency key (the only kind that can arrive twice) is also
 marked under `QUEUED` by id, so a duplicate is recognised while it waits.
 Only a short head of each stored queue is in memory, so neither a hot key
@@ -71,12 +72,13 @@ class StoreQueue:
     def push(self, seq: int, invoke: dict[str, Any]) -> None:
         if self.beyond and not self.window:
             self._refill()  # the store may hold nothing (a new queue after a load)
-        if not self.beyond and self.ahead.room():
+        ahead = self.ahead
+        if not self.beyond and ahead.can_hold(seq):
             self.window.append((seq, invoke, False))
             self.tail = seq
-            self.ahead.hold(seq, invoke, self)
+            ahead.hold(seq, invoke, self)
             return
-        self.ahead.spill()  # what the store holds is older than what is held
+        ahead.stored(seq)
         store = self.store
         store.put_fresh(self._key(seq), queue_record(invoke, seq))
         mark_queued(store, invoke)
@@ -141,6 +143,10 @@ class ReadAhead:
         self.read_to = -1                      # next offset to read; -1 before the first since the load
         self.skip_until = 0
         self.redo: set[int] = set()            # offsets below skip_until still to apply
+        # The highest offset stored since the load: only later ones may be held,
+        # so every stored entry precedes every held one. (After a load every
+        # stored entry precedes every offset read again.)
+        self.stored_max = -1
         self._written: bytes | None = None
 
     def load(self, store: PartitionStore) -> None:
@@ -161,8 +167,14 @@ class ReadAhead:
             return False
         return True
 
-    def room(self) -> bool:
-        return len(self.held) < self.limit
+    def can_hold(self, seq: int) -> bool:
+        return seq > self.stored_max and len(self.held) < self.limit
+
+    def stored(self, seq: int) -> None:
+        """`seq` goes to the store: every held one first (it is older)."""
+        self.spill()
+        if seq > self.stored_max:
+            self.stored_max = seq
 
     def hold(self, seq: int, invoke: dict[str, Any], queue: StoreQueue) -> None:
         self.held[seq] = queue
@@ -181,6 +193,7 @@ class ReadAhead:
         if self.held:
             for q in set(self.held.values()):
                 q.spill()
+            self.stored_max = max(self.stored_max, max(self.held))
             self.held.clear()
             self.ids.clear()
 

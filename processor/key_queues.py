@@ -55,7 +55,7 @@ class KeyQueues:
         if q is not None:
             q.inbox.push(seq, invoke)
         else:  # held by a suspended invocation: its inbox is read from the store when it resumes
-            self.ahead.spill()  # (what is stored precedes what is held)
+            self.ahead.stored(seq)  # (what is stored precedes what is held)
             self.store.put_fresh(keys.inbox(sk, seq), queue_record(invoke, seq))
             mark_queued(self.store, invoke)
 
@@ -77,8 +77,10 @@ class KeyQueues:
         return None if head is None else (head[0], head[1], inbox)
 
     def left_memory(self, inv: Invocation) -> None:
-        """`inv` was suspended: it keeps the key through its LOCK record."""
+        """`inv` was suspended: it keeps the key through its LOCK record, and
+        its inbox is read from the store when it resumes (held entries go there)."""
         if self.holds(inv):
+            self.ahead.spill()
             del self.held[inv.sk]  # type: ignore[arg-type]
 
     def clear(self) -> None:

@@ -17,7 +17,7 @@ import pytest
 import oncely
 from oncely.processor import inbox, keys
 from oncely.testing import TestDriver, read_to_end, unique_name
-from support import ProcessorProcess, changelog_state, store_kv, wait_until
+from support import ProcessorProcess, changelog_state, store_kv, wait_for_app_topics, wait_until
 
 
 def _appender(name: str, inflight: int) -> tuple[oncely.App, Any]:
@@ -100,6 +100,53 @@ def test_read_ahead_spills_to_the_store_when_it_trails_too_far(monkeypatch: pyte
         assert d.state("seq", "k") == {"items": [-1, *range(30)]}
 
 
+@pytest.mark.parametrize("limit,inflight,crash", [(1024, 2, False), (1024, 2, True), (4, 2, True),
+                                                   (7, 1, True), (3, 3, True)])
+def test_held_entries_behind_suspended_holders_keep_key_order(limit: int, inflight: int, crash: bool,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # Holders wait (awakeable) and are suspended: the Invokes held behind
+    # them go to the store with them. At a small in-flight limit entries also
+    # move from READY into key inboxes; crashes re-read the held ones. Every
+    # key's items arrive once, in log order, and nothing is left behind.
+    monkeypatch.setattr(inbox, "READ_AHEAD", limit)
+    app = oncely.App("aheadsusp", partitions=1)
+    app.config.max_inflight_per_partition = inflight
+    app.config.suspend_after = 0.5
+    seq = app.keyed("seq")
+    awks: dict[str, str] = {}
+
+    @seq.handler
+    async def append(ctx: oncely.KeyedContext, item: int) -> None:
+        if item < 0:
+            awk, fut = ctx.awakeable()
+            awks[ctx.key] = awk
+            await fut
+        ctx.set("items", ctx.get("items", []) + [item])
+
+    with TestDriver(app) as d:
+        for k in range(3):
+            d.send(append, f"k{k}", -1)
+        for item in range(60):
+            d.send(append, f"k{item % 3}", item)
+            if item % 20 == 19:
+                d.loop.run_until_complete(d._astep())
+                if crash:
+                    d.crash()
+        d.advance(1)  # the waiting holders are suspended
+        assert crash or sum(p.stats.suspensions for p in d.partitions) > 0
+        for k in range(3):
+            while f"k{k}" not in awks:
+                d.advance(1)
+            d.resolve_awakeable(awks[f"k{k}"], None)
+            d.loop.run_until_complete(d._astep())
+            if crash:
+                d.crash()
+        d.advance(1)
+        for k in range(3):
+            assert d.state("seq", f"k{k}") == {"items": [-1, *range(k, 60, 3)]}
+        assert all(not p.ahead.held and not p.queued and not p.invocations for p in d.partitions)
+
+
 def test_counter_with_hot_keys_exact_under_kill9(kafka: str, tmp_path: Path) -> None:
     # Few keys and slow handlers: most Invokes wait behind their key at every
     # commit (held read-ahead); kill -9 at random moments must neither lose
@@ -109,6 +156,7 @@ def test_counter_with_hot_keys_exact_under_kill9(kafka: str, tmp_path: Path) -> 
     env = {"ONCELY_TEST_APP": app, "ONCELY_TEST_PARTITIONS": "2", "ONCELY_TEST_SLOW": "0.02"}
     proc = ProcessorProcess("tests.apps.counter:app", kafka, tmp_path / "state", env, tmp_path / "p.log").start()
     try:
+        wait_for_app_topics(kafka, app)
         client = oncely.Client(kafka, app=app)
         sums: dict[bytes, int] = {}
         for batch in range(6):
@@ -132,9 +180,11 @@ def test_counter_with_hot_keys_exact_under_kill9(kafka: str, tmp_path: Path) -> 
         wait_until(exact, 240, 2.0, "every key's exact sum")
         # The premise: commits held read-ahead (AHEAD records), which the
         # store did not hold (few INBOX records next to 3,000 Invokes).
+        # (The changelog is compacted, so AHEAD's count is a lower bound.)
         changelog = [r.key for r in read_to_end(kafka, f"{app}.changelog")]
-        assert sum(1 for k in changelog if k == keys.AHEAD) > 5
-        assert sum(1 for k in changelog if k is not None and k[:1] == keys.INBOX) < 300
+        ahead, inboxed = (sum(1 for k in changelog if k is not None and k[:1] == t) for t in (keys.AHEAD, keys.INBOX))
+        print(f"\nchangelog: {ahead} AHEAD, {inboxed} INBOX records for 3,000 Invokes")
+        assert ahead >= 2 and inboxed < 300
         assert proc.stop() == 0, proc.log_text()[-3000:]
         kv = store_kv(tmp_path / "state", app, 2)
         assert not [k for k in kv if k[:1] in (keys.INBOX, keys.READY, keys.QUEUED, keys.AHEAD)]
