@@ -160,7 +160,7 @@ def test_counter_with_hot_keys_exact_under_kill9(kafka: str, tmp_path: Path) -> 
         client = oncely.Client(kafka, app=app)
         sums: dict[bytes, int] = {}
         for batch in range(6):
-            for _ in range(500):
+            for _ in range(150):  # a backlog below the read-ahead bound
                 key = f"k{rng.randrange(6)}"
                 amount = rng.randint(1, 9)
                 client.send("counter", key, "add", amount)
@@ -183,8 +183,8 @@ def test_counter_with_hot_keys_exact_under_kill9(kafka: str, tmp_path: Path) -> 
         # (The changelog is compacted, so AHEAD's count is a lower bound.)
         changelog = [r.key for r in read_to_end(kafka, f"{app}.changelog")]
         ahead, inboxed = (sum(1 for k in changelog if k is not None and k[:1] == t) for t in (keys.AHEAD, keys.INBOX))
-        print(f"\nchangelog: {ahead} AHEAD, {inboxed} INBOX records for 3,000 Invokes")
-        assert ahead >= 2 and inboxed < 300
+        print(f"\nchangelog: {ahead} AHEAD, {inboxed} INBOX records for 900 Invokes")
+        assert ahead >= 2 and inboxed < 100
         assert proc.stop() == 0, proc.log_text()[-3000:]
         kv = store_kv(tmp_path / "state", app, 2)
         assert not [k for k in kv if k[:1] in (keys.INBOX, keys.READY, keys.QUEUED, keys.AHEAD)]
