@@ -114,6 +114,7 @@ class TestDriver:
         self.log: list[list[tuple[bytes | None, bytes]]] = [[] for _ in range(n)]
         self.position = [0] * n  # next log offset to read
         self.committed_position = [0] * n
+        self._read_at_commit = [0] * n
         self.output: list[Record] = []  # committed records for user topics and the dlq
         self.poisoned: dict[bytes, str] = {}
         self.stores = [self._open(p) for p in range(n)]
@@ -318,7 +319,7 @@ class TestDriver:
             # The engine aborts such a transaction; the invocation fails when it starts again.
             self._rewind(reopen=False)
             return True
-        changed = bool(self.out.pending) or self.position != self.committed_position or any(
+        changed = bool(self.out.pending) or self.position != self._read_at_commit or any(
             p.store.has_changes() or p.writer.dirty for p in self.partitions)
         if not changed:
             return False
@@ -331,7 +332,10 @@ class TestDriver:
             else:
                 self.output.append(r)
         self.out.pending.clear()
-        self.committed_position = list(self.position)
+        self._read_at_commit = list(self.position)
+        # Up to each partition's first Invoke read but not applied (held in memory).
+        self.committed_position = [pos if off is None else off for pos, off in
+                                   zip(self.position, (part.commit_offset() for part in self.partitions))]
         return True
 
     # -- inspection -----------------------------------------------------------------

@@ -222,7 +222,7 @@ class CommitLoop:
 
     def new_transaction(self) -> None:
         assert self.txn is not None
-        self.open = Transaction(self.txn, self.app.changelog_topic)
+        self.open = Transaction(self.txn, self.app.changelog_topic, self.app.log_topic)
 
     def settle(self, outcome: Outcome) -> None:
         """After an abort or a replaced producer: a new transaction, and

@@ -27,6 +27,8 @@ log = logging.getLogger("oncely.commit")
 
 
 def log_record(app: "App", part: PartitionProcessor, m: Any, out: TxnOutput) -> None:
+    if not part.ahead.admit(m.offset()):
+        return  # applied before the re-read (inbox.py, ReadAhead)
     try:
         kind, body = schemas.decode("log_record", m.value())["body"]
     except schemas.SchemaError as e:

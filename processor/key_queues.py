@@ -2,16 +2,17 @@
 
 The holder of a key is an invocation in memory (`held`) or a suspended one
 (only its LOCK record says so). Invocations that arrive for a held key wait
-in the key's inbox in the store (inbox.py); when the holder finishes, the
+in the key's inbox (inbox.py: held in memory as read-ahead, or in the
+store); when the holder finishes, the
 head of the inbox takes the key. A key with an inbox always has a holder.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from oncely.processor import keys
-from oncely.processor.inbox import StoreQueue, key_inbox
+from oncely.processor.inbox import ReadAhead, StoreQueue, key_inbox, mark_queued, queue_record
 from oncely.processor.invocation import Invocation
 from oncely.processor.store import PartitionStore
 
@@ -25,8 +26,9 @@ class KeyQueue:
 
 
 class KeyQueues:
-    def __init__(self, store: PartitionStore, any_suspended: Callable[[], bool]) -> None:
+    def __init__(self, store: PartitionStore, any_suspended: Callable[[], bool], ahead: ReadAhead) -> None:
         self.store = store
+        self.ahead = ahead
         self._any_suspended = any_suspended
         self.held: dict[bytes, KeyQueue] = {}  # keys held by an invocation in memory
 
@@ -44,17 +46,20 @@ class KeyQueues:
         """`inv` holds its key from now on (with the key's inbox, if known)."""
         sk = inv.sk
         assert sk is not None
-        self.held[sk] = KeyQueue(inv, inbox if inbox is not None else key_inbox(self.store, sk, maybe_queued))
+        self.held[sk] = KeyQueue(inv, inbox if inbox is not None else key_inbox(self.store, sk, maybe_queued,
+                                                                                          self.ahead))
 
-    def wait(self, sk: bytes, seq: int, record: bytes) -> None:
-        """Queue an invocation (its queue record) behind the key's holder."""
+    def wait(self, sk: bytes, seq: int, invoke: dict[str, Any]) -> None:
+        """Queue an invocation behind the key's holder."""
         q = self.held.get(sk)
         if q is not None:
-            q.inbox.push(seq, record)
-        else:  # held by a suspended invocation: its inbox is read when it resumes
-            self.store.put_fresh(keys.inbox(sk, seq), record)
+            q.inbox.push(seq, invoke)
+        else:  # held by a suspended invocation: its inbox is read from the store when it resumes
+            self.ahead.stored(seq)  # (what is stored precedes what is held)
+            self.store.put_fresh(keys.inbox(sk, seq), queue_record(invoke, seq))
+            mark_queued(self.store, invoke)
 
-    def release(self, inv: Invocation) -> tuple[int, bytes, StoreQueue] | None:
+    def release(self, inv: Invocation) -> tuple[int, dict[str, Any], StoreQueue] | None:
         """`inv` finished: the next waiting invocation (seq, record, inbox), which
         the caller starts as the key's holder; None when the key is free."""
         q = self.held.get(inv.sk) if inv.sk is not None else None
@@ -64,16 +69,18 @@ class KeyQueues:
         head = q.inbox.pop()
         return None if head is None else (head[0], head[1], q.inbox)
 
-    def orphan(self, sk: bytes) -> tuple[int, bytes, StoreQueue] | None:
+    def orphan(self, sk: bytes) -> tuple[int, dict[str, Any], StoreQueue] | None:
         """A key whose holder is gone (a lock without its invocation): the
         head of its inbox, if any."""
-        inbox = key_inbox(self.store, sk, True)
+        inbox = key_inbox(self.store, sk, True, self.ahead)
         head = inbox.pop()
         return None if head is None else (head[0], head[1], inbox)
 
     def left_memory(self, inv: Invocation) -> None:
-        """`inv` was suspended: it keeps the key through its LOCK record."""
+        """`inv` was suspended: it keeps the key through its LOCK record, and
+        its inbox is read from the store when it resumes (held entries go there)."""
         if self.holds(inv):
+            self.ahead.spill()
             del self.held[inv.sk]  # type: ignore[arg-type]
 
     def clear(self) -> None:

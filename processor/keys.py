@@ -23,6 +23,7 @@ FAILED = b"f"        # f | invocation id                  -> InvocationStatus (r
 EXPIRY = b"x"        # x | expiry ms u64 | space tag | invocation id -> b""
 EARLY = b"c"         # c | invocation id | index u32      -> JournalEntry (a completion that came first)
 WAITER = b"a"        # a | invocation id                  -> (request id, replies partition u32)*: attached callers
+AHEAD = b"u"         # u                                  -> skip-until u64, (skip-until - offset) u32*: read-ahead
 
 # The spaces that say an invocation id was accepted, one lookup each: in
 # flight (suspended ones live only here), queued, finished (result kept), failed.

@@ -25,7 +25,7 @@ from oncely import schemas
 from oncely.logs import invocation_extra
 from oncely.processor import completions, keys, outcomes, requests
 from oncely.processor.effects import InvocationEffects
-from oncely.processor.inbox import StoreQueue, invoke_of, mark_queued, queue_record, ready_queue, unmark_queued
+from oncely.processor.inbox import ReadAhead, StoreQueue, ready_queue
 from oncely.processor.invocation import (BACKING_OFF, COMPLETED, FAILED, INBOXED, PAUSED, RUNNING, SUSPENDED,
                                          Invocation, PartitionStats, TxnOutput)
 from oncely.processor.key_queues import KeyQueues
@@ -81,9 +81,10 @@ class PartitionProcessor:
         self.active: set[Invocation] = set()  # with a running coroutine
         self.suspended = 0  # SUSPENDED invocations in the store
         self.n_paused = 0   # PAUSED ones in memory (they take no capacity)
-        self.queued = 0     # INBOXED ones in the store (INBOX and READY)
-        self.keys = KeyQueues(store, lambda: self.suspended > 0)
-        self.ready: StoreQueue = ready_queue(store)
+        self.queued = 0     # INBOXED ones (INBOX and READY, held in memory or stored)
+        self.ahead = ReadAhead()  # waiting Invokes held in memory; what a re-read skips
+        self.keys = KeyQueues(store, lambda: self.suspended > 0, self.ahead)
+        self.ready: StoreQueue = ready_queue(store, self.ahead)
         self.writer = InvocationWriter(store, net_effects, self.keys.holds)
         self.timers = Timers(store, self._send_timer, self._wake, self._retry)
         self.waits = Waits(int(app.config.suspend_after * 1000))
@@ -98,6 +99,7 @@ class PartitionProcessor:
         the ones that were running: recovery after a crash and a rewind after
         an abort are this same path. Queued invocations stay in the store."""
         store = self.store
+        self.ahead.load(store)
         self.timers.load()
         self.queued = store.count_committed(keys.INBOX) + store.count_committed(keys.READY)
         suspended: set[bytes] = set()
@@ -175,7 +177,9 @@ class PartitionProcessor:
         self.writer.clear()
         self.timers.clear()
         self.waits.clear()
-        self.ready = ready_queue(self.store)
+        self.ahead = ReadAhead()
+        self.keys.ahead = self.ahead
+        self.ready = ready_queue(self.store, self.ahead)
         self.suspended = self.n_paused = self.queued = 0
 
     # -- input ----------------------------------------------------------------------
@@ -211,12 +215,10 @@ class PartitionProcessor:
         sk = self._sk(invoke)
         full = self._full() or bool(self.ready)
         if full or (sk is not None and self.keys.is_held(sk)):
-            record = queue_record(invoke, offset)
-            mark_queued(self.store, invoke)
             if full:
-                self.ready.push(offset, record)
+                self.ready.push(offset, invoke)
             else:
-                self.keys.wait(sk, offset, record)  # type: ignore[arg-type]
+                self.keys.wait(sk, offset, invoke)  # type: ignore[arg-type]
             self.stats.inboxed += 1
             self.queued += 1
         else:
@@ -231,6 +233,8 @@ class PartitionProcessor:
         inv = self.invocations.get(inv_id)
         if inv is not None:
             return inv.phase
+        if inv_id in self.ahead.ids:
+            return INBOXED
         get = self.store.get
         if get(keys.status(inv_id)) is not None:
             return SUSPENDED  # load() brings every other in-flight phase into memory
@@ -252,13 +256,11 @@ class PartitionProcessor:
         while not self.closed and ready.peek() is not None:
             if self._full() and not self._make_room():
                 return
-            seq, record = ready.pop()  # type: ignore[misc]
-            invoke = invoke_of(record)
+            seq, invoke = ready.pop()  # type: ignore[misc]
             sk = self._sk(invoke)
             if sk is not None and self.keys.is_held(sk):
-                self.keys.wait(sk, seq, record)
+                self.keys.wait(sk, seq, invoke)
             else:
-                unmark_queued(self.store, invoke)
                 self.queued -= 1
                 self._begin(invoke, seq, sk)
 
@@ -345,12 +347,10 @@ class PartitionProcessor:
         if inv.sk is not None:
             self._hand_over(self.keys.release(inv))
 
-    def _hand_over(self, nxt: tuple[int, bytes, StoreQueue] | None) -> None:
+    def _hand_over(self, nxt: tuple[int, dict[str, Any], StoreQueue] | None) -> None:
         """Start the next invocation of a key's inbox as the key's holder."""
         if nxt is not None:
-            seq, record, inbox = nxt
-            invoke = invoke_of(record)
-            unmark_queued(self.store, invoke)
+            seq, invoke, inbox = nxt
             self.queued -= 1
             self._begin(invoke, seq, self._sk(invoke), inbox)
 
@@ -396,8 +396,16 @@ class PartitionProcessor:
     # -- commit ---------------------------------------------------------------------
 
     def prepare_commit(self) -> None:
-        """Write what outlives this commit: records of invocations in flight."""
+        """Write what outlives this commit: records of invocations in flight,
+        and which read-ahead a re-read of the log must apply."""
         self.writer.persist_all(self.active)
+        self.ahead.prepare_commit(self.store)
+
+    def commit_offset(self) -> int | None:
+        """The log offset this partition commits: its first Invoke read but
+        not applied (held in memory), else its read position; None when it
+        read nothing since it loaded."""
+        return self.ahead.commit_offset()
 
     def after_commit(self, changelog_offset: int | None) -> tuple[int, int]:
         """RocksDB now reflects the commit. Returns the invocations finished

@@ -34,9 +34,10 @@ class Committed:
 
 
 class Transaction:
-    def __init__(self, producer: TxnProducer, changelog_topic: str) -> None:
+    def __init__(self, producer: TxnProducer, changelog_topic: str, log_topic: str | None = None) -> None:
         self.producer = producer
         self.changelog_topic = changelog_topic
+        self.log_topic = log_topic
         self.consumed: dict[TP, int] = {}  # next offset per consumed partition
         self.records = 0
         self.fault: str | None = None
@@ -74,14 +75,22 @@ class Transaction:
         checkpoints = self._flush_changelog(partitions)
         if not self.consumed and producer.txn.produced == 0:
             return None
-        offsets = [TopicPartition(t, p, o) for (t, p), o in self.consumed.items()]
+        consumed = dict(self.consumed)
+        if self.log_topic is not None:
+            # A log partition commits up to its first Invoke read but not
+            # applied (inbox.py, ReadAhead), also when not read this interval.
+            for p, part in partitions.items():
+                off = part.commit_offset()
+                if off is not None:
+                    consumed[(self.log_topic, p)] = off
+        offsets = [TopicPartition(t, p, o) for (t, p), o in consumed.items()]
         produced = producer.txn.produced
         result = producer.commit(offsets, group_metadata() if offsets else None)
         if result.outcome is not Outcome.COMMITTED:
             return result, None
         # Committed: make RocksDB reflect it, with the changelog offset.
         producer.poll()
-        done = Committed(self.records, 0, 0, produced, dict(self.consumed))
+        done = Committed(self.records, 0, 0, produced, consumed)
         for p, part in partitions.items():
             box = checkpoints.get(p)
             finished, failed = part.after_commit(box[0] + 1 if box else None)
