@@ -95,6 +95,9 @@ class AppConfig:
             if f is None:
                 raise ConfigError(f"{where} got an unknown setting {name!r}; the settings are: "
                                   f"{', '.join(sorted(known))}")
+            if value is None and f.default is None:  # an optional setting left unset
+                setattr(self, name, None)
+                continue
             kind = _kind(f)
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)

@@ -30,7 +30,7 @@ from oncely.processor.invocation import (BACKING_OFF, COMPLETED, FAILED, INBOXED
                                          Invocation, PartitionStats, TxnOutput)
 from oncely.processor.key_queues import KeyQueues
 from oncely.sdk.protocol import Entry, Executor, HandlerCall, Limits, Outcome
-from oncely.processor.store import PartitionStore
+from oncely.processor.store import KeyState, PartitionStore
 from oncely.processor.timers import Timers
 from oncely.processor.waits import Waits
 from oncely.processor.writer import InvocationWriter
@@ -41,23 +41,6 @@ if TYPE_CHECKING:
     from oncely.egress.sinks import Sinks
 
 log = logging.getLogger("oncely.partition")
-
-
-class _KeyState:
-    """Committed state of one key, read through the overlay."""
-
-    __slots__ = ("store", "sk")
-
-    def __init__(self, store: PartitionStore, sk: bytes) -> None:
-        self.store = store
-        self.sk = sk
-
-    def get(self, name: str) -> bytes | None:
-        return self.store.get(keys.state(self.sk, name))
-
-    def names(self) -> list[str]:
-        prefix = keys.state_prefix(self.sk)
-        return [k[len(prefix):].decode() for k, _ in self.store.scan(prefix)]
 
 
 class PartitionProcessor:
@@ -297,7 +280,7 @@ class PartitionProcessor:
         call = HandlerCall(
             invocation_id=inv.id, service=invoke["service"], handler=invoke["handler"], key=invoke["key"],
             payload=invoke["payload"], payload_format=invoke["payload_format"], attempt=inv.attempt,
-            journal=inv.journal, state=_KeyState(self.store, inv.sk) if inv.sk is not None else None,
+            journal=inv.journal, state=KeyState(self.store, inv.sk) if inv.sk is not None else None,
             source=invoke.get("source"), subscription=invoke.get("subscription"),
             effects=InvocationEffects(self, inv), limits=self.limits,
             traceparent=invoke.get("traceparent"), created_at_ms=invoke.get("created_at_ms"),

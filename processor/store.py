@@ -235,3 +235,20 @@ class PartitionStore:
         it = self.db.iter()
         it.seek_to_first()
         return not it.valid()
+
+
+class KeyState:
+    """Committed state of one key, read through the overlay."""
+
+    __slots__ = ("store", "sk")
+
+    def __init__(self, store: PartitionStore, sk: bytes) -> None:
+        self.store = store
+        self.sk = sk
+
+    def get(self, name: str) -> bytes | None:
+        return self.store.get(keys.state(self.sk, name))
+
+    def names(self) -> list[str]:
+        prefix = keys.state_prefix(self.sk)
+        return [k[len(prefix):].decode() for k, _ in self.store.scan(prefix)]
