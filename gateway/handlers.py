@@ -20,6 +20,7 @@ import orjson
 from aiohttp import web
 
 from oncely import schemas
+from oncely.errors import CANCELLED, KILLED
 from oncely.gateway import paths
 from oncely.gateway.kafka import GatewayKafka, KafkaUnavailable, NotAckedYet
 from oncely.gateway.paths import HttpError
@@ -122,8 +123,9 @@ class Gateway:
         status = answer["status"]
         if status == "completed":
             return value_response(answer["value"], {"x-oncely-invocation-id": inv})
-        if status == "failed":
-            raise HttpError(500, answer["error"] or "failed", invocation_id=inv)
+        if status == "failed":  # 409: ended by an operator's cancel or kill (Restate's code)
+            raise HttpError(409 if answer["error"] in (CANCELLED, KILLED) else 500, answer["error"] or "failed",
+                            invocation_id=inv)
         if status == "running":
             if wait:
                 return self._running(inv)

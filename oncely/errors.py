@@ -5,6 +5,12 @@ from __future__ import annotations
 from types import TracebackType
 
 
+# The errors an operator's cancel and kill leave (processor/controls.py); the
+# ingress answers an invocation that ended with one of them 409, as Restate does.
+CANCELLED = "cancelled"
+KILLED = "killed by an operator"
+
+
 class OncelyError(Exception):
     """Base of oncely's own errors."""
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from oncely import schemas
+from oncely.errors import CANCELLED, KILLED
 from oncely.processor import completions, keys, outcomes, requests
 from oncely.processor.invocation import COMPLETED, FAILED, INBOXED, PAUSED, SUSPENDED, Invocation
 from oncely.shuffle.ids import format_id
@@ -38,8 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("oncely.partition")
 
-CANCELLED = "cancelled"
-KILLED = "killed by an operator"
 HELD = "paused by an operator"
 MAX_LIST = 1000
 

@@ -122,7 +122,7 @@ def test_cancel_of_a_suspended_callee_gives_its_caller_a_terminal_error_and_the_
     assert served.control(charge, "cancel") == (200, {"invocation_id": charge, "action": "cancel",
                                                       "status": "applied"})
     status, _, body = served.http("GET", f"/restate/attach/{trip}")
-    assert status == 500 and "cancelled" in body["message"], body  # the caller saw a TerminalError
+    assert status == 409 and body["message"] == "cancelled", body  # the caller saw a TerminalError
     wait_until(lambda: served.http("GET", "/restate/state/audit/alice/log")[2] == "compensated: cancelled", 60, 0.2,
                "the compensation")
     assert served.describe(charge)["phase"] == "FAILED"
@@ -136,7 +136,7 @@ def test_kill_of_a_suspended_invocation_fails_it_at_once(served: Served) -> None
     r = oncely_cli("invocations", "kill", served.app, nap, "--bootstrap", served.kafka)  # the CLI, over Kafka
     assert r.returncode == 0 and r.stdout.strip() == f"{nap}: kill applied", r.stderr
     status, _, body = served.http("GET", f"/restate/attach/{nap}")
-    assert status == 500 and "killed" in body["message"], body
+    assert status == 409 and body["message"] == "killed by an operator", body
     d = served.describe(nap)
     assert d["phase"] == "FAILED" and d["error"].startswith("killed"), d
     # The key is free again: the next invocation of bob runs.
