@@ -7,6 +7,7 @@ failed, 504 discovery timeout), so each answer here is one mapping.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,12 @@ DEPLOYMENT_ROUTES: tuple[Route, ...] = (
           {202: "`{id, pinned, pending}`: removed; processors follow", 404: "no such deployment",
            409: "in use (send ?force=true)", **_AUTH}, query=("force",), tag="deployments"),
 )
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_VALUE = re.compile(r"[\x20-\x7e]*")
+_RESERVED = {"host", "content-length", "content-type", "content-encoding", "transfer-encoding", "connection",
+             "accept", "accept-encoding"}
 
 
 def _flag(value: Any, what: str) -> bool:
@@ -98,6 +105,11 @@ class DeploymentRoutes:
         if not isinstance(headers, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                     for k, v in headers.items()):
             raise HttpError(400, "headers must be an object of strings")
+        for name, value in headers.items():
+            if not _TOKEN.fullmatch(name) or not _VALUE.fullmatch(value):
+                raise HttpError(400, f"header {name!r}: a name must be a token and a value visible ASCII or spaces")
+            if name.lower() in _RESERVED or name.lower().startswith("x-oncely-"):
+                raise HttpError(400, f"header {name!r} is set by oncely itself on every request")
         reg = await self._call(self._registry().register(body["uri"], force=_flag(body.get("force"), "force"),
                                                          dry_run=_flag(body.get("dry_run"), "dry_run"),
                                                          headers=headers or None))

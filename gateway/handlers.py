@@ -124,8 +124,9 @@ class Gateway:
         if status == "completed":
             return value_response(answer["value"], {"x-oncely-invocation-id": inv})
         if status == "failed":  # 409: ended by an operator's cancel or kill (Restate's code)
-            raise HttpError(409 if answer["error"] in (CANCELLED, KILLED) else 500, answer["error"] or "failed",
-                            invocation_id=inv)
+            error = answer["error"] or "failed"
+            by_operator = error.endswith(KILLED) or error == CANCELLED or error.endswith(": " + CANCELLED)
+            raise HttpError(409 if by_operator else 500, error, invocation_id=inv)
         if status == "running":
             if wait:
                 return self._running(inv)

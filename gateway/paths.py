@@ -63,7 +63,8 @@ def check_bearer(authorization: str, token: str) -> None:
     if not authorization.startswith("Bearer "):
         raise HttpError(401, "missing bearer token: send Authorization: Bearer <token>",
                         {"WWW-Authenticate": "Bearer"})
-    if not hmac.compare_digest(authorization[7:].strip().encode(), token.encode()):
+    given = authorization[7:].strip().encode("utf-8", "surrogateescape")  # aiohttp keeps odd bytes as surrogates
+    if not hmac.compare_digest(given, token.encode()):
         raise HttpError(401, "wrong bearer token", {"WWW-Authenticate": "Bearer"})
 
 

@@ -109,7 +109,11 @@ class GatewayServer:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, backlog=1024)
-        await site.start()
+        try:
+            await site.start()
+        except BaseException:  # e.g. the port is taken: nothing of it stays running
+            await self.stop()
+            raise
         server = getattr(site, "_server", None)
         if self.port == 0 and server is not None and server.sockets:
             self.port = server.sockets[0].getsockname()[1]

@@ -115,41 +115,36 @@ async def serve(app: App, stop: asyncio.Event | None = None,
     from oncely.remote.watch import DeploymentWatcher
 
     deployments = await DeploymentWatcher(app).start()
-    try:
+    processor: CommitLoop | None = None
+    server = gateway = admin_server = None
+    try:  # whatever started is stopped, also when a later part fails to start
         for sub in app.subscriptions:  # a "service/handler" target must now be known
             if hasattr(sub.target, "check"):
                 sub.target.check()
         processor = CommitLoop(app, cfg, facts, interrupt)
-    except BaseException:
-        await deployments.stop()
-        raise
-    if on_created is not None:
-        on_created(processor)
-    server = None
-    if metrics is not None:
-        from oncely.observe.server import MetricsServer
+        if on_created is not None:
+            on_created(processor)
+        if metrics is not None:
+            from oncely.observe.server import MetricsServer
 
-        server = await MetricsServer(processor, metrics).start()
-        if on_metrics is not None:
-            on_metrics(server)
-    gateway = None
-    if http is not None:
-        from oncely.gateway.server import GatewayThread
+            server = await MetricsServer(processor, metrics).start()
+            if on_metrics is not None:
+                on_metrics(server)
+        if http is not None:
+            from oncely.gateway.server import GatewayThread
 
-        gateway = GatewayThread(app, http)
-        server_ = await asyncio.to_thread(gateway.start)
-        if on_http is not None:
-            on_http(server_)
-    admin_server = None
-    if admin is not None:
-        from oncely.gateway.admin import AdminServer
+            gateway = GatewayThread(app, http)
+            server_ = await asyncio.to_thread(gateway.start)
+            if on_http is not None:
+                on_http(server_)
+        if admin is not None:
+            from oncely.gateway.admin import AdminServer
 
-        admin_server = await AdminServer(app, admin, admin_token).start()
-        if on_admin is not None:
-            on_admin(admin_server)
-    log.info("oncely app %r: %d partitions, bootstrap %s, state %s", app.name, app.partitions, cfg.bootstrap,
-             cfg.state_dir)
-    try:
+            admin_server = await AdminServer(app, admin, admin_token).start()
+            if on_admin is not None:
+                on_admin(admin_server)
+        log.info("oncely app %r: %d partitions, bootstrap %s, state %s", app.name, app.partitions, cfg.bootstrap,
+                 cfg.state_dir)
         await processor.run(stop)
     finally:
         if admin_server is not None:
@@ -159,7 +154,7 @@ async def serve(app: App, stop: asyncio.Event | None = None,
         if server is not None:
             await server.stop()
         await deployments.stop()
-        close = getattr(processor.executor, "close", None)
+        close = getattr(processor.executor, "close", None) if processor is not None else None
         if close is not None:
             await close()  # the remote executor's HTTP session
     return processor

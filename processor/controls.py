@@ -79,6 +79,7 @@ def _in_memory(part: PartitionProcessor, inv_id: bytes, phase: str, action: str)
 
 def _stop(part: PartitionProcessor, inv: Invocation) -> None:
     """Drop its running task (its outcome, if any, is not applied)."""
+    inv.run += 1  # an outcome already on its way is not applied
     if inv.running is not None:
         inv.running.cancel()
         inv.running = None
@@ -129,6 +130,7 @@ def _kill(part: PartitionProcessor, inv_id: bytes, phase: str) -> None:
 
 def _pause(part: PartitionProcessor, inv_id: bytes, phase: str) -> None:
     inv = _in_memory(part, inv_id, phase, "pause")
+    part.ahead.spill()  # Invokes behind its key may now wait for days: not in memory only
     if inv.phase != PAUSED:  # one paused already keeps its reason
         _stop(part, inv)
         inv.phase = PAUSED
@@ -177,7 +179,7 @@ def describe(part: PartitionProcessor, inv_id: bytes) -> dict[str, Any] | None:
     inv = part.invocations.get(inv_id)
     if inv is not None:
         return _desc(part, inv_id, inv.invoke, inv.phase, inv.attempt, inv.error, len(inv.journal),
-                     inv.held, inv.cancelled)
+                     inv.held, inv.cancelled, inv.deployment)
     store = part.store
     for space in (keys.STATUS, keys.FAILED):
         raw = store.get(space + inv_id)
@@ -185,7 +187,7 @@ def describe(part: PartitionProcessor, inv_id: bytes) -> dict[str, Any] | None:
             st = schemas.decode("invocation_status", raw)
             n = len(store.scan(keys.journal_prefix(inv_id))) if space == keys.STATUS else 0
             return _desc(part, inv_id, st["invoke"], st["phase"], st["attempt"], st["error"], n,
-                         st.get("held", False), st.get("cancelled", False))
+                         st.get("held", False), st.get("cancelled", False), st.get("deployment"))
     phase = part.lookup(inv_id)
     if phase is None:
         return None
@@ -198,7 +200,8 @@ def describe(part: PartitionProcessor, inv_id: bytes) -> dict[str, Any] | None:
 
 
 def _desc(part: PartitionProcessor, inv_id: bytes, invoke: dict[str, Any] | None, phase: str, attempt: int,
-          error: str | None, journal_length: int, held: bool, cancelled: bool) -> dict[str, Any]:
+          error: str | None, journal_length: int, held: bool, cancelled: bool,
+          deployment: str | None = None) -> dict[str, Any]:
     key = invoke["key"] if invoke is not None else None
     if key is not None:
         try:
@@ -208,7 +211,7 @@ def _desc(part: PartitionProcessor, inv_id: bytes, invoke: dict[str, Any] | None
     return {"invocation_id": f"{format_id(inv_id)}_{part.partition}",
             "target": f"{invoke['service']}/{invoke['handler']}" if invoke is not None else None,
             "key": key, "phase": phase, "attempt": attempt, "error": error,
-            "deployment": invoke.get("deployment") if invoke is not None else None,
+            "deployment": deployment,
             "journal_length": journal_length, "paused_by_operator": held, "cancelled": cancelled,
             "idempotency_key": invoke.get("idempotency_key") if invoke is not None else None}
 
@@ -228,7 +231,7 @@ def listing(part: PartitionProcessor, phases: set[str], limit: int) -> list[dict
             out.append(describe(part, inv.id))  # type: ignore[arg-type]
     store = part.store
     if want(SUSPENDED):
-        for k, _ in store.scan(keys.STATUS):
+        for k, _ in store.scan(keys.STATUS, limit=limit + len(part.invocations)):
             inv_id = k[1:]
             if inv_id not in part.invocations and want(SUSPENDED):
                 out.append(describe(part, inv_id))  # type: ignore[arg-type]

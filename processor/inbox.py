@@ -27,6 +27,7 @@ Sequence numbers are log offsets, so key order is log order.
 from __future__ import annotations
 
 import struct
+import time
 from collections import deque
 from typing import Any, Callable
 
@@ -42,6 +43,10 @@ READ_AHEAD = 1024
 # How far (log offsets) the first held Invoke may trail the read position at
 # a commit before the held ones go to the store (bounds a re-read).
 SPAN = 50_000
+# How long (seconds) Invokes may stay held without a break before they go to
+# the store: a key held by a PAUSED invocation may hold Invokes behind it for
+# days, and the log's retention must never overtake the committed offset.
+MAX_HOLD_S = 600.0
 
 _U64 = struct.Struct(">Q")
 
@@ -112,6 +117,12 @@ class StoreQueue:
         if stored:
             self.store.delete(self._key(seq))
             unmark_queued(self.store, invoke)
+            # It was stored, so it precedes every held one: if it queues again
+            # (READY → a busy key's inbox) it must be stored again, never held
+            # (its offset is below the committed one; a re-read would miss it).
+            ahead = self.ahead
+            if seq > ahead.stored_max:
+                ahead.stored_max = seq
         else:
             self.ahead.release(seq, invoke)
         return seq, invoke
@@ -147,6 +158,7 @@ class ReadAhead:
         # so every stored entry precedes every held one. (After a load every
         # stored entry precedes every offset read again.)
         self.stored_max = -1
+        self.held_since = 0.0  # when `held` last became non-empty
         self._written: bytes | None = None
 
     def load(self, store: PartitionStore) -> None:
@@ -171,12 +183,15 @@ class ReadAhead:
         return seq > self.stored_max and len(self.held) < self.limit
 
     def stored(self, seq: int) -> None:
-        """`seq` goes to the store: every held one first (it is older)."""
-        self.spill()
+        """`seq` goes to the store: every held one first when one is older."""
+        if self.held and seq > min(self.held):
+            self.spill()
         if seq > self.stored_max:
             self.stored_max = seq
 
     def hold(self, seq: int, invoke: dict[str, Any], queue: StoreQueue) -> None:
+        if not self.held:
+            self.held_since = time.monotonic()
         self.held[seq] = queue
         if invoke["idempotency_key"] is not None:
             self.ids.add(invoke["invocation_id"])
@@ -206,10 +221,12 @@ class ReadAhead:
     def prepare_commit(self, store: PartitionStore) -> None:
         """Before a commit: spill held Invokes that trail too far, and write
         the record that goes with `commit_offset` (one key, O(held) bytes)."""
-        if self.read_to < 0:
-            return  # nothing read since the load: the committed record stands
         held = self.held
-        if held and self.read_to - min(held) > SPAN:
+        if self.read_to < 0:  # nothing read since the load: the committed record stands
+            if held:  # cannot happen (only Invokes read since the load are held); never lose one
+                self.spill()
+            return
+        if held and (self.read_to - min(held) > SPAN or time.monotonic() - self.held_since > MAX_HOLD_S):
             self.spill()
         skip_until = max(self.skip_until, self.read_to)
         redo = [*held, *self.redo]

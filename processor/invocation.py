@@ -53,6 +53,7 @@ class Invocation:
     error: str | None = None
     journal: list[Entry] = field(default_factory=list)
     running: Running | None = None
+    run: int = 0  # which start its outcome belongs to; a control that stops a run moves it on
     awaiting: list[int] = field(default_factory=list)  # journal indexes its coroutine awaits right now
     progress_mark: int = 0  # journal length when it was last seen to progress
     has_early: bool = False  # completions that arrived before their entry

@@ -289,15 +289,17 @@ class PartitionProcessor:
         self.active.add(inv)
         if self.metrics is not None:
             self.metrics.started(inv)
-        inv.running = self.executor.start(call, lambda outcome: self._apply_outcome(inv, outcome))
+        inv.run += 1
+        run = inv.run
+        inv.running = self.executor.start(call, lambda outcome: self._apply_outcome(inv, outcome, run))
 
-    def _apply_outcome(self, inv: Invocation, outcome: Outcome) -> None:
+    def _apply_outcome(self, inv: Invocation, outcome: Outcome, run: int) -> None:
         """Apply an outcome; an error doing so must not leave the invocation
         running with its key locked (it would, silently, in asyncio's
         exception handler): the transaction holding half of it is aborted and
         the invocation fails with the reason when the rewind starts it again."""
-        if self.closed or self.invocations.get(inv.id) is not inv:
-            return  # outcome of a run that a rewind or revocation already dropped
+        if self.closed or self.invocations.get(inv.id) is not inv or run != inv.run:
+            return  # outcome of a run that a rewind, revocation or control (pause, kill) already dropped
         self.active.discard(inv)
         inv.running = None
         if self.metrics is not None:
@@ -312,6 +314,7 @@ class PartitionProcessor:
                                    f"{type(e).__name__}: {e}")
 
     def pause(self, inv: Invocation, error: str | None) -> None:
+        self.ahead.spill()  # Invokes behind its key may now wait for days: not in memory only
         inv.phase = PAUSED
         inv.error = error
         self.n_paused += 1

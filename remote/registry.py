@@ -24,7 +24,7 @@ import orjson
 
 from oncely.errors import ConfigError
 from oncely.remote.signing import SigningKey, load_signing_key, sign_request
-from oncely.remote.wire import MANIFEST_MEDIA_TYPE, PROTOCOL_MAX, PROTOCOL_MIN
+from oncely.remote.wire import MANIFEST_MEDIA_TYPE, PROTOCOL_MAX, PROTOCOL_MIN, read_capped
 
 if TYPE_CHECKING:
     import aiohttp
@@ -171,7 +171,7 @@ async def discover(session: aiohttp.ClientSession, uri: str, key: SigningKey | N
     try:
         async with session.get(url, headers=headers,
                                timeout=aiohttp.ClientTimeout(total=DISCOVER_TIMEOUT_S)) as resp:
-            body = await resp.content.read(MAX_MANIFEST_BYTES + 1)
+            body = await read_capped(resp, MAX_MANIFEST_BYTES + 1)
             if resp.status != 200:
                 raise DiscoveryFailed(f"deployment {uri}: discovery answered {resp.status}: "
                                       f"{body[:300].decode('utf-8', 'replace')}")

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 from oncely.remote.answers import Answer, BadAnswer, parse_answers
 from oncely.remote.breaker import Breaker
 from oncely.remote.signing import SigningKey, sign_request
-from oncely.remote.wire import INVOKE_MEDIA_TYPE, invoke_request
+from oncely.remote.wire import INVOKE_MEDIA_TYPE, invoke_request, read_capped
 from oncely.shuffle.ids import random_id
 
 if TYPE_CHECKING:
@@ -66,19 +66,6 @@ def _retry_after(value: str | None) -> float | None:
         return max(0.0, float(value)) if value is not None else None
     except ValueError:
         return None
-
-
-async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
-    """The whole body, or its first `cap` bytes and more (the caller refuses
-    it). `content.read(n)` would return only what has arrived so far."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in resp.content.iter_any():
-        chunks.append(chunk)
-        size += len(chunk)
-        if size >= cap:
-            break
-    return b"".join(chunks)
 
 
 class Batcher:
@@ -180,7 +167,7 @@ class Batcher:
         timeout = aiohttp.ClientTimeout(total=self.deadline_ms / 1000 + TIMEOUT_SLACK_S)
         try:
             async with self.session.post(url, data=body, headers=headers, timeout=timeout) as resp:
-                out = await _read_capped(resp, MAX_ANSWER_BYTES + 1)
+                out = await read_capped(resp, MAX_ANSWER_BYTES + 1)
                 status = resp.status
                 retry_after = _retry_after(resp.headers.get("retry-after"))
         except (aiohttp.ClientError, TimeoutError, OSError) as e:

@@ -14,12 +14,15 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from oncely.sdk.protocol import CLIENT_MAX_BYTES, Entry, Limits
 from oncely.shuffle.ids import format_id, parse_id
+
+if TYPE_CHECKING:
+    import aiohttp
 
 PROTOCOL_MIN = 1
 PROTOCOL_MAX = 1
@@ -238,3 +241,15 @@ def invoke_request(app: str, partition: int, items: list[dict[str, Any]], deadli
         doc["limits"] = {"state": limits.state, "message": limits.message}
     return orjson.dumps(doc)
 
+
+async def read_capped(resp: "aiohttp.ClientResponse", cap: int) -> bytes:
+    """The whole body, or its first `cap` bytes and more (the caller refuses
+    it). `content.read(n)` would return only what has arrived so far."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= cap:
+            break
+    return b"".join(chunks)

@@ -111,6 +111,8 @@ def test_deployments_register_list_describe_remove(served: Served, tmp_path: Pat
            ({"uri": "http://127.0.0.1:9", "force": "yes"}, 400, "force must be true or false"),
            ({"uri": "http://127.0.0.1:9", "extra": 1}, 400, "unknown field(s) extra"),
            ({"uri": "ftp://nowhere"}, 400, "ftp://nowhere"),
+           ({"uri": "http://127.0.0.1:9", "headers": {"X-A": "a\r\nb"}}, 400, "visible ASCII"),
+           ({"uri": "http://127.0.0.1:9", "headers": {"Host": "x"}}, 400, "set by oncely itself"),
            ({"uri": f"http://127.0.0.1:{free_port()}"}, 502, "")]
     for body, status, message in bad:
         got, _, answer = served.admin("POST", "/deployments", body, headers=AUTH)

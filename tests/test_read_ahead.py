@@ -191,3 +191,17 @@ def test_counter_with_hot_keys_exact_under_kill9(kafka: str, tmp_path: Path) -> 
     finally:
         if proc.alive():
             proc.kill9()
+
+
+def test_invokes_behind_a_paused_holder_go_to_the_store() -> None:
+    app, append = _appender("aheadpause", inflight=100)
+    with TestDriver(app) as d:
+        first = d.send(append, "k", -1)
+        d.send(append, "k", 1)
+        d.loop.run_until_complete(d._astep())
+        assert _held(d) == 1
+        assert d.pause(first) == "applied"
+        assert _held(d) == 0 and sum(len(p.store.scan(keys.INBOX)) for p in d.partitions) == 1
+        assert d.resume(first) == "applied"
+        d.advance(11)
+        assert d.state("seq", "k") == {"items": [-1, 1]}
