@@ -138,8 +138,9 @@ class CommitLoop:
     def produce(self, topic: str, key: bytes | None, value: bytes | None,
                 headers: list[tuple[str, bytes]] | None = None, partition: int | None = None,
                 owner: bytes | None = None) -> None:
-        assert self.open is not None
-        self.open.produce(topic, key, value, headers, partition, owner)
+        # Straight to the producer (the open Transaction only forwards): one
+        # call less for every record the hot path makes.
+        self.txn.produce(topic, key, value, headers, partition, owner)  # type: ignore[union-attr]
 
     def fault(self, inv_id: bytes, why: str) -> None:
         """An invocation's outcome could not be applied (an internal error):

@@ -18,9 +18,13 @@ from oncely.processor.store import PartitionStore
 
 
 class KeyQueue:
+    """A held key: its holder and its inbox. The inbox is made when the
+    first invocation waits (most keys never queue anything), or at once when
+    the store may hold entries for it (after a load)."""
+
     __slots__ = ("holder", "inbox")
 
-    def __init__(self, holder: Invocation, inbox: StoreQueue) -> None:
+    def __init__(self, holder: Invocation, inbox: StoreQueue | None) -> None:
         self.holder = holder
         self.inbox = inbox
 
@@ -46,13 +50,16 @@ class KeyQueues:
         """`inv` holds its key from now on (with the key's inbox, if known)."""
         sk = inv.sk
         assert sk is not None
-        self.held[sk] = KeyQueue(inv, inbox if inbox is not None else key_inbox(self.store, sk, maybe_queued,
-                                                                                          self.ahead))
+        if inbox is None and maybe_queued:
+            inbox = key_inbox(self.store, sk, True, self.ahead)
+        self.held[sk] = KeyQueue(inv, inbox)
 
     def wait(self, sk: bytes, seq: int, invoke: dict[str, Any]) -> None:
         """Queue an invocation behind the key's holder."""
         q = self.held.get(sk)
         if q is not None:
+            if q.inbox is None:
+                q.inbox = key_inbox(self.store, sk, False, self.ahead)
             q.inbox.push(seq, invoke)
         else:  # held by a suspended invocation: its inbox is read from the store when it resumes
             self.ahead.stored(seq)  # (what is stored precedes what is held)
@@ -66,6 +73,8 @@ class KeyQueues:
         if q is None or q.holder is not inv:
             return None
         del self.held[inv.sk]  # type: ignore[arg-type]
+        if q.inbox is None:
+            return None
         head = q.inbox.pop()
         return None if head is None else (head[0], head[1], q.inbox)
 

@@ -28,7 +28,7 @@ from collections import Counter
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
@@ -206,32 +206,65 @@ class TxnProducer:
                 owner: bytes | None = None, on_delivery: Callable[[Any, Any], None] | None = None) -> None:
         """Add a record to the open transaction. A failure poisons the
         transaction (the commit then aborts), and its owner with it."""
-        kwargs: dict[str, Any] = {"key": key, "value": value}
-        if headers:
-            kwargs["headers"] = headers
-        if partition is not None:
-            kwargs["partition"] = partition
         if owner is not None:
-            kwargs["on_delivery"] = self._attributed(owner, topic, on_delivery)
-        elif on_delivery is not None:
-            kwargs["on_delivery"] = on_delivery
+            on_delivery = self._attributed(owner, topic, on_delivery)
         p = self._producer
         assert p is not None, "no producer"
-        txn = self.txn
-        while True:
-            try:
-                p.produce(topic, **kwargs)
-                break
-            except BufferError:
-                p.poll(0.01)
-            except KafkaException as e:
-                err = e.args[0]
-                if txn.error is None:
-                    txn.error = err
-                if owner is not None and err.code() in RECORD_FAULTS:
-                    txn.faults.append((owner, f"a record for {topic} cannot be produced: {err.str()}"))
+        part = -1 if partition is None else partition  # -1: librdkafka's partitioner decides
+        try:
+            # Positional, and keywords only when set: the common record (no
+            # headers, no report) takes the cheapest call confluent-kafka has.
+            if on_delivery is None and not headers:
+                p.produce(topic, value, key, part)
+            else:
+                p.produce(topic, value, key, part, on_delivery=on_delivery, headers=headers or None)
+        except (BufferError, KafkaException) as e:
+            if not self._produce_slow(e, p, topic, key, value, headers or None, part, owner, on_delivery):
                 return
-        txn.produced += 1
+        self.txn.produced += 1
+
+    def produce_all(self, topic: str, partition: int, records: Collection[tuple[bytes, bytes | None]],
+                    on_last: Callable[[Any, Any], None] | None = None) -> None:
+        """Add many unowned records (a partition's changelog at a commit) to
+        the open transaction, in order; `on_last` reports the last one."""
+        p = self._producer
+        assert p is not None, "no producer"
+        produce = p.produce
+        txn = self.txn
+        last = len(records) - 1
+        for i, (key, value) in enumerate(records):
+            report = on_last if i == last else None
+            try:
+                if report is None:
+                    produce(topic, value, key, partition)
+                else:
+                    produce(topic, value, key, partition, on_delivery=report)
+            except (BufferError, KafkaException) as e:
+                if not self._produce_slow(e, p, topic, key, value, None, partition, None, report):
+                    continue
+            txn.produced += 1
+
+    def _produce_slow(self, first: Exception, p: Producer, topic: str, key: bytes | None, value: bytes | None,
+                      headers: list[tuple[str, bytes]] | None, partition: int, owner: bytes | None,
+                      on_delivery: Callable[[Any, Any], None] | None) -> bool:
+        """A produce that raised `first`: wait while the local queue is
+        full; any other error poisons the transaction (and the owner, for a
+        record error). True when the record was added after all."""
+        txn = self.txn
+        e = first
+        while isinstance(e, BufferError):
+            p.poll(0.01)
+            try:
+                p.produce(topic, value, key, partition, on_delivery=on_delivery, headers=headers)
+                return True
+            except (BufferError, KafkaException) as again:
+                e = again
+        err = e.args[0]
+        if txn.error is None:
+            txn.error = err
+        if owner is not None and err.code() in RECORD_FAULTS:
+            txn.faults.append((owner, f"a record for {topic} cannot be produced: {err.str()}"))
+        return False
 
     def _attributed(self, owner: bytes, topic: str,
                     then: Callable[[Any, Any], None] | None) -> Callable[[Any, Any], None]:

@@ -114,8 +114,5 @@ class Transaction:
                 if err is None:
                     box.append(msg.offset())
 
-            last = len(overlay) - 1
-            for i, (k, v) in enumerate(overlay.items()):
-                self.producer.produce(self.changelog_topic, k, v, partition=p,
-                                      on_delivery=checkpoint if i == last else None)
+            self.producer.produce_all(self.changelog_topic, p, overlay.items(), checkpoint)
         return checkpoints

@@ -75,8 +75,10 @@ class Waits:
 
     def drop(self, inv: Invocation) -> None:
         """`inv` left memory (suspended or finished)."""
-        for i in range(len(inv.journal)):
-            self.futures.pop((inv.id, i), None)
+        futures = self.futures
+        if futures:  # nothing waits at all in the common case: no lookups
+            for i in range(len(inv.journal)):
+                futures.pop((inv.id, i), None)
         self.idle.pop(inv, None)
 
     def clear(self) -> None:

@@ -7,6 +7,8 @@ the same partition, and `cart/alice` and `user/alice` share a partition.
 
 from __future__ import annotations
 
+import functools
+
 _M = 0x5BD1E995
 _SEED = 0x9747B28C
 _MASK = 0xFFFFFFFF
@@ -37,6 +39,17 @@ def murmur2(data: bytes) -> int:
     return h
 
 
-def partition_for(routing_key: bytes, partitions: int) -> int:
-    """Kafka's default partition for a non-null key: toPositive(murmur2) % n."""
+def _partition(routing_key: bytes, partitions: int) -> int:
     return (murmur2(routing_key) & 0x7FFFFFFF) % partitions
+
+
+_cached = functools.lru_cache(maxsize=1 << 14)(_partition)
+
+
+def partition_for(routing_key: bytes, partitions: int) -> int:
+    """Kafka's default partition for a non-null key: toPositive(murmur2) % n.
+    Short keys are cached: they repeat (every record of a customer, every
+    send to a key), and murmur2 in Python costs microseconds per key."""
+    if len(routing_key) > 64:
+        return _partition(routing_key, partitions)
+    return _cached(routing_key, partitions)

@@ -499,3 +499,32 @@ def test_python_dash_m_oncely_is_the_command_and_the_version_is_declared_once() 
     shown = subprocess.run([sys.executable, "-m", "oncely", "--version"], capture_output=True, text=True, timeout=60)
     assert oncely.__version__ in shown.stdout, shown
     assert version("oncely") == oncely.__version__, "pyproject.toml reads the version from oncely.__version__"
+
+
+def test_txn_producer_fast_path_counts_records_and_poisons_the_owner_of_one_that_cannot_be_produced() -> None:
+    """The positional produce path (no broker needed: records wait in
+    librdkafka's queue): every record added is counted, a record refused at
+    once (too large for the client) is not, poisons the transaction and names
+    its owner; unowned changelog records go in through produce_all."""
+    import threading
+
+    from confluent_kafka import Producer
+
+    from oncely.processor.producer import TxnProducer
+
+    txn = TxnProducer({}, 1.0, 1.0, threading.Event())
+    txn._producer = Producer({"bootstrap.servers": "127.0.0.1:1", "log_level": 0})
+    try:
+        txn.produce("out", b"k", b"v")
+        txn.produce("out", b"k", b"v", headers=[("h", b"x")], partition=1)
+        txn.produce("out", b"k", b"v", owner=b"inv-1")
+        txn.produce_all("changelog", 0, {b"a": b"1", b"b": None}.items(), lambda err, msg: None)
+        assert txn.txn.produced == 5 and txn.txn.error is None
+        assert list(txn.txn.unacked.values()) == [(b"inv-1", "out")]
+        txn.produce("out", b"k", b"x" * 2_000_000, owner=b"inv-2")
+        assert txn.txn.produced == 5
+        assert txn.txn.error is not None
+        assert [owner for owner, _ in txn.txn.faults] == [b"inv-2"]
+    finally:
+        txn._producer.purge()
+        txn._producer = None
