@@ -1,11 +1,13 @@
 """`oncely replay`: re-feed a range of a source topic through its
 subscriptions, for recovery.
 
-Without new ids a replayed record gets the invocation id it had the first
-time, so a record processed within the dedup retention is recognised and
-changes nothing (the tool skips ids the changelog already remembers; the
-target partition drops any other duplicate). With `new_ids` every record
-becomes a new invocation and is processed again.
+Without new ids a record the app has read already (below its group's
+committed offset) was processed, exactly once, when it was read: it is
+skipped, unless the ingest dead-lettered it (a fixed decoder or key
+function now invokes it). A record the app has not read yet is left to the
+app. A replayed Invoke keeps the id the record had and carries its
+coordinates as idempotency key, so repeating a replay runs nothing twice.
+With `new_ids` every record becomes a new invocation and is processed again.
 
 Records whose invocation failed (a handler error after its retries, or a
 TerminalError) are counted as "failed earlier" and not invoked again: their
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Callable
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from oncely import schemas
 from oncely.egress import dead_letters as dl
@@ -36,6 +38,7 @@ from oncely.ingest.router import H_SUBSCRIPTION, Routed, route
 from oncely.kafka_io import read_to_end, watermarks
 from oncely.logs import kafka_conf_logging
 from oncely.processor import keys
+from oncely.processor.clients import source_start
 
 if TYPE_CHECKING:
     from oncely.app import App
@@ -49,6 +52,7 @@ class ReplaySummary:
     dead_lettered: int = 0
     already_dead: int = 0
     failed_earlier: int = 0
+    not_read: int = 0
 
     def __str__(self) -> str:
         text = (f"records read {self.read}, invoked {self.invoked}, deduplicated {self.deduplicated}, "
@@ -58,6 +62,8 @@ class ReplaySummary:
         if self.failed_earlier:
             text += (f", failed earlier {self.failed_earlier} (not invoked: retry them with "
                      "`oncely invocations retry`)")
+        if self.not_read:
+            text += f", not read by the app yet {self.not_read} (left to it)"
         return text
 
 
@@ -90,6 +96,17 @@ def remembered_ids(bootstrap: str, app: "App", config: dict) -> tuple[set[bytes]
         elif k[:1] == keys.STATUS:  # in flight: a replay must not start it again
             completed.add(k[1:])
     return completed - failed, failed
+
+
+def read_by_app(bootstrap: str, app: "App", topic: str, parts: list[int], config: dict) -> dict[int, int | None]:
+    """Per partition, the app's committed offset of `topic`: what it has read
+    (and processed, exactly once). None where it has committed nothing."""
+    consumer = Consumer({**config, "group.id": app.name, "enable.auto.commit": False})
+    try:
+        found = consumer.committed([TopicPartition(topic, p) for p in parts], timeout=30)
+    finally:
+        consumer.close()
+    return {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in found}
 
 
 def dead_lettered(bootstrap: str, app: "App", topic: str, config: dict) -> set[tuple[str, int, int]]:
@@ -128,6 +145,14 @@ def _nonempty(topic: str, span: str, lows: dict[int, int], ends: dict[int, int],
                          for p in sorted(starts))
         raise ConfigError(f"nothing to replay: {topic} holds no record in {span} (offsets held: {held})")
     return ranges
+
+
+def _advance(pending: dict[int, tuple[int, int]], p: int, offset: int,
+             progress: Callable[[int], None] | None) -> None:
+    if progress:
+        progress(1)
+    if offset + 1 >= pending[p][1]:
+        pending.pop(p, None)
 
 
 def _offsets_at(consumer: Consumer, topic: str, parts: list[int], ms: int, ends: dict[int, int]) -> dict[int, int]:
@@ -192,6 +217,10 @@ def replay(
             on_total(sum(b - a for a, b in ranges.values()))
         known, failed = (set(), set()) if new_ids else remembered_ids(bootstrap, app, conf)
         dead = dead_lettered(bootstrap, app, topic, conf)
+        read = {} if new_ids else read_by_app(bootstrap, app, topic, list(ranges), conf)
+        # Where the app has committed nothing it reads from the start (so
+        # everything is left to it), or from the end (so nothing ever is).
+        unread_from_start = source_start(app.config) != OFFSET_END
         salt = f"replay-{uuid.uuid4().hex}" if new_ids else None
 
         def on_delivery(err: KafkaError | None, _msg: object) -> None:
@@ -215,9 +244,18 @@ def replay(
                     pending.pop(p, None)
                     continue
                 summary.read += 1
+                consumed = read.get(p)
+                if not new_ids and (m.offset() >= consumed if consumed is not None else unread_from_start):
+                    summary.not_read += 1  # the app will read it (and invoke it) itself
+                    _advance(pending, p, m.offset(), progress)
+                    continue
+                processed = consumed is not None and not new_ids
                 for sub in subs:
-                    out = route(app.name, app.partitions, sub, m, id_salt=salt)
+                    out = route(app.name, app.partitions, sub, m, id_salt=salt, replayed=True)
                     if isinstance(out, Routed):
+                        if processed and (sub.name, p, m.offset()) not in dead and out.invocation_id not in failed:
+                            summary.deduplicated += 1  # invoked when the app read it
+                            continue
                         if out.invocation_id in known or out.invocation_id in failed:
                             summary.deduplicated += out.invocation_id in known
                             summary.failed_earlier += out.invocation_id in failed
@@ -240,10 +278,7 @@ def replay(
                         except BufferError:
                             producer.poll(0.05)
                 producer.poll(0)
-                if progress:
-                    progress(1)
-                if m.offset() + 1 >= pending[p][1]:
-                    pending.pop(p, None)
+                _advance(pending, p, m.offset(), progress)
         left = producer.flush(60)
         if left or errors:
             raise RuntimeError(f"replay: {left} records not acknowledged; errors: {errors[:5]}")

@@ -42,9 +42,15 @@ def _dead(app: str, sub: Subscription, reason: str, error: str, msg: Any) -> Dea
     return Dead(reason, k, v, h + [(name, val if val is not None else b"") for name, val in (msg.headers() or [])])
 
 
-def route(app: str, partitions: int, sub: Subscription, msg: Any, id_salt: str | None = None) -> Routed | Dead:
+def route(app: str, partitions: int, sub: Subscription, msg: Any, id_salt: str | None = None,
+          replayed: bool = False) -> Routed | Dead:
     """Decide what a source record becomes. `id_salt` (replay --new-ids)
-    gives every invocation a new id, so nothing is deduplicated."""
+    gives every invocation a new id, so nothing is deduplicated.
+
+    A record without an idempotency key of its own is read once: its Invoke
+    and its source offset share a transaction, so it carries no idempotency
+    key (no duplicate check, no dedup entry). Only a `replayed` one, which
+    the live path may have made already, is deduplicated by its coordinates."""
     raw: bytes | None = msg.value()
     rkey: bytes | None = msg.key()
     size = len(raw or b"") + len(rkey or b"")
@@ -84,15 +90,16 @@ def route(app: str, partitions: int, sub: Subscription, msg: Any, id_salt: str |
                          msg)
         if found is not None:
             idem = idempotency_text(found)
-    if idem is None:
-        # Deduplicate by coordinates: a replay of the same record is the same invocation.
-        idem = f"{rec.topic}/{rec.partition}/{rec.offset}"
-        inv_id = source_record_id(rec.topic, rec.partition, rec.offset, f"{service}/{handler}")
-    else:
-        inv_id = idempotent_id(service, handler, kb, idem)
     if id_salt is not None:
-        idem = f"{idem}#{id_salt}"
+        idem = f"{idem or _coordinates(rec)}#{id_salt}"
         inv_id = idempotent_id(service, handler, kb, idem)
+    elif idem is not None:
+        inv_id = idempotent_id(service, handler, kb, idem)
+    else:
+        # The id comes from the coordinates: a replay of the record is the same invocation.
+        inv_id = source_record_id(rec.topic, rec.partition, rec.offset, f"{service}/{handler}")
+        if replayed:
+            idem = _coordinates(rec)
     record = invoke_record(
         inv_id, service, handler, kb, raw if raw is not None else b"", sub.decoder.payload_format,
         idempotency_key=idem, idempotency_retention_ms=int(sub.retention.total_seconds() * 1000),
@@ -102,3 +109,7 @@ def route(app: str, partitions: int, sub: Subscription, msg: Any, id_salt: str |
     )
     routing = kb if kb is not None else inv_id
     return Routed(partition_for(routing, partitions), routing, record, inv_id)
+
+
+def _coordinates(rec: SourceRecord) -> str:
+    return f"{rec.topic}/{rec.partition}/{rec.offset}"

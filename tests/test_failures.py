@@ -85,18 +85,23 @@ def test_replay_reports_dead_letters_and_failures_and_retry_runs_them(kafka: str
         assert len(failed) == 1 and "accounts/deposit acct FAILED" in failed[0] and "negative deposits" in failed[0]
         failed_id = failed[0].split()[0]
         assert proc.stop() == 0
+        # A record the app has not read yet is left to it, not invoked by the replay.
+        produce(kafka, source, [("acct", {"amount": 10})])
+        summary = ok("replay", "tests.apps.picky:app", "--topic", source, "--from-offset", "0").strip()
+        assert summary.startswith(f"{source}: records read 4, invoked 0, deduplicated 1, dead-lettered 0, ")
+        assert summary.endswith("not read by the app yet 1 (left to it)"), summary
         proc.env["ONCELY_TEST_FIXED"] = "1"  # the fix is deployed
         proc.start()
         retried = ok("invocations", "retry", app, failed_id).strip()
         assert re.fullmatch(rf"{failed_id} retried as inv_\w+", retried)
-        wait_until(lambda: balance() == 3, 60, 0.5, "the retried deposit")
+        wait_until(lambda: balance() == 13, 60, 0.5, "the retried deposit and the new one")
         listed = wait_until(lambda: "(completed)" in (t := ok("inspect", "invocations", app, "--failed")) and t, 30,
                             0.5, "the failure to show its retry")
         assert f"retried as {retried.split()[-1]} (completed)" in listed
         assert ok("invocations", "retry", app, failed_id).strip() == retried  # the same retry: deduplicated
         assert ok("invocations", "retry", app, "--all").strip() == retried
         time.sleep(2)
-        assert balance() == 3, "a repeated retry ran the invocation again"
+        assert balance() == 13, "a repeated retry (or the replay) ran an invocation again"
         assert proc.stop() == 0
     finally:
         if proc.alive():
