@@ -287,8 +287,16 @@ class TestDriver:
                                     self.out)
                 self.position[p] += 1
                 read += 1
-        await self._settle()
-        return self.commit() or read > 0
+        # As the commit loop drains before a commit: a key holder that
+        # finishes meanwhile leaves its key vacant until the commit is over.
+        for part in self.partitions:
+            part.preparing = True
+        try:
+            await self._settle()
+            return self.commit() or read > 0
+        finally:
+            for part in self.partitions:
+                part.prepared()
 
     async def _settle(self) -> None:
         """Let handlers run until none progresses (the rest waits)."""

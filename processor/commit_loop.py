@@ -308,11 +308,21 @@ class CommitLoop:
         never paused, so Responses, awakeable results and timers always
         apply."""
         backlog = False
-        for part in self.partitions.values():
-            part.pump()
-            backlog = backlog or part.ready.beyond
         assignment, consumer = self.assignment, self.consumer
         assert assignment is not None and consumer is not None
+        # Invokes held in memory, plus those on the log not read yet, past
+        # 3/4 of the read-ahead bound (down to 1/4 once paused) pause the
+        # sources too: what will wait behind busy keys stays in the source
+        # topics instead of overflowing the read-ahead into the store.
+        share = 1 if self._paused_sources else 3
+        for p, part in self.partitions.items():
+            part.pump()
+            ahead = part.ahead
+            waiting = len(ahead.held)
+            if ahead.read_to >= 0:
+                waiting += max(0, consumer.get_watermark_offsets(TopicPartition(self.app.log_topic, p),
+                                                                 cached=True)[1] - ahead.read_to)
+            backlog = backlog or part.ready.beyond or waiting * 4 >= ahead.limit * share
         if backlog:
             sources = {tp for tp in assignment.active if tp[0] != self.app.log_topic} - self._paused_sources
             if sources:
@@ -335,7 +345,12 @@ class CommitLoop:
         # A task's step and its done callback run in consecutive loop
         # iterations, so only several iterations without progress mean that
         # what is left is waiting on something.
-        while before and stalled < 3 and time.monotonic() < deadline:
+        # At least two iterations, whatever the budget: a task started just
+        # before (its step) and its done callback (its outcome) need two, and
+        # an invocation left unapplied is persisted now and deleted next time.
+        passes = 0
+        while before and stalled < 3 and (passes < 2 or time.monotonic() < deadline):
+            passes += 1
             await asyncio.sleep(0)
             now = self._in_flight()
             stalled = stalled + 1 if now >= before else 0
@@ -384,8 +399,14 @@ class CommitLoop:
             # commits never take more than half the loop's time.
             if (since >= cfg.commit_interval or open_.records >= cfg.max_batch or open_.fault is not None
                     or (open_.outputs and not msgs and since >= self._commit_took)):
-                await self._drain()
-                self.commit()
+                for part in self.partitions.values():
+                    part.preparing = True
+                try:
+                    await self._drain()
+                    self.commit()
+                finally:
+                    for part in self.partitions.values():
+                        part.prepared()
             if msgs:
                 idle = 0.0
             else:

@@ -127,6 +127,12 @@ class StoreQueue:
             self.ahead.release(seq, invoke)
         return seq, invoke
 
+    def head_is_held(self) -> bool:
+        """Whether the head is held read-ahead (then so is every entry: what
+        is stored precedes what is held)."""
+        w = self.window
+        return bool(w) and not w[0][2]
+
     def spill(self) -> None:
         """Write the held entries to the store (they stop being read-ahead)."""
         w = self.window
@@ -218,6 +224,12 @@ class ReadAhead:
             return None
         return min(min(self.held, default=self.read_to), min(self.redo, default=self.read_to))
 
+    def spill_due(self) -> bool:
+        """Whether this commit spills the held Invokes: they trail the read
+        position too far, or have been held too long."""
+        held = self.held
+        return bool(held) and (self.read_to - min(held) > SPAN or time.monotonic() - self.held_since > MAX_HOLD_S)
+
     def prepare_commit(self, store: PartitionStore) -> None:
         """Before a commit: spill held Invokes that trail too far, and write
         the record that goes with `commit_offset` (one key, O(held) bytes)."""
@@ -226,7 +238,7 @@ class ReadAhead:
             if held:  # cannot happen (only Invokes read since the load are held); never lose one
                 self.spill()
             return
-        if held and (self.read_to - min(held) > SPAN or time.monotonic() - self.held_since > MAX_HOLD_S):
+        if self.spill_due():
             self.spill()
         skip_until = max(self.skip_until, self.read_to)
         redo = [*held, *self.redo]

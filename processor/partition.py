@@ -74,6 +74,9 @@ class PartitionProcessor:
         self.stats = PartitionStats()
         self.metrics = getattr(out, "metrics", None)  # oncely.observe.Metrics, or None without --metrics
         self.closed = False
+        # While a commit is prepared: finished holders leave their keys vacant
+        # (key_queues.py) instead of starting the next in line.
+        self.preparing = False
 
     # -- loading (assignment, restart, rewind) -----------------------------------
 
@@ -331,7 +334,17 @@ class PartitionProcessor:
         self.active.discard(inv)
         self.waits.drop(inv)
         if inv.sk is not None:
-            self._hand_over(self.keys.release(inv))
+            self._hand_over(self.keys.release(inv, vacate=self.preparing))
+
+    def fill_vacant(self) -> None:
+        """Start the next in line of every key left vacant while the commit was prepared."""
+        for nxt in self.keys.fill_vacant():
+            self._hand_over(nxt)
+
+    def prepared(self) -> None:
+        """The commit is over (or was not made): keys are handed on again."""
+        self.preparing = False
+        self.fill_vacant()
 
     def _hand_over(self, nxt: tuple[int, dict[str, Any], StoreQueue] | None) -> None:
         """Start the next invocation of a key's inbox as the key's holder."""
@@ -384,6 +397,8 @@ class PartitionProcessor:
     def prepare_commit(self) -> None:
         """Write what outlives this commit: records of invocations in flight,
         and which read-ahead a re-read of the log must apply."""
+        if self.keys.vacant and (self.ahead.spill_due() or not self.keys.vacant_only_held()):
+            self.fill_vacant()  # an inbox in the store needs its key held (a LOCK)
         self.writer.persist_all(self.active)
         self.ahead.prepare_commit(self.store)
 
