@@ -100,6 +100,26 @@ def test_read_ahead_spills_to_the_store_when_it_trails_too_far(monkeypatch: pyte
         assert d.state("seq", "k") == {"items": [-1, *range(30)]}
 
 
+def test_a_key_left_vacant_at_a_commit_that_spills_gets_its_holder_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a commit is prepared a finished holder leaves its key vacant
+    (key_queues.py); when that commit spills the key's inbox to the store,
+    the next in line must take the key (and its LOCK) first, or after a
+    crash nothing would hold the key: the stored inbox would never start and
+    a later Invoke would overtake it."""
+    monkeypatch.setattr(inbox, "SPAN", 10)
+    app, append = _appender("aheadvacant", inflight=100)
+    with TestDriver(app) as d:
+        for item in range(30):
+            d.send(append, "k", item)
+        d.loop.run_until_complete(d._astep())  # 0 ran; the rest trailed by more than SPAN: spilled
+        assert sum(len(p.store.scan(keys.INBOX)) for p in d.partitions) == 28
+        assert sum(len(p.store.scan(keys.LOCK)) for p in d.partitions) == 1, "the key has a holder"
+        d.crash()
+        d.send(append, "k", 30)
+        d.run()
+        assert d.state("seq", "k") == {"items": list(range(31))}
+
+
 @pytest.mark.parametrize("limit,inflight,crash", [(1024, 2, False), (1024, 2, True), (4, 2, True),
                                                    (7, 1, True), (3, 3, True)])
 def test_held_entries_behind_suspended_holders_keep_key_order(limit: int, inflight: int, crash: bool,
