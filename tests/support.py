@@ -3,8 +3,11 @@ and readers of the state they leave in the changelog and in RocksDB."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -189,3 +192,52 @@ class CounterTraffic:
     def exact(self) -> bool:
         state = changelog_state(self.bootstrap, self.app)
         return {k: v for (s, k, n), v in state.items() if s == "counter" and n == "n"} == self.sums
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Http:
+    """A user of an HTTP server at 127.0.0.1:port: (status, lower-cased
+    headers, body); the body parsed as JSON with `parse_json`."""
+
+    parse_json = False
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def __call__(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
+                 timeout: float = 60.0) -> tuple[int, dict[str, str], Any]:
+        h = dict(headers or {})
+        if body is not None and not isinstance(body, bytes):
+            body = json.dumps(body).encode()
+            h.setdefault("Content-Type", "application/json")
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=h)
+            r = conn.getresponse()
+            data = r.read()
+            headers_out = {k.lower(): v for k, v in r.getheaders()}
+        finally:
+            conn.close()
+        if self.parse_json:
+            try:
+                return r.status, headers_out, (json.loads(data) if data else None)
+            except ValueError:
+                pass
+        return r.status, headers_out, data
+
+    def ready(self, timeout: float = 90.0) -> None:
+        def up() -> bool:
+            try:
+                return self("GET", "/restate/health", timeout=5)[0] == 200
+            except OSError:
+                return False
+        wait_until(up, timeout, 0.2, f"the ingress on port {self.port}")
+
+
+class JsonHttp(Http):
+    parse_json = True

@@ -4,53 +4,17 @@ and the ingress over HTTP, and the `oncely invocations` CLI over Kafka."""
 
 from __future__ import annotations
 
-import http.client
-import json
-import socket
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
 from oncely.testing import unique_name
-from support import ProcessorProcess, oncely_cli, wait_until
+from support import JsonHttp as Http, ProcessorProcess, free_port, oncely_cli, wait_until
 
 SPEC = "tests.apps.controls_app:app"
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Http:
-    """A user of an HTTP server at 127.0.0.1:port; JSON bodies."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-
-    def __call__(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
-                 timeout: float = 60.0) -> tuple[int, dict[str, str], Any]:
-        h = dict(headers or {})
-        raw = None
-        if body is not None:
-            raw = json.dumps(body).encode()
-            h.setdefault("Content-Type", "application/json")
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            conn.request(method, path, body=raw, headers=h)
-            r = conn.getresponse()
-            data = r.read()
-            try:
-                parsed = json.loads(data) if data else None
-            except ValueError:
-                parsed = data
-            return r.status, {k.lower(): v for k, v in r.getheaders()}, parsed
-        finally:
-            conn.close()
 
 
 class Served:

@@ -4,12 +4,10 @@ processor runs `oncely run --http` in a subprocess (or beside a standalone
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,45 +23,11 @@ import oncely
 from oncely.shuffle.ids import format_awakeable, format_id, idempotent_id, random_id
 from oncely.shuffle.routing import partition_for
 from oncely.testing import unique_name
-from support import REPO, ProcessorProcess, wait_until
+from support import REPO, Http, ProcessorProcess, wait_until
+from support import free_port as _port
 
 SPEC = "tests.apps.gateway_app:app"
 PARTITIONS = 4
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Http:
-    """A user of the ingress at 127.0.0.1:port."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-
-    def __call__(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
-                 timeout: float = 60.0) -> tuple[int, dict[str, str], bytes]:
-        h = dict(headers or {})
-        if body is not None and not isinstance(body, bytes):
-            body = json.dumps(body).encode()
-            h.setdefault("Content-Type", "application/json")
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            conn.request(method, path, body=body, headers=h)
-            r = conn.getresponse()
-            return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
-        finally:
-            conn.close()
-
-    def ready(self, timeout: float = 90.0) -> None:
-        def up() -> bool:
-            try:
-                return self("GET", "/restate/health", timeout=5)[0] == 200
-            except OSError:
-                return False
-        wait_until(up, timeout, 0.2, f"the ingress on port {self.port}")
 
 
 class GatewayProcess:
