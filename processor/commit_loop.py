@@ -310,19 +310,15 @@ class CommitLoop:
         backlog = False
         assignment, consumer = self.assignment, self.consumer
         assert assignment is not None and consumer is not None
-        # Invokes held in memory, plus those on the log not read yet, past
-        # 3/4 of the read-ahead bound (down to 1/4 once paused) pause the
-        # sources too: what will wait behind busy keys stays in the source
-        # topics instead of overflowing the read-ahead into the store.
+        # Invokes held in memory past 3/4 of the read-ahead bound (down to
+        # 1/4 once paused) pause the sources too: what will wait behind busy
+        # keys stays in the source topics instead of overflowing the
+        # read-ahead into the store.
         share = 1 if self._paused_sources else 3
-        for p, part in self.partitions.items():
+        for part in self.partitions.values():
             part.pump()
             ahead = part.ahead
-            waiting = len(ahead.held)
-            if ahead.read_to >= 0:
-                waiting += max(0, consumer.get_watermark_offsets(TopicPartition(self.app.log_topic, p),
-                                                                 cached=True)[1] - ahead.read_to)
-            backlog = backlog or part.ready.beyond or waiting * 4 >= ahead.limit * share
+            backlog = backlog or part.ready.beyond or len(ahead.held) * 4 >= ahead.limit * share
         if backlog:
             sources = {tp for tp in assignment.active if tp[0] != self.app.log_topic} - self._paused_sources
             if sources:
