@@ -54,6 +54,12 @@ class KafkaClients:
 
     def producer_conf(self, transactional_id: str) -> dict[str, Any]:
         return {
+            # A commit that follows the previous one closely finds it still
+            # completing (its markers being written): AddOffsetsToTxn is
+            # answered CONCURRENT_TRANSACTIONS and retried after this
+            # backoff, doubled per retry (librdkafka's 100 ms added 100-300
+            # ms to such commits; bench/txn_probe.py). A user's setting wins.
+            "retry.backoff.ms": 10,
             **self.base(),
             "transactional.id": transactional_id,
             "enable.idempotence": True,
