@@ -57,9 +57,12 @@ class KafkaClients:
             # A commit that follows the previous one closely finds it still
             # completing (its markers being written): AddOffsetsToTxn is
             # answered CONCURRENT_TRANSACTIONS and retried after this
-            # backoff, doubled per retry (librdkafka's 100 ms added 100-300
-            # ms to such commits; bench/txn_probe.py). A user's setting wins.
+            # backoff, doubled per retry up to the max. librdkafka's 100 ms
+            # / 1 s added 100-300 ms to such commits on a quiet broker and
+            # up to seconds on a busy one (bench/txn_probe.py,
+            # bench/peer_breakdown.py). Timing only; a user's setting wins.
             "retry.backoff.ms": 10,
+            "retry.backoff.max.ms": 100,
             **self.base(),
             "transactional.id": transactional_id,
             "enable.idempotence": True,
