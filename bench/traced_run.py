@@ -103,8 +103,6 @@ def install() -> None:
 
 if __name__ == "__main__":
     install()
-    if os.environ.get("ONCELY_BENCH_SWITCH"):  # the GIL's switch interval, to compare
-        sys.setswitchinterval(float(os.environ["ONCELY_BENCH_SWITCH"]))
     from oncely.cli import main
 
     sys.argv = ["oncely", *sys.argv[1:]]
