@@ -59,9 +59,6 @@ WATCHDOG_SLACK = 2.0
 # quiet spell waits before it is read (an idle pass only polls the local
 # queue and the timers).
 IDLE_MAX = 0.005
-# Records taken from the consumer's local queue per loop pass; a pass that
-# got fewer has read everything fetched so far.
-READ_BATCH = 500
 
 
 class CommitLoop:
@@ -364,7 +361,7 @@ class CommitLoop:
             consumer = self.consumer  # replaced after a fatal error
             assert consumer is not None
             try:
-                msgs = consumer.consume(READ_BATCH, timeout=0)
+                msgs = consumer.consume(500, timeout=0)
             except KafkaException as e:
                 if not e.args[0].fatal():
                     raise
@@ -381,13 +378,12 @@ class CommitLoop:
             open_ = self.open
             assert open_ is not None
             # Produced records wait for the commit before anyone can read
-            # them (a reply, an output, a callee's Invoke): once this pass
-            # has read everything fetched so far, commit them now (early
-            # commit), though not sooner after the last commit than it
-            # took, so that commits never take more than half the loop's
-            # time.
+            # them (a reply, an output, a callee's Invoke): when nothing
+            # else was waiting to be read, commit them now (early commit),
+            # though not sooner after the last commit than it took, so that
+            # commits never take more than half the loop's time.
             if (since >= cfg.commit_interval or open_.records >= cfg.max_batch or open_.fault is not None
-                    or (open_.outputs and len(msgs) < READ_BATCH and since >= self._commit_took)):
+                    or (open_.outputs and not msgs and since >= self._commit_took)):
                 await self._drain()
                 self.commit()
             if msgs:
