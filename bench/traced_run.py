@@ -8,7 +8,10 @@ SIGTERM). The wrappers live here, not in the engine: the engine pays
 nothing for them when it is not traced.
 
 Events: `commit` (CommitLoop.commit: drain excluded, flush of the changelog,
-send_offsets_to_transaction, commit_transaction, begin_transaction), each
+send_offsets_to_transaction, commit_transaction, begin_transaction),
+`flush_changelog` (each partition's prepare_commit and changelog records),
+`after_commit` (one partition's RocksDB write after a commit), `gc genN`
+(each garbage collection), each
 blocking client call by its name (Worker.call's `during`), `drain`, and one
 `read` per poll that returned records (with the count). With
 $ONCELY_BENCH_KAFKA_DEBUG (e.g. `eos`), the transactional producer's
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import gc
 import logging
 import os
 import sys
@@ -27,7 +31,7 @@ from typing import Any
 
 import orjson
 
-from oncely.processor import clients, commit_loop, worker
+from oncely.processor import clients, commit_loop, partition, transaction, worker
 
 EVENTS: list[tuple[str, float, float, int]] = []
 
@@ -54,6 +58,10 @@ def _timed(label: str, fn: Any) -> Any:
 def install() -> None:
     loop = commit_loop.CommitLoop
     loop.commit = _timed("commit", loop.commit)  # type: ignore[method-assign]
+    txn = transaction.Transaction
+    txn._flush_changelog = _timed("flush_changelog", txn._flush_changelog)  # type: ignore[method-assign]
+    part = partition.PartitionProcessor
+    part.after_commit = _timed("after_commit", part.after_commit)  # type: ignore[method-assign]
     call = worker.Worker.call
 
     def traced_call(self: worker.Worker, fn: Any, bound: float, during: str) -> Any:
@@ -85,6 +93,15 @@ def install() -> None:
 
     loop._handle = traced_handle  # type: ignore[method-assign]
     atexit.register(_dump)
+    started: list[float] = []
+
+    def on_gc(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            started.append(time.time())
+        elif started:
+            EVENTS.append((f"gc gen{info['generation']}", started.pop(), time.time(), info.get("collected", 0)))
+
+    gc.callbacks.append(on_gc)
     debug = os.environ.get("ONCELY_BENCH_KAFKA_DEBUG")
     if debug:
         rdlog = logging.getLogger("bench.rdkafka")
