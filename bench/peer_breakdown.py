@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -107,6 +108,15 @@ def trace_report(path: Path, t0: float, t1: float) -> None:
         print(f"  records per read: mean {sum(reads) / len(reads):.1f}, reads {len(reads)}")
 
 
+def window(path: Path, a: float, b: float) -> None:
+    """The traced events that overlap [a, b], relative to a (ms)."""
+    for line in path.read_text().splitlines():
+        label, s, e, n = json.loads(line)
+        if e >= a and s <= b:
+            print(f"  {(s - a) * 1000:8.1f} → {(e - a) * 1000:8.1f}  {label} {n or ''}")
+    print(f"  {(b - a) * 1000:8.1f}  (stage end)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bootstrap", required=True)
@@ -115,6 +125,8 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=1000)
     ap.add_argument("--partitions", type=int, default=8)
     ap.add_argument("--slowest", type=int, default=8)
+    ap.add_argument("--profile", action="store_true", help="py-spy on the processor over the measured span; "
+                    "top frames")
     ap.add_argument("--kafka-debug", default="", help="librdkafka debug contexts of the processor's producer "
                     "(e.g. eos), logged beside the trace")
     args = ap.parse_args()
@@ -146,9 +158,16 @@ def main() -> None:
         time.sleep(2)
         pacer.rate = args.rate
         time.sleep(2)  # warm-up at the rate
+        spy = None
+        if args.profile:
+            from profile_frames import attach
+            spy = attach(child.pid, work / "processor.pyspy.raw", work / "pyspy.log")
         first, t0 = pacer.sent, time.time()
         time.sleep(args.seconds)
         last, t1 = pacer.sent, time.time()
+        if spy is not None:
+            spy.signal(signal.SIGINT)
+            spy.proc.wait(60)
         pacer.stop()
         wait_for(lambda: all(i in seen["out_visible"] for i in range(first, last)), 30, 0.1)
     finally:
@@ -181,8 +200,18 @@ def main() -> None:
         print(f"  #{i} at +{(i - first) / args.rate:6.3f} s: " + ", ".join(f"{p * 1000:.0f}" for p in parts))
     if trace.exists():
         trace_report(trace, t0, t1)
+        if rows:
+            _, i, parts = max(rows)
+            worst = max(range(4), key=lambda k: parts[k])
+            points = [seen["source"][i], seen["invoke_created"][i], seen["invoke_visible"][i],
+                      seen["out_created"][i], seen["out_visible"][i]]
+            print(f"\nthe commit loop during stage {'abcd'[worst]} of the slowest record #{i}:")
+            window(trace, points[worst], points[worst + 1])
     else:
         print(f"(no trace written; see {child.log})")
+    if args.profile:
+        from profile_frames import report
+        print(report(work / "processor.pyspy.raw", 25))
     rd = Path(f"{trace}.rdkafka")
     if rd.exists():
         lines = [ln for ln in rd.read_text(errors="replace").splitlines() if t0 <= float(ln.split(" ", 1)[0]) <= t1]
