@@ -15,7 +15,9 @@ send_offsets_to_transaction, commit_transaction, begin_transaction),
 blocking client call by its name (Worker.call's `during`), `drain`, and one
 `read` per poll that returned records (with the count). With
 $ONCELY_BENCH_KAFKA_DEBUG (e.g. `eos`), the transactional producer's
-librdkafka debug lines go to $ONCELY_BENCH_TRACE.rdkafka, timestamped.
+librdkafka debug lines go to $ONCELY_BENCH_TRACE.rdkafka, stamped when
+Python gets them (librdkafka hands log lines over in batches, so count
+them; do not time by them).
 """
 
 from __future__ import annotations
