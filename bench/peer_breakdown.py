@@ -29,7 +29,6 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import orjson
 from confluent_kafka import OFFSET_END, Consumer, TopicPartition
