@@ -36,9 +36,10 @@ RESERVED = {
 # (its markers being written): AddOffsetsToTxn is answered
 # CONCURRENT_TRANSACTIONS and retried after retry.backoff.ms, doubled per
 # retry up to the max. librdkafka's 100 ms / 1 s added 100-300 ms to such
-# commits on a quiet broker and up to seconds on a busy one
+# commits on a quiet broker and up to seconds on a busy one; the conflict
+# usually clears within a few ms, and 1 ms beat 3 and 10 ms
 # (bench/txn_probe.py, bench/peer_breakdown.py). Timing only.
-BACKOFF = {"retry.backoff.ms": 10, "retry.backoff.max.ms": 100}
+BACKOFF = {"retry.backoff.ms": 1, "retry.backoff.max.ms": 100}
 
 
 def source_start(config: "AppConfig") -> int:

@@ -539,7 +539,7 @@ def test_the_transactional_producer_retries_a_commit_behind_its_predecessor_quic
 
     app = oncely.App("units-backoff", partitions=1, bootstrap="127.0.0.1:1")
     conf = KafkaClients(app, app.config, tmp_path).producer_conf("tid")
-    assert (conf["retry.backoff.ms"], conf["retry.backoff.max.ms"]) == (10, 100)
+    assert (conf["retry.backoff.ms"], conf["retry.backoff.max.ms"]) == (1, 100)
     # A user's backoff is not capped by ours (librdkafka would apply the max).
     mine = oncely.App("units-backoff", partitions=1, bootstrap="127.0.0.1:1", kafka={"retry.backoff.ms": 500})
     conf = KafkaClients(mine, mine.config, tmp_path).producer_conf("tid")
