@@ -132,7 +132,8 @@ def measure(args: argparse.Namespace, bootstrap: str, standalone: bool) -> dict[
 
     name = unique_name("bench-gw")
     env = {**os.environ, "BENCH_APP": name, "ONCELY_STATE_DIR": tempfile.mkdtemp(prefix="oncely-bench-gw-state-"),
-           "PYTHONPATH": str(BENCH)}
+           # bench/ for the app module, after what the caller put first (engine_at.py: another engine)
+           "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(BENCH)]))}
     if args.commit_interval:
         env["ONCELY_COMMIT_INTERVAL"] = args.commit_interval
     log = open(Path(tempfile.gettempdir()) / f"{name}.log", "w")

@@ -528,3 +528,19 @@ def test_txn_producer_fast_path_counts_records_and_poisons_the_owner_of_one_that
     finally:
         txn._producer.purge()
         txn._producer = None
+
+
+def test_the_transactional_producer_retries_a_commit_behind_its_predecessor_quickly(tmp_path: Path) -> None:
+    """A commit right after another finds it still completing: AddOffsetsToTxn
+    is answered CONCURRENT_TRANSACTIONS and retried after retry.backoff.ms,
+    doubling up to retry.backoff.max.ms (librdkafka's 100 ms / 1 s made the
+    p99 tail; design.md "Where a record's latency goes"). A user's setting wins."""
+    from oncely.processor.clients import KafkaClients
+
+    app = oncely.App("units-backoff", partitions=1, bootstrap="127.0.0.1:1")
+    conf = KafkaClients(app, app.config, tmp_path).producer_conf("tid")
+    assert (conf["retry.backoff.ms"], conf["retry.backoff.max.ms"]) == (1, 100)
+    # A user's backoff is not capped by ours (librdkafka would apply the max).
+    mine = oncely.App("units-backoff", partitions=1, bootstrap="127.0.0.1:1", kafka={"retry.backoff.ms": 500})
+    conf = KafkaClients(mine, mine.config, tmp_path).producer_conf("tid")
+    assert conf["retry.backoff.ms"] == 500 and "retry.backoff.max.ms" not in conf
