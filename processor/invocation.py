@@ -84,4 +84,5 @@ class PartitionStats:
     suspensions: int = 0
     responses: int = 0
     inboxed: int = 0          # Invokes that waited in the store's inbox
+    local_starts: int = 0     # subscribed records started without the log (local_start.py)
     pressure_suspensions: int = 0  # waiting invocations suspended to make room
