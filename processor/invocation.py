@@ -46,7 +46,7 @@ class Invocation:
     id: bytes
     invoke: dict[str, Any]
     sk: bytes | None               # (service, key) for keyed targets
-    seq: int                       # log offset of the Invoke
+    seq: int                       # log offset of the Invoke (a local start: the read position)
     phase: str = RUNNING
     attempt: int = 0
     retry_at_ms: int = 0

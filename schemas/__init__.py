@@ -175,7 +175,7 @@ class InvocationStatus(TypedDict):
     """An invocation that outlives a commit (in flight, or retained after failure)."""
     invoke: Invoke
     phase: Literal["INBOXED", "RUNNING", "BACKING_OFF", "SUSPENDED", "PAUSED", "FAILED"]
-    seq: int  # log offset of the Invoke: FIFO order per key
+    seq: int  # log offset of the Invoke: FIFO order per key (a local start: the read position)
     attempt: int
     retry_at_ms: int
     error: str | None
