@@ -53,6 +53,19 @@ def _lists(kafka: str, app: str) -> dict[str, list[int]]:
     return {k.decode(): v for (svc, k, name), v in changelog_state(kafka, app).items() if name == "seen"}
 
 
+def _wait_lists(kafka: str, app: str, want: dict[str, list[int]], timeout: float) -> dict[str, list[int]]:
+    """Until every key's list is `want`'s; on timeout, fails naming the first key that differs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = _lists(kafka, app)
+        if got == want:
+            return got
+        if time.monotonic() > deadline:
+            bad = next(k for k in sorted(set(want) | set(got)) if got.get(k) != want.get(k))
+            raise AssertionError(f"key {bad}: {got.get(bad)} (want {want.get(bad)})")
+        time.sleep(0.5)
+
+
 def _stats(runner: InProcessProcessor) -> dict[str, int]:
     return runner.on_loop(lambda: dict(runner.app.subscriptions[0].stats))
 
@@ -75,9 +88,7 @@ def test_a_key_with_records_in_transit_waits_for_them(kafka: str, tmp_path: Path
         n = 400
         _produce_at_once(kafka, source, [(k, {"k": k, "n": i}) for i in range(1, n + 1) for k in keys])
         wait_until(lambda: _stats(runner)["read"] == len(keys) * (n + 1), 60, 0.3, "every record read")
-        want = {k: list(range(n + 1)) for k in keys}
-        wait_until(lambda: (got := _lists(kafka, name)) == want or {k: len(v) for k, v in got.items()}, 60, 0.5,
-                   "every key's list")
+        _wait_lists(kafka, name, {k: list(range(n + 1)) for k in keys}, 60)
         stats = _stats(runner)
     finally:
         runner.stop()
@@ -112,8 +123,7 @@ def test_invokes_left_on_the_log_run_before_new_records_of_their_key(kafka: str,
     runner = InProcessProcessor(app).start()
     try:
         want = {**{f: list(range(30)) for f in fill}, **{k: list(range(old + new)) for k in keys}}
-        wait_until(lambda: (got := _lists(kafka, name)) == want or {k: v for k, v in got.items() if k in keys},
-                   90, 0.5, "every key's list")
+        _wait_lists(kafka, name, want, 90)
         stats = _stats(runner)
         local = runner.processor.assignment.local  # type: ignore[union-attr]
         marks = local.marks
@@ -139,6 +149,22 @@ def _scrape(port: int) -> dict[str, int] | None:
         r'^oncely_subscription_records_total\{[^}]*outcome="(\w+)"[^}]*\} (\S+)', text, re.M)}
 
 
+def _run_log(proc: ProcessorProcess) -> str:
+    return proc.log_text().split("===== start #")[-1]
+
+
+def _owned(proc: ProcessorProcess, topic: str) -> set[int]:
+    """The partitions of `topic` the process's current run owns, from its log lines."""
+    owned: set[int] = set()
+    for line in _run_log(proc).splitlines():
+        found = {int(p) for p in re.findall(rf"\('{re.escape(topic)}', (\d+)\)", line)}
+        if "running [" in line:
+            owned |= found
+        elif "revoking [" in line or "assignment lost" in line:
+            owned -= found
+    return owned
+
+
 def test_key_order_and_exactly_once_across_rebalances_and_a_kill(kafka: str, tmp_path: Path) -> None:
     name, source, results = unique_name("localord"), unique_name("localord-src"), unique_name("localord-out")
     create_topic(kafka, source, 4)
@@ -157,7 +183,7 @@ def test_key_order_and_exactly_once_across_rebalances_and_a_kill(kafka: str, tmp
 
     def feed() -> None:
         p = Producer({"bootstrap.servers": kafka, "linger.ms": 5, "enable.idempotence": True})
-        while not stop.is_set() and sum(sent.values()) < 4000:
+        while not stop.is_set() and sum(sent.values()) < 6000:
             for _ in range(40):
                 k = rng.choice(keys)
                 rec = {"k": k, "n": sent[k]}
@@ -179,7 +205,7 @@ def test_key_order_and_exactly_once_across_rebalances_and_a_kill(kafka: str, tmp
     try:
         procs["a"].start()
         wait_for_app_topics(kafka, name)
-        wait_until(lambda: "running [('" in procs["a"].log_text(), 60, 0.2, "a to run its partitions")
+        wait_until(lambda: "running [('" in procs["a"].log_text(), 180, 0.2, "a to run its partitions")
         feeder.start()
         for _ in range(10):
             time.sleep(0.5)
@@ -189,21 +215,24 @@ def test_key_order_and_exactly_once_across_rebalances_and_a_kill(kafka: str, tmp
         for _ in range(8):
             time.sleep(0.5)
             scrape()
-        procs["a"].kill9()  # mid-stream: b takes a's partitions after the session timeout
+        # Kill the one running more log partitions (its local invocations in
+        # flight are lost with it) mid-stream: the other takes its partitions
+        # after the session timeout.
+        victim = max(procs.values(), key=lambda p: (len(_owned(p, f"{name}.log")), len(_owned(p, source))))
+        assert _owned(victim, f"{name}.log"), "no process runs log partitions"
+        victim.kill9()
         for _ in range(16):
             time.sleep(0.5)
             scrape()
-        procs["a"].start()
+        victim.start()
+        wait_until(lambda: "running [('" in _run_log(victim), 90, 0.2, "the restarted process to run partitions")
         feeder.join(120)
         assert not feeder.is_alive()
 
-        def done() -> bool | dict:
-            scrape()
-            got = _lists(kafka, name)
-            return got == {k: list(range(sent[k])) for k in sent} or {
-                "lists": len(got), "entries": sum(map(len, got.values())), "sent": sum(sent.values())}
-
-        wait_until(done, 240, 1.0, "every key's list in source order")
+        want = {k: list(range(sent[k])) for k in sent}
+        wait_until(lambda: scrape() or sum(map(len, _lists(kafka, name).values())) >= sum(sent.values()), 240,
+                   1.0, "an entry for every record")
+        _wait_lists(kafka, name, want, 10)
         scrape()
         for proc in procs.values():
             assert proc.stop() == 0
@@ -212,12 +241,51 @@ def test_key_order_and_exactly_once_across_rebalances_and_a_kill(kafka: str, tmp
         for proc in procs.values():
             if proc.alive():
                 proc.kill9()
-    state = _lists(kafka, name)
-    for k in sent:
-        assert state[k] == list(range(sent[k])), f"key {k}: {state[k]}"
     out = Counter((v["k"], v["n"]) for r in read_to_end(kafka, results) if (v := orjson.loads(r.value)))
     assert out == {(k, i): 1 for k in sent for i in range(sent[k])}, "an output is missing or duplicated"
     assert read_to_end(kafka, f"{name}.dlq") == [], "a marker or record was dead-lettered"
     local = sum(c.get("local", 0) for c in seen.values())
     via_log = sum(c.get("invoked", 0) - c.get("local", 0) for c in seen.values())
     assert local > 0 and via_log > 0, seen
+
+
+class _Msg:
+    """A source record as the router reads it (confluent_kafka.Message's API)."""
+
+    def __init__(self, key: bytes | None, value: bytes, headers: list | None) -> None:
+        self._key, self._value, self._headers = key, value, headers
+
+    def topic(self) -> str:
+        return "src"
+
+    def partition(self) -> int:
+        return 2
+
+    def offset(self) -> int:
+        return 41
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def value(self) -> bytes:
+        return self._value
+
+    def headers(self) -> list | None:
+        return self._headers
+
+    def timestamp(self) -> tuple[int, int]:
+        return 1, 1_700_000_000_000
+
+
+def test_a_local_invoke_is_the_invoke_the_log_would_carry() -> None:
+    """No broker: what a local start hands the partition equals what it would
+    decode from the log record."""
+    from oncely import schemas
+    from oncely.ingest.router import Routed, route
+
+    app = build("unit", "src", "out", partitions=4)
+    sub = app.subscriptions[0]
+    for headers in (None, [("traceparent", b"00-" + b"1" * 32 + b"-" + b"2" * 16 + b"-01"), ("h", None)]):
+        routed = route(app.name, app.partitions, sub, _Msg(b"k1", b'{"k": "k1", "n": 3}', headers))
+        assert isinstance(routed, Routed)
+        assert schemas.decode("log_record", routed.value)["body"] == ("oncely.Invoke", routed.invoke)
