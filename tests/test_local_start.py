@@ -62,7 +62,10 @@ def _wait_lists(kafka: str, app: str, want: dict[str, list[int]], timeout: float
             return got
         if time.monotonic() > deadline:
             bad = next(k for k in sorted(set(want) | set(got)) if got.get(k) != want.get(k))
-            raise AssertionError(f"key {bad}: {got.get(bad)} (want {want.get(bad)})")
+            g, w = got.get(bad) or [], want.get(bad) or []
+            i = next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), min(len(g), len(w)))
+            raise AssertionError(f"key {bad}: {len(g)} entries, {len(w)} wanted; from index {i}: {g[i:i + 8]} "
+                                 f"where {w[i:i + 8]} was wanted")
         time.sleep(0.5)
 
 
