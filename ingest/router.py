@@ -1,6 +1,8 @@
 """Source record -> an Invoke on the log partition of its routing key, or a
 dead letter that says why. Pure: the caller produces the result inside its
-transaction (the processor) or with its own producer (replay)."""
+transaction (the processor) or with its own producer (replay). The Invoke
+stays a dict until it goes to the log: the processor starts most of them
+without encoding them at all (processor/local_start.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from typing import Any
 from oncely.egress.dead_letters import dead_letter
 from oncely.ingest.subscription import SourceRecord, Subscription, idempotency_text
 from oncely.observe.tracing import header_traceparent
-from oncely.shuffle.envelope import invoke_record
+from oncely.shuffle.envelope import encode_invoke, invoke_body
 from oncely.shuffle.ids import idempotent_id, source_record_id
 from oncely.shuffle.routing import partition_for
 from oncely.shuffle.targets import key_bytes
@@ -21,9 +23,14 @@ H_SUBSCRIPTION = "oncely.subscription"
 @dataclass(slots=True)
 class Routed:
     partition: int
-    key: bytes
-    value: bytes
+    key: bytes  # the routing key
+    invoke: dict[str, Any]
     invocation_id: bytes
+
+    @property
+    def value(self) -> bytes:
+        """The Invoke's log record."""
+        return encode_invoke(self.invoke)
 
 
 @dataclass(slots=True)
@@ -100,7 +107,7 @@ def route(app: str, partitions: int, sub: Subscription, msg: Any, id_salt: str |
         inv_id = source_record_id(rec.topic, rec.partition, rec.offset, f"{service}/{handler}")
         if replayed:
             idem = _coordinates(rec)
-    record = invoke_record(
+    invoke = invoke_body(
         inv_id, service, handler, kb, raw if raw is not None else b"", sub.decoder.payload_format,
         idempotency_key=idem, idempotency_retention_ms=int(sub.retention.total_seconds() * 1000),
         source={"topic": rec.topic, "partition": rec.partition, "offset": rec.offset, "timestamp_ms": ts,
@@ -108,7 +115,7 @@ def route(app: str, partitions: int, sub: Subscription, msg: Any, id_salt: str |
         subscription=sub.name if sub.decoder.reencode else None, traceparent=header_traceparent(headers),
     )
     routing = kb if kb is not None else inv_id
-    return Routed(partition_for(routing, partitions), routing, record, inv_id)
+    return Routed(partition_for(routing, partitions), routing, invoke, inv_id)
 
 
 def _coordinates(rec: SourceRecord) -> str:

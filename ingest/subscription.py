@@ -201,7 +201,8 @@ class Subscription:
     idempotency: IdempotencyFn | None
     retention: timedelta = DEFAULT_RETENTION
     max_bytes: int = DEFAULT_MAX_BYTES
-    stats: dict[str, int] = field(default_factory=lambda: {"read": 0, "invoked": 0, "dead": 0})
+    # invoked: Invokes made (local: of which started on this process without the log)
+    stats: dict[str, int] = field(default_factory=lambda: {"read": 0, "invoked": 0, "local": 0, "dead": 0})
 
     @property
     def keyed(self) -> bool:

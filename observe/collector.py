@@ -70,10 +70,11 @@ class ProcessorCollector:
         yield from self._transactions()
         yield from self._partitions()
         subs = CounterMetricFamily("oncely_subscription_records", "Source records read by each subscription, "
-                                   "by what they became: invoked or dead (a rewind reads them again).",
+                                   "by what they became: invoked or dead (a rewind reads them again); local: "
+                                   "invoked and started on this process without the log.",
                                    labels=["subscription", "outcome"])
         for sub in cl.app.subscriptions:
-            for outcome in ("read", "invoked", "dead"):
+            for outcome in ("read", "invoked", "local", "dead"):
                 subs.add_metric([sub.name, outcome], sub.stats.get(outcome, 0))
         yield subs
         yield _gauge("oncely_last_commit_timestamp_seconds", "Unix time of this process's last commit "

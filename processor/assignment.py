@@ -11,6 +11,9 @@ until then nothing of it is read, which is the same as paused.
 
 A rewind (after an aborted or unknown transaction outcome) is the same
 path for every running partition: close it, unassign it, recover it.
+
+Every change (assigned, revoked, started, rewound) resets the local starts
+(local_start.py): a partition that moved here may have older Invokes on the log.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Callable
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+from oncely.processor.local_start import LocalStarts
 from oncely.processor.partition import PartitionProcessor
 from oncely.processor.restore import Restorer
 from oncely.processor.store import PartitionStore
@@ -60,6 +64,7 @@ class Assignment:
         self.open_store = open_store
         self.source_start = source_start
         self.partitions: dict[int, PartitionProcessor] = {}  # running log partitions
+        self.local = LocalStarts(self.partitions)
         self.active: set[TP] = set()                          # assigned in the consumer
         self.committed: dict[TP, int] = {}                    # offsets of the last commit
         self.recovering: dict[TP, int] = {}                   # -> generation of its job
@@ -76,11 +81,13 @@ class Assignment:
         # An (empty) assign in the callback: confluent-kafka would otherwise
         # assign them at once, before they are recovered.
         self.consumer.incremental_assign([])
+        self.local.reset()
         self._recover([tp for tp in tps if tp not in self.active])
 
     def revoke(self, tps: list[TP]) -> None:
         """Partitions leave (their work is committed, or abandoned when
         lost): stop them, forget them, unassign the ones being read."""
+        self.local.reset()
         reading = []
         for tp in tps:
             if tp in self.active:
@@ -103,6 +110,7 @@ class Assignment:
 
     def rewind(self) -> None:
         """Back to what Kafka says is committed, for every running partition."""
+        self.local.reset()
         for part in self.partitions.values():
             part.close()
             part.store.drop_overlay()
@@ -116,6 +124,7 @@ class Assignment:
     def reset(self, consumer: Consumer) -> None:
         """The consumer was replaced: nothing is owned until the group
         assigns again (the stores stay open for that)."""
+        self.local.reset()
         for part in self.partitions.values():
             part.close()
             part.store.drop_overlay()
@@ -207,6 +216,7 @@ class Assignment:
                 part.load()
                 started.append(tp.partition)
         if ready:
+            self.local.reset()
             self.consumer.incremental_assign(ready)
             # A partition paused for backpressure before a rewind stays
             # paused in librdkafka; its new processor starts unpaused.
@@ -233,6 +243,7 @@ class Assignment:
 
     def close(self) -> None:
         """Stop every partition and close every store (shutdown)."""
+        self.local.reset()
         for part in self.partitions.values():
             part.close()
         self.partitions.clear()

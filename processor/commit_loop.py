@@ -250,17 +250,18 @@ class CommitLoop:
             log.warning("consumer: %s", err)
             return
         topic, p = m.topic(), m.partition()
+        local = self.assignment.local  # type: ignore[union-attr]
         if topic == self.app.log_topic:
             part = self.partitions.get(p)
             if part is None:
                 return
-            dispatch.log_record(self.app, part, m, self)
+            dispatch.log_record(self.app, part, m, self, local)
         else:
             subs = self.sources.get(topic)
             if subs is None:
                 return
             for sub in subs:
-                dispatch.source_record(self.app, sub, m, self)
+                dispatch.source_record(self.app, sub, m, self, local)
         assert self.open is not None
         self.open.consumed_record(topic, p, m.offset())
 

@@ -2,9 +2,10 @@
 
 A log record goes to its partition processor by kind (Invoke, Response,
 AwakeableResult; Attach, ReadState and Delay from outside: requests.py;
-Control and Query from operators: controls.py); one that does not decode (also one of a kind this version
-does not know) becomes a dead letter with the reason, so nothing is lost and
-nothing stalls. A source record becomes an Invoke on the log, or a dead
+Control and Query from operators: controls.py; Mark: local_start.py); one that does not decode (also one
+of a kind this version does not know) becomes a dead letter with the reason, so nothing is lost and
+nothing stalls. A source record becomes an Invoke that starts on this
+process at once (local_start.py), else an Invoke on the log, or a dead
 letter (ingest/router.py).
 """
 
@@ -18,7 +19,9 @@ from oncely.egress.dead_letters import dead_letter
 from oncely.ingest.router import Routed, route
 from oncely.processor import controls, requests
 from oncely.processor.invocation import TxnOutput
+from oncely.processor.local_start import LocalStarts
 from oncely.processor.partition import PartitionProcessor
+from oncely.shuffle.envelope import encode_invoke
 
 if TYPE_CHECKING:
     from oncely.app import App
@@ -26,7 +29,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("oncely.commit")
 
 
-def log_record(app: "App", part: PartitionProcessor, m: Any, out: TxnOutput) -> None:
+def log_record(app: "App", part: PartitionProcessor, m: Any, out: TxnOutput,
+               local: LocalStarts | None = None) -> None:
     if not part.ahead.admit(m.offset()):
         return  # applied before the re-read (inbox.py, ReadAhead)
     try:
@@ -35,6 +39,8 @@ def log_record(app: "App", part: PartitionProcessor, m: Any, out: TxnOutput) -> 
         _dead(app, out, m, "undecodable-log-record", str(e))
         return
     if kind == "oncely.Invoke":
+        if local is not None:
+            local.read_back(part, body)
         part.on_invoke(body, m.offset())
     elif kind == "oncely.Response":
         part.on_response(body)
@@ -48,8 +54,10 @@ def log_record(app: "App", part: PartitionProcessor, m: Any, out: TxnOutput) -> 
         controls.on_control(part, body)
     elif kind == "oncely.Query":
         controls.on_query(part, body)
-    else:  # the decoder knows no other kind
+    elif kind == "oncely.Delay":
         requests.on_delay(part, body)
+    elif local is not None:  # the decoder knows no other kind than oncely.Mark
+        local.on_mark(part, body)
 
 
 def _dead(app: "App", out: TxnOutput, m: Any, reason: str, error: str) -> None:
@@ -59,14 +67,22 @@ def _dead(app: "App", out: TxnOutput, m: Any, reason: str, error: str) -> None:
     out.produce(app.dlq_topic, k, v, h)
 
 
-def source_record(app: "App", sub: Any, m: Any, out: TxnOutput) -> None:
-    """A source record becomes an Invoke on the log (or a dead letter) in
-    the open transaction, which also carries the source offset."""
+def source_record(app: "App", sub: Any, m: Any, out: TxnOutput, local: LocalStarts | None = None) -> None:
+    """A source record becomes an invocation started here, or an Invoke on
+    the log (or a dead letter), in the open transaction, which also carries
+    the source offset."""
     sub.stats["read"] += 1
     routed = route(app.name, app.partitions, sub, m)
     if isinstance(routed, Routed):
-        out.produce(app.log_topic, routed.key, routed.value, partition=routed.partition)
         sub.stats["invoked"] += 1
+        if local is not None:
+            if local.start(routed, out, app.log_topic):
+                sub.stats["local"] += 1
+                return
+            out.produce(app.log_topic, routed.key, encode_invoke(routed.invoke), partition=routed.partition)
+            local.sent(routed)
+        else:
+            out.produce(app.log_topic, routed.key, encode_invoke(routed.invoke), partition=routed.partition)
     else:
         out.produce(app.dlq_topic, routed.key, routed.value, routed.headers)
         sub.stats["dead"] += 1

@@ -46,7 +46,7 @@ class Invocation:
     id: bytes
     invoke: dict[str, Any]
     sk: bytes | None               # (service, key) for keyed targets
-    seq: int                       # log offset of the Invoke
+    seq: int                       # log offset of the Invoke (a local start: the read position)
     phase: str = RUNNING
     attempt: int = 0
     retry_at_ms: int = 0
@@ -84,4 +84,5 @@ class PartitionStats:
     suspensions: int = 0
     responses: int = 0
     inboxed: int = 0          # Invokes that waited in the store's inbox
+    local_starts: int = 0     # subscribed records started without the log (local_start.py)
     pressure_suspensions: int = 0  # waiting invocations suspended to make room

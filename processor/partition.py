@@ -170,7 +170,11 @@ class PartitionProcessor:
 
     # -- input ----------------------------------------------------------------------
 
-    def on_invoke(self, invoke: dict[str, Any], offset: int) -> None:
+    def on_invoke(self, invoke: dict[str, Any], offset: int, local: bool = False) -> bool:
+        """Accept an Invoke read at log `offset`. `local`: a subscribed
+        record that never went to the log (local_start.py), taken only if it
+        starts right now (else False, and nothing changed: it goes to the
+        log); `offset` is then the read position (its `seq`)."""
         inv_id = invoke["invocation_id"]
         # Only an id derived from an idempotency key can arrive twice (the log
         # is read read_committed; random ids are unique), so only those pay
@@ -187,20 +191,23 @@ class PartitionProcessor:
                 outcomes.respond_again(self, inv_id, invoke["caller"])
             if "reply" in invoke:  # an outside caller attaches (requests.py)
                 requests.on_duplicate(self, inv_id, phase, invoke["reply"])
-            return
-        self.stats.accepted += 1
+            return True
         svc = self.app.services.get(invoke["service"])
         if svc is None or invoke["handler"] not in svc.handlers:
+            self.stats.accepted += 1
             outcomes.dead(self, Invocation(inv_id, invoke, None, offset), "unknown-handler",
                           f"app {self.app.name!r} has no handler {invoke['service']}.{invoke['handler']}")
-            return
+            return True
         if svc.keyed and invoke["key"] is None:
+            self.stats.accepted += 1
             outcomes.dead(self, Invocation(inv_id, invoke, None, offset), "missing-key",
                           f"keyed service {svc.name!r} needs a key; the invocation has none")
-            return
-        sk = self._sk(invoke)
+            return True
+        sk = keys.service_key(invoke["service"], invoke["key"]) if svc.keyed else None
         full = self._full() or bool(self.ready)
         if full or (sk is not None and self.keys.is_held(sk)):
+            if local:
+                return False
             if full:
                 self.ready.push(offset, invoke)
             else:
@@ -208,7 +215,11 @@ class PartitionProcessor:
             self.stats.inboxed += 1
             self.queued += 1
         else:
+            if local:
+                self.stats.local_starts += 1
             self._begin(invoke, offset, sk)
+        self.stats.accepted += 1
+        return True
 
     def lookup(self, inv_id: bytes) -> str | None:
         """Where an invocation id stands on this partition, from the one rule

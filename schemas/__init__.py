@@ -147,6 +147,14 @@ class Query(TypedDict):
     reply: ReplyTo
 
 
+class Mark(TypedDict):
+    """A log partition's marker to itself (processor/local_start.py): when
+    the process that wrote it reads it back, everything older on that log
+    partition has been read. Every other reader ignores it."""
+    token: bytes  # the writing process's random token
+    epoch: int    # its assignment epoch when written: markers of older epochs are ignored
+
+
 class Reply(TypedDict):
     """A partition's answer on <app>.replies to a call, Attach, ReadState,
     Control or Query (keyed by its request id). status: completed (value),
@@ -167,7 +175,7 @@ class InvocationStatus(TypedDict):
     """An invocation that outlives a commit (in flight, or retained after failure)."""
     invoke: Invoke
     phase: Literal["INBOXED", "RUNNING", "BACKING_OFF", "SUSPENDED", "PAUSED", "FAILED"]
-    seq: int  # log offset of the Invoke: FIFO order per key
+    seq: int  # log offset of the Invoke: FIFO order per key (a local start: the read position)
     attempt: int
     retry_at_ms: int
     error: str | None
@@ -237,6 +245,7 @@ LOG_KINDS: dict[str, tuple[int, type]] = {
     "oncely.Delay": (6, Delay),
     "oncely.Control": (7, Control),
     "oncely.Query": (8, Query),
+    "oncely.Mark": (9, Mark),
 }
 RECORDS: dict[str, type] = {
     "invocation_status": InvocationStatus,

@@ -9,7 +9,14 @@ from typing import Any
 from oncely import schemas
 
 
-def invoke_record(
+def invoke_record(*args: Any, **kwargs: Any) -> bytes:
+    """An encoded LogRecord holding one Invoke; the arguments are
+    `invoke_body`'s (`traceparent`: its W3C trace context, observe.tracing;
+    `reply`: where an outside caller waits for its result, gateway/)."""
+    return encode_invoke(invoke_body(*args, **kwargs))
+
+
+def invoke_body(
     invocation_id: bytes,
     service: str,
     handler: str,
@@ -24,10 +31,9 @@ def invoke_record(
     subscription: str | None = None,
     traceparent: str | None = None,
     reply: dict[str, Any] | None = None,
-) -> bytes:
-    """An encoded LogRecord holding one Invoke (`traceparent`: its W3C trace
-    context, observe.tracing; `reply`: where an outside caller waits for its
-    result, gateway/)."""
+) -> dict[str, Any]:
+    """An Invoke as its partition sees it once decoded: a subscribed record
+    that starts on this process (processor/local_start.py) is never encoded."""
     body: dict[str, Any] = {
         "invocation_id": invocation_id, "service": service, "handler": handler, "key": key,
         "payload": payload, "payload_format": payload_format, "idempotency_key": idempotency_key,
@@ -38,4 +44,9 @@ def invoke_record(
         body["traceparent"] = traceparent
     if reply is not None:
         body["reply"] = reply
+    return body
+
+
+def encode_invoke(body: dict[str, Any]) -> bytes:
+    """The log record of an Invoke made by `invoke_body`."""
     return schemas.encode("log_record", {"body": ("oncely.Invoke", body)})

@@ -114,6 +114,8 @@ RECORDS = [
                     "registered_at_ms": 1}),
     ("invocation_status", {"invoke": INVOKE, "phase": "SUSPENDED", "seq": 1, "attempt": 0, "retry_at_ms": 0,
                            "error": None, "deployment": "dp_x"}),
+    # A partition's caught-up marker to itself (processor/local_start.py).
+    ("log_record", {"body": ("oncely.Mark", {"token": b"t" * 16, "epoch": 3})}),
 ]
 
 

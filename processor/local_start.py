@@ -1,0 +1,122 @@
+"""Subscribed records that start here, without crossing Kafka twice.
+
+A source record becomes an Invoke for log partition L (ingest/router.py).
+When this process runs L, and L would start the Invoke at once had it read
+it from the log, it starts it now, in the transaction that commits the
+source offset: its effects (or, still in flight at the commit, its status
+and journal) commit with that offset, and a rewind drops both. Otherwise the
+Invoke goes to the log as before.
+
+Starting it now must not overtake anything older for the same key that is
+still on the log, so a partition starts one only when
+
+- **caught up**: after every change of assignment and every rewind (a
+  source partition that moved here may have Invokes of its previous owner
+  still unread on L), L is not caught up until it reads back a marker
+  (`oncely.Mark`: this process's random token and its epoch) that this
+  process produced to it after the change; everything older on L has been
+  read by then. Markers of other processes and older epochs are ignored;
+- **nothing in transit**: no Invoke this process produced to L for the same
+  routing key since then is still unread (counted per key, matched by
+  invocation id when read back);
+- and the Invoke starts at once: the partition has room, nothing waits for
+  capacity, and the key is free (`PartitionProcessor.on_invoke(local=True)`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from oncely import schemas
+from oncely.processor.invocation import TxnOutput
+from oncely.processor.partition import PartitionProcessor
+
+if TYPE_CHECKING:
+    from oncely.ingest.router import Routed
+
+
+class _Gate:
+    """One log partition's bookkeeping since the last reset."""
+
+    __slots__ = ("part", "caught_up", "ids", "keys")
+
+    def __init__(self, part: PartitionProcessor) -> None:
+        self.part = part
+        self.caught_up = False
+        self.ids: dict[bytes, int] = {}   # invocation id -> Invokes produced, not read back
+        self.keys: dict[bytes, int] = {}  # routing key -> Invokes produced, not read back
+
+
+class LocalStarts:
+    """The process's local starts over its running log partitions (the
+    `Assignment`'s dict, which it keeps up to date)."""
+
+    def __init__(self, partitions: dict[int, PartitionProcessor]) -> None:
+        self.partitions = partitions
+        self.token = os.urandom(16)
+        self.epoch = 0
+        self.marks = 0  # markers produced
+        self._gates: dict[int, _Gate] = {}
+
+    def reset(self) -> None:
+        """A partition was assigned, revoked or rewound: no log partition is
+        caught up, and what was in transit is covered by the next marker."""
+        self.epoch += 1
+        self._gates.clear()
+
+    def start(self, routed: "Routed", out: TxnOutput, log_topic: str) -> bool:
+        """Start the routed Invoke on its partition now when that is allowed;
+        False: the caller produces it to the log (and calls `sent`)."""
+        p = routed.partition
+        part = self.partitions.get(p)
+        if part is None:
+            return False
+        gate = self._gates.get(p)
+        if gate is None or gate.part is not part:
+            self._gates[p] = _Gate(part)
+            self.marks += 1
+            out.produce(log_topic, None, schemas.encode("log_record", {"body": (
+                "oncely.Mark", {"token": self.token, "epoch": self.epoch})}), partition=p)
+            return False
+        if not gate.caught_up or routed.key in gate.keys:
+            return False
+        # The read position as its seq: nothing orders by a running invocation's seq.
+        return part.on_invoke(routed.invoke, part.ahead.read_to, local=True)
+
+    def sent(self, routed: "Routed") -> None:
+        """The routed Invoke went to the log: in transit until read back."""
+        gate = self._gates.get(routed.partition)
+        if gate is not None:
+            ids, keys = gate.ids, gate.keys
+            ids[routed.invocation_id] = ids.get(routed.invocation_id, 0) + 1
+            keys[routed.key] = keys.get(routed.key, 0) + 1
+
+    def read_back(self, part: PartitionProcessor, invoke: dict[str, Any]) -> None:
+        """An Invoke read from `part`'s log: if this process produced it, it
+        is no longer in transit."""
+        gate = self._gates.get(part.partition)
+        if gate is None or not gate.ids:
+            return
+        inv_id = invoke["invocation_id"]
+        n = gate.ids.pop(inv_id, 0)
+        if not n:
+            return
+        if n > 1:
+            gate.ids[inv_id] = n - 1
+        key = invoke["key"] if invoke["key"] is not None else inv_id  # the routing key (router.py)
+        left = gate.keys.get(key, 1) - 1
+        if left:
+            gate.keys[key] = left
+        else:
+            gate.keys.pop(key, None)
+
+    def on_mark(self, part: PartitionProcessor, mark: dict[str, Any]) -> None:
+        """A marker read from `part`'s log: ours of this epoch means caught up."""
+        gate = self._gates.get(part.partition)
+        if gate is not None and gate.part is part and mark["epoch"] == self.epoch and mark["token"] == self.token:
+            gate.caught_up = True
+
+    def caught_up(self, p: int) -> bool:
+        gate = self._gates.get(p)
+        return gate is not None and gate.caught_up and gate.part is self.partitions.get(p)
