@@ -15,8 +15,9 @@ Who owns what:
 - assignment.py: partitions from assigned to running, revocation, rewind;
 - recovery.py: what the loop does when a Kafka client fails;
 - dispatch.py: each record read, to its partition or to the log;
+- pacing.py: input backpressure, and the drain before a commit;
 - partition.py: the invocations of one log partition;
-- this module: reading, deciding when to commit, input backpressure, shutdown.
+- this module: reading, deciding when to commit, shutdown.
 
 No blocking librdkafka call runs unbounded on the loop thread (worker.py).
 """
@@ -39,6 +40,7 @@ from oncely.preflight import check_app_settings
 from oncely.processor.clients import KafkaClients, close_clients, source_start
 from oncely.remote.executor import executor_for
 from oncely.processor.identity import StateDirLock, transactional_id
+from oncely.processor.pacing import Pacing
 from oncely.processor.partition import PartitionProcessor
 from oncely.processor.producer import Outcome, TxnProducer
 from oncely.processor.progress import Progress
@@ -95,7 +97,7 @@ class CommitLoop:
         self._last_commit = time.monotonic()
         self._commit_took = 0.0  # how long the last commit blocked the loop
         self._stopping = False
-        self._paused_sources: set[tuple[str, int]] = set()
+        self.pacing = Pacing(self)
         self.lock: StateDirLock | None = None
         self.txn: TxnProducer | None = None
         self.open: Transaction | None = None
@@ -178,12 +180,12 @@ class CommitLoop:
     def _forget(self, tps: list[tuple[str, int]]) -> None:
         assert self.assignment is not None and self.open is not None
         self.open.forget(tps)
-        self._paused_sources.difference_update(tps)
+        self.pacing.paused_sources.difference_update(tps)
         self.assignment.revoke(tps)
 
     def subscribe(self, consumer: Consumer) -> None:
         self.consumer = consumer
-        self._paused_sources.clear()
+        self.pacing.paused_sources.clear()
         consumer.subscribe([self.app.log_topic, *self.sources], on_assign=self._on_assign,
                            on_revoke=self._on_revoke, on_lost=self._on_lost)
 
@@ -302,57 +304,6 @@ class CommitLoop:
         finally:
             await self.shutdown()
 
-    def _pump(self) -> None:
-        """Start queued invocations where there is room. While a log
-        partition has more queued than its in-memory window, the source
-        partitions pause (ordinary backpressure on input); the log itself is
-        never paused, so Responses, awakeable results and timers always
-        apply."""
-        backlog = False
-        assignment, consumer = self.assignment, self.consumer
-        assert assignment is not None and consumer is not None
-        # Invokes held in memory past 3/4 of the read-ahead bound (down to
-        # 1/4 once paused) pause the sources too: what will wait behind busy
-        # keys stays in the source topics instead of overflowing the
-        # read-ahead into the store.
-        share = 1 if self._paused_sources else 3
-        for part in self.partitions.values():
-            part.pump()
-            ahead = part.ahead
-            backlog = backlog or part.ready.beyond or len(ahead.held) * 4 >= ahead.limit * share
-        if backlog:
-            sources = {tp for tp in assignment.active if tp[0] != self.app.log_topic} - self._paused_sources
-            if sources:
-                consumer.pause([TopicPartition(*tp) for tp in sources])
-                self._paused_sources |= sources
-        elif self._paused_sources:
-            consumer.resume([TopicPartition(*tp) for tp in self._paused_sources & assignment.active])
-            self._paused_sources.clear()
-
-    def _in_flight(self) -> int:
-        return sum(len(p.invocations) for p in self.partitions.values())
-
-    async def _drain(self) -> None:
-        """Let runnable invocations finish before a commit (no new input):
-        stop when nothing is left, when nothing progressed in an iteration
-        (the rest waits on timers or I/O), or after the drain budget."""
-        deadline = time.monotonic() + self.cfg.commit_interval * self.cfg.commit_drain_share
-        before = self._in_flight()
-        stalled = 0
-        # A task's step and its done callback run in consecutive loop
-        # iterations, so only several iterations without progress mean that
-        # what is left is waiting on something.
-        # At least two iterations, whatever the budget: a task started just
-        # before (its step) and its done callback (its outcome) need two, and
-        # an invocation left unapplied is persisted now and deleted next time.
-        passes = 0
-        while before and stalled < 3 and (passes < 2 or time.monotonic() < deadline):
-            passes += 1
-            await asyncio.sleep(0)
-            now = self._in_flight()
-            stalled = stalled + 1 if now >= before else 0
-            before = min(before, now)
-
     def _fire_timers(self) -> None:
         now = int(time.time() * 1000)
         for part in self.partitions.values():
@@ -383,7 +334,7 @@ class CommitLoop:
                 self._handle(m)
                 if self.consumer is not consumer:
                     break  # replaced: the rest belongs to the old membership
-            self._pump()
+            self.pacing.pump()
             self._fire_timers()
             await asyncio.sleep(0)
             since = time.monotonic() - self._last_commit
@@ -396,14 +347,7 @@ class CommitLoop:
             # commits never take more than half the loop's time.
             if (since >= cfg.commit_interval or open_.records >= cfg.max_batch or open_.fault is not None
                     or (open_.outputs and not msgs and since >= self._commit_took)):
-                for part in self.partitions.values():
-                    part.preparing = True
-                try:
-                    await self._drain()
-                    self.commit()
-                finally:
-                    for part in self.partitions.values():
-                        part.prepared()
+                await self.pacing.drain_and_commit()
             if msgs:
                 idle = 0.0
             else:

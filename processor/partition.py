@@ -21,15 +21,14 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from oncely import schemas
 from oncely.logs import invocation_extra
-from oncely.processor import completions, keys, outcomes, requests
+from oncely.processor import completions, keys, loading, outcomes, requests
 from oncely.processor.effects import InvocationEffects
 from oncely.processor.inbox import ReadAhead, StoreQueue, ready_queue
 from oncely.processor.invocation import (BACKING_OFF, COMPLETED, FAILED, INBOXED, PAUSED, RUNNING, SUSPENDED,
                                          Invocation, PartitionStats, TxnOutput)
 from oncely.processor.key_queues import KeyQueues
-from oncely.sdk.protocol import Entry, Executor, HandlerCall, Limits, Outcome
+from oncely.sdk.protocol import Executor, HandlerCall, Limits, Outcome
 from oncely.processor.store import KeyState, PartitionStore
 from oncely.processor.timers import Timers
 from oncely.processor.waits import Waits
@@ -81,68 +80,12 @@ class PartitionProcessor:
     # -- loading (assignment, restart, rewind) -----------------------------------
 
     def load(self) -> None:
-        """Rebuild in-memory invocations from the committed store and resume
-        the ones that were running: recovery after a crash and a rewind after
-        an abort are this same path. Queued invocations stay in the store."""
-        store = self.store
-        self.ahead.load(store)
-        self.timers.load()
-        self.queued = store.count_committed(keys.INBOX) + store.count_committed(keys.READY)
-        suspended: set[bytes] = set()
-        for k, v in store.scan(keys.STATUS):
-            st = schemas.decode("invocation_status", v)
-            if st["phase"] == SUSPENDED:
-                suspended.add(k[1:])  # stays in the store until its completion arrives
-            else:
-                self.from_store(k[1:], st)
-        self.suspended = len(suspended)
-        orphans = []
-        for k, v in store.scan(keys.LOCK):
-            if v in suspended:
-                continue
-            inv = self.invocations.get(v)
-            if inv is None or inv.sk != k[1:]:
-                log.warning("partition %d: lock without its invocation (%s); dropping it", self.partition, format_id(v))
-                store.delete(k)
-                orphans.append(k[1:])
-                continue
-            self.keys.take(inv, maybe_queued=True)
-            self.writer.loaded(inv, holds_lock=True)
-        for inv in list(self.invocations.values()):
-            if inv.sk is not None and not self.keys.holds(inv):
-                log.warning("partition %d: %s has no lock of its key; taking it", self.partition, format_id(inv.id))
-                self.keys.take(inv, maybe_queued=True)
-                self.writer.changed(inv)
-            if inv.phase == BACKING_OFF:
-                self.timers.retry_at(inv.retry_at_ms, inv.id)
-            elif inv.held:
-                pass  # paused by an operator: until resumed (controls.py)
-            else:
-                # RUNNING resumes by replaying its journal; PAUSED invocations
-                # are retried once per (re)start, so a fixed handler resumes them.
-                self.stats.resumed += 1
-                self.start(inv)
-        for sk in orphans:
-            self._hand_over(self.keys.orphan(sk))
-        if self.invocations or self.suspended:
-            log.info("partition %d: loaded %d in-flight invocations (%d resumed by replay), %d suspended",
-                     self.partition, len(self.invocations), self.stats.resumed, self.suspended)
+        """Rebuild in-memory invocations from the committed store (loading.py)."""
+        loading.load(self)
 
     def from_store(self, inv_id: bytes, st: dict[str, Any]) -> Invocation:
         """An in-flight invocation as the store holds it (status and journal)."""
-        invoke = st["invoke"]
-        inv = Invocation(id=inv_id, invoke=invoke, sk=self._sk(invoke), seq=st["seq"], phase=st["phase"],
-                         attempt=st["attempt"], retry_at_ms=st["retry_at_ms"], error=st["error"],
-                         held=st.get("held", False), cancelled=st.get("cancelled", False),
-                         deployment=st.get("deployment"))
-        store = self.store
-        inv.journal.extend(Entry.decode(jv) for _, jv in store.scan(keys.journal_prefix(inv_id)))
-        inv.has_early = bool(store.scan(keys.early_prefix(inv_id), limit=1))
-        self.invocations[inv_id] = inv
-        self.writer.loaded(inv, holds_lock=False)
-        if inv.phase == PAUSED:
-            self.n_paused += 1
-        return inv
+        return loading.from_store(self, inv_id, st)
 
     def _sk(self, invoke: dict[str, Any]) -> bytes | None:
         svc = self.app.services.get(invoke["service"])
