@@ -39,11 +39,12 @@ if TYPE_CHECKING:
 class _Gate:
     """One log partition's bookkeeping since the last reset."""
 
-    __slots__ = ("part", "caught_up", "ids", "keys")
+    __slots__ = ("part", "caught_up", "ids", "keys", "n")
 
     def __init__(self, part: PartitionProcessor) -> None:
         self.part = part
         self.caught_up = False
+        self.n = 0  # Invokes in transit
         self.ids: dict[bytes, int] = {}   # invocation id -> Invokes produced, not read back
         self.keys: dict[bytes, int] = {}  # routing key -> Invokes produced, not read back
 
@@ -91,6 +92,7 @@ class LocalStarts:
             ids, keys = gate.ids, gate.keys
             ids[routed.invocation_id] = ids.get(routed.invocation_id, 0) + 1
             keys[routed.key] = keys.get(routed.key, 0) + 1
+            gate.n += 1
 
     def read_back(self, part: PartitionProcessor, invoke: dict[str, Any]) -> None:
         """An Invoke read from `part`'s log: if this process produced it, it
@@ -102,6 +104,7 @@ class LocalStarts:
         n = gate.ids.pop(inv_id, 0)
         if not n:
             return
+        gate.n -= 1
         if n > 1:
             gate.ids[inv_id] = n - 1
         key = invoke["key"] if invoke["key"] is not None else inv_id  # the routing key (router.py)
@@ -116,6 +119,12 @@ class LocalStarts:
         gate = self._gates.get(part.partition)
         if gate is not None and gate.part is part and mark["epoch"] == self.epoch and mark["token"] == self.token:
             gate.caught_up = True
+
+    def in_transit(self, p: int) -> int:
+        """Invokes this process produced to log partition `p` (since the last
+        reset) and has not read back: they will need room when they arrive."""
+        gate = self._gates.get(p)
+        return gate.n if gate is not None else 0
 
     def caught_up(self, p: int) -> bool:
         gate = self._gates.get(p)

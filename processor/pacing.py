@@ -2,7 +2,8 @@
 how a commit is prepared (the drain).
 
 Sources pause while a log partition has READY entries beyond its window or
-holds read-ahead past 3/4 of its bound (down to 1/4 once paused), so a
+holds read-ahead, plus Invokes this process sent it and has not read back
+(local_start.py), past 3/4 of its bound (down to 1/4 once paused), so a
 backlog behind busy keys stays in the source topics instead of spilling
 into the store. The log itself is never paused: Responses, awakeable
 results and timers always apply.
@@ -37,10 +38,12 @@ class Pacing:
         assert assignment is not None and consumer is not None
         share = 1 if self.paused_sources else 3
         backlog = False
-        for part in cl.partitions.values():
+        local = assignment.local
+        for p, part in cl.partitions.items():
             part.pump()
             ahead = part.ahead
-            backlog = backlog or part.ready.beyond or len(ahead.held) * 4 >= ahead.limit * share
+            waiting = len(ahead.held) + local.in_transit(p)
+            backlog = backlog or part.ready.beyond or waiting * 4 >= ahead.limit * share
         if backlog:
             sources = {tp for tp in assignment.active if tp[0] != cl.app.log_topic} - self.paused_sources
             if sources:
