@@ -38,8 +38,10 @@ from oncely.processor.store import PartitionStore
 
 # Stored queue entries kept in memory per queue (read from the store in batches of this).
 WINDOW = 32
-# Waiting Invokes per partition held only in memory (the log has them).
-READ_AHEAD = 1024
+# Waiting Invokes per partition held only in memory (the log has them), and
+# the payload bytes they may hold together.
+READ_AHEAD = 4096
+READ_AHEAD_BYTES = 16 * 1024 * 1024
 # How far (log offsets) the first held Invoke may trail the read position at
 # a commit before the held ones go to the store (bounds a re-read).
 SPAN = 50_000
@@ -155,6 +157,7 @@ class ReadAhead:
 
     def __init__(self, limit: int | None = None) -> None:
         self.limit = READ_AHEAD if limit is None else limit
+        self.bytes = 0  # payload bytes held
         self.held: dict[int, StoreQueue] = {}  # offset -> the queue holding it
         self.ids: set[bytes] = set()           # held ones with an idempotency key
         self.read_to = -1                      # next offset to read; -1 before the first since the load
@@ -186,7 +189,7 @@ class ReadAhead:
         return True
 
     def can_hold(self, seq: int) -> bool:
-        return seq > self.stored_max and len(self.held) < self.limit
+        return seq > self.stored_max and len(self.held) < self.limit and self.bytes < READ_AHEAD_BYTES
 
     def stored(self, seq: int) -> None:
         """`seq` goes to the store: every held one first when one is older."""
@@ -199,11 +202,13 @@ class ReadAhead:
         if not self.held:
             self.held_since = time.monotonic()
         self.held[seq] = queue
+        self.bytes += len(invoke["payload"])
         if invoke["idempotency_key"] is not None:
             self.ids.add(invoke["invocation_id"])
 
     def release(self, seq: int, invoke: dict[str, Any]) -> None:
         del self.held[seq]
+        self.bytes -= len(invoke["payload"])
         self.ids.discard(invoke["invocation_id"])
 
     def spill(self) -> None:
@@ -217,6 +222,7 @@ class ReadAhead:
             self.stored_max = max(self.stored_max, max(self.held))
             self.held.clear()
             self.ids.clear()
+            self.bytes = 0
 
     def commit_offset(self) -> int | None:
         """The log offset to commit; None when nothing was read since the load."""

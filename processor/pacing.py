@@ -3,7 +3,7 @@ how a commit is prepared (the drain).
 
 Sources pause while a log partition has READY entries beyond its window or
 holds read-ahead, plus Invokes this process sent it and has not read back
-(local_start.py), past 3/4 of its bound (down to 1/4 once paused), so a
+(local_start.py), past 3/4 of its bound (down to 1/2 once paused), so a
 backlog behind busy keys stays in the source topics instead of spilling
 into the store. The log itself is never paused: Responses, awakeable
 results and timers always apply.
@@ -36,7 +36,7 @@ class Pacing:
         cl = self.loop
         assignment, consumer = cl.assignment, cl.consumer
         assert assignment is not None and consumer is not None
-        share = 1 if self.paused_sources else 3
+        share = 2 if self.paused_sources else 3
         backlog = False
         local = assignment.local
         for p, part in cl.partitions.items():
