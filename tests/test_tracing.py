@@ -160,8 +160,10 @@ def test_a_chain_is_one_trace_across_kill9_and_a_subscription_continues_a_trace(
         trace_id, parent_id = 0x5B8EFFF798038103D269B633813FC60C, 0xEEE19B7EC3C1B174
         produce(kafka, source, [(b"r1", json.dumps({"id": "r1", "x": 1}),
                                  [("traceparent", f"00-{trace_id:032x}-{parent_id:016x}-01".encode())])])
-        wait_until(lambda: any(s["name"] == "c/c_step" and s["context"]["trace_id"] == _hex(trace_id, 32)
-                               for s in _read_spans(spans_file)), 90, 0.5, "the subscription's call to be traced")
+        # The subscribed invocation's span ends when it does, after its call's answer: wait for both.
+        wait_until(lambda: {"c/c_step", "hook/on_record"} <= {s["name"] for s in _read_spans(spans_file)
+                                                              if s["context"]["trace_id"] == _hex(trace_id, 32)},
+                   90, 0.5, "the subscription's invocation and its call to be traced")
         assert proc.stop() == 0
     finally:
         if proc.alive():
