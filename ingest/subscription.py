@@ -201,7 +201,8 @@ class Subscription:
     idempotency: IdempotencyFn | None
     retention: timedelta = DEFAULT_RETENTION
     max_bytes: int = DEFAULT_MAX_BYTES
-    # invoked: Invokes made (local: of which started on this process without the log)
+    # invoked: Invokes made (local: of which taken on this process without the log: started, or waiting
+    # for their key, which the commit may yet send to the log; processor/local_waits.py)
     stats: dict[str, int] = field(default_factory=lambda: {"read": 0, "invoked": 0, "local": 0, "dead": 0})
 
     @property

@@ -78,7 +78,9 @@ class ReplayChecking:
             tasks.append(verify)
             verify.add_done_callback(lambda t: None if t.cancelled() else done(t.result()))
 
-        tasks.append(self.local.start(call, finished))
+        first = self.local.start(call, finished)
+        if first is not None:
+            tasks.append(first)
 
         class _Running:
             def cancel(self) -> None:

@@ -81,7 +81,7 @@ class Assignment:
         # An (empty) assign in the callback: confluent-kafka would otherwise
         # assign them at once, before they are recovered.
         self.consumer.incremental_assign([])
-        self.local.reset()
+        self.local.reset(flush=True)
         self._recover([tp for tp in tps if tp not in self.active])
 
     def revoke(self, tps: list[TP]) -> None:
@@ -216,7 +216,7 @@ class Assignment:
                 part.load()
                 started.append(tp.partition)
         if ready:
-            self.local.reset()
+            self.local.reset(flush=True)
             self.consumer.incremental_assign(ready)
             # A partition paused for backpressure before a rewind stays
             # paused in librdkafka; its new processor starts unpaused.

@@ -19,8 +19,11 @@ still on the log, so a partition starts one only when
 - **nothing in transit**: no Invoke this process produced to L for the same
   routing key since then is still unread (counted per key, matched by
   invocation id when read back);
-- and the Invoke starts at once: the partition has room, nothing waits for
-  capacity, and the key is free (`PartitionProcessor.on_invoke(local=True)`).
+- and the Invoke starts at once (the partition has room, nothing waits for
+  capacity, and the key is free), or its key is held by an invocation in
+  memory, behind which it waits here (local_waits.py); whatever still waits
+  at a commit or an assignment change goes to the log then, before anything
+  newer of its key (`PartitionProcessor.on_invoke(local=True)`).
 """
 
 from __future__ import annotations
@@ -58,11 +61,18 @@ class LocalStarts:
         self.token = os.urandom(16)
         self.epoch = 0
         self.marks = 0  # markers produced
+        self.flushed = 0  # records that waited here and went to the log after all
         self._gates: dict[int, _Gate] = {}
 
-    def reset(self) -> None:
+    def reset(self, flush: bool = False) -> None:
         """A partition was assigned, revoked or rewound: no log partition is
-        caught up, and what was in transit is covered by the next marker."""
+        caught up, and what was in transit is covered by the next marker.
+        `flush` (the open transaction goes on): records waiting here go to
+        the log first, ahead of the newer ones of their keys that will."""
+        if flush:
+            for part in self.partitions.values():
+                if part.local_waits.n:
+                    part.flush_local()
         self.epoch += 1
         self._gates.clear()
 
@@ -76,6 +86,7 @@ class LocalStarts:
         gate = self._gates.get(p)
         if gate is None or gate.part is not part:
             self._gates[p] = _Gate(part)
+            part.local_waits.on_flush = lambda invokes, part=part: self._flushed(part, invokes)
             self.marks += 1
             out.produce(log_topic, None, schemas.encode("log_record", {"body": (
                 "oncely.Mark", {"token": self.token, "epoch": self.epoch})}), partition=p)
@@ -93,6 +104,19 @@ class LocalStarts:
             ids[routed.invocation_id] = ids.get(routed.invocation_id, 0) + 1
             keys[routed.key] = keys.get(routed.key, 0) + 1
             gate.n += 1
+
+    def _flushed(self, part: PartitionProcessor, invokes: list[dict[str, Any]]) -> None:
+        """Records that waited on `part` went to its log: in transit."""
+        self.flushed += len(invokes)
+        gate = self._gates.get(part.partition)
+        if gate is None or gate.part is not part:
+            return  # the next gate's marker follows them on the log
+        ids, keys = gate.ids, gate.keys
+        for invoke in invokes:
+            inv_id, key = invoke["invocation_id"], invoke["key"]
+            ids[inv_id] = ids.get(inv_id, 0) + 1
+            keys[key] = keys.get(key, 0) + 1
+        gate.n += len(invokes)
 
     def read_back(self, part: PartitionProcessor, invoke: dict[str, Any]) -> None:
         """An Invoke read from `part`'s log: if this process produced it, it
@@ -122,9 +146,11 @@ class LocalStarts:
 
     def in_transit(self, p: int) -> int:
         """Invokes this process produced to log partition `p` (since the last
-        reset) and has not read back: they will need room when they arrive."""
+        reset) and has not read back, and records waiting there in memory:
+        they will need room."""
         gate = self._gates.get(p)
-        return gate.n if gate is not None else 0
+        part = self.partitions.get(p)
+        return (gate.n if gate is not None else 0) + (part.local_waits.n if part is not None else 0)
 
     def caught_up(self, p: int) -> bool:
         gate = self._gates.get(p)

@@ -3,7 +3,8 @@ how a commit is prepared (the drain).
 
 Sources pause while a log partition has READY entries beyond its window or
 holds read-ahead, plus Invokes this process sent it and has not read back
-(local_start.py), past 3/4 of its bound (down to 1/2 once paused), so a
+and subscribed records waiting on it in memory (local_start.py), past 3/4
+of its bound (down to 1/2 once paused), so a
 backlog behind busy keys stays in the source topics instead of spilling
 into the store. The log itself is never paused: Responses, awakeable
 results and timers always apply.
@@ -65,7 +66,7 @@ class Pacing:
                 part.prepared()
 
     def _in_flight(self) -> int:
-        return sum(len(p.invocations) for p in self.loop.partitions.values())
+        return sum(len(p.invocations) + p.local_waits.n for p in self.loop.partitions.values())
 
     async def _drain(self) -> None:
         """Stop when nothing is left, when nothing progressed for three

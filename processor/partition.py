@@ -28,11 +28,13 @@ from oncely.processor.inbox import ReadAhead, StoreQueue, ready_queue
 from oncely.processor.invocation import (BACKING_OFF, COMPLETED, FAILED, INBOXED, PAUSED, RUNNING, SUSPENDED,
                                          Invocation, PartitionStats, TxnOutput)
 from oncely.processor.key_queues import KeyQueues
+from oncely.processor.local_waits import LocalWaits
 from oncely.sdk.protocol import Executor, HandlerCall, Limits, Outcome
 from oncely.processor.store import KeyState, PartitionStore
 from oncely.processor.timers import Timers
 from oncely.processor.waits import Waits
 from oncely.processor.writer import InvocationWriter
+from oncely.shuffle.envelope import encode_invoke
 from oncely.shuffle.ids import format_id
 
 if TYPE_CHECKING:
@@ -68,6 +70,7 @@ class PartitionProcessor:
         self.keys = KeyQueues(store, lambda: self.suspended > 0, self.ahead)
         self.ready: StoreQueue = ready_queue(store, self.ahead)
         self.writer = InvocationWriter(store, net_effects, self.keys.holds)
+        self.local_waits = LocalWaits()  # subscribed records waiting here for their key
         self.timers = Timers(store, self._send_timer, self._wake, self._retry)
         self.waits = Waits(int(app.config.suspend_after * 1000))
         self.stats = PartitionStats()
@@ -106,6 +109,7 @@ class PartitionProcessor:
         self.writer.clear()
         self.timers.clear()
         self.waits.clear()
+        self.local_waits.clear()
         self.ahead = ReadAhead()
         self.keys.ahead = self.ahead
         self.ready = ready_queue(self.store, self.ahead)
@@ -116,8 +120,9 @@ class PartitionProcessor:
     def on_invoke(self, invoke: dict[str, Any], offset: int, local: bool = False) -> bool:
         """Accept an Invoke read at log `offset`. `local`: a subscribed
         record that never went to the log (local_start.py), taken only if it
-        starts right now (else False, and nothing changed: it goes to the
-        log); `offset` is then the read position (its `seq`)."""
+        starts right now or can wait behind its key's holder in memory
+        (local_waits.py); else False, and nothing changed: it goes to the
+        log. `offset` is then the read position (its `seq`)."""
         inv_id = invoke["invocation_id"]
         # Only an id derived from an idempotency key can arrive twice (the log
         # is read read_committed; random ids are unique), so only those pay
@@ -150,7 +155,10 @@ class PartitionProcessor:
         full = self._full() or bool(self.ready)
         if full or (sk is not None and self.keys.is_held(sk)):
             if local:
-                return False
+                if sk is None or sk not in self.keys.held:
+                    return False  # no room, or held by a suspended invocation: the log
+                self.local_waits.wait(sk, invoke)  # behind the holder in memory
+                return True
             if full:
                 self.ready.push(offset, invoke)
             else:
@@ -173,7 +181,7 @@ class PartitionProcessor:
         inv = self.invocations.get(inv_id)
         if inv is not None:
             return inv.phase
-        if inv_id in self.ahead.ids:
+        if inv_id in self.ahead.ids or inv_id in self.local_waits.ids:
             return INBOXED
         get = self.store.get
         if get(keys.status(inv_id)) is not None:
@@ -248,7 +256,9 @@ class PartitionProcessor:
             self.metrics.started(inv)
         inv.run += 1
         run = inv.run
-        inv.running = self.executor.start(call, lambda outcome: self._apply_outcome(inv, outcome, run))
+        running = self.executor.start(call, lambda outcome: self._apply_outcome(inv, outcome, run))
+        if inv.run == run and running is not None:  # (None: it ended already; see executor.py)
+            inv.running = running
 
     def _apply_outcome(self, inv: Invocation, outcome: Outcome, run: int) -> None:
         """Apply an outcome; an error doing so must not leave the invocation
@@ -288,7 +298,11 @@ class PartitionProcessor:
         self.active.discard(inv)
         self.waits.drop(inv)
         if inv.sk is not None:
-            self._hand_over(self.keys.release(inv, vacate=self.preparing))
+            nxt = self.keys.release(inv, vacate=self.preparing)
+            if nxt is None and self.local_waits.n and inv.sk not in self.keys.held:
+                self._start_local(inv.sk)
+            else:
+                self._hand_over(nxt)
 
     def fill_vacant(self) -> None:
         """Start the next in line of every key left vacant while the commit was prepared."""
@@ -299,6 +313,26 @@ class PartitionProcessor:
         """The commit is over (or was not made): keys are handed on again."""
         self.preparing = False
         self.fill_vacant()
+        for sk in [sk for sk in self.local_waits.by_key if sk not in self.keys.held]:
+            self._start_local(sk)
+
+    def _start_local(self, sk: bytes) -> None:
+        """The key is free: its next subscribed record waiting here takes it."""
+        invoke = self.local_waits.pop(sk)
+        if invoke is not None:
+            self.stats.local_starts += 1
+            self.stats.accepted += 1
+            self._begin(invoke, self.ahead.read_to, sk)
+
+    def flush_local(self, sk: bytes | None = None) -> None:
+        """A key's (or every) subscribed record waiting here goes to the log
+        after all, in order, in the open transaction (local_waits.py)."""
+        invokes = self.local_waits.take(sk)
+        produce, topic, p = self.out.produce, self.app.log_topic, self.partition
+        for invoke in invokes:
+            produce(topic, invoke["key"], encode_invoke(invoke), partition=p)
+        if invokes and self.local_waits.on_flush is not None:
+            self.local_waits.on_flush(invokes)
 
     def _hand_over(self, nxt: tuple[int, dict[str, Any], StoreQueue] | None) -> None:
         """Start the next invocation of a key's inbox as the key's holder."""
@@ -350,7 +384,10 @@ class PartitionProcessor:
 
     def prepare_commit(self) -> None:
         """Write what outlives this commit: records of invocations in flight,
-        and which read-ahead a re-read of the log must apply."""
+        and which read-ahead a re-read of the log must apply; subscribed
+        records still waiting here go to the log."""
+        if self.local_waits.n:
+            self.flush_local()
         if self.keys.vacant and (self.ahead.spill_due() or not self.keys.vacant_only_held()):
             self.fill_vacant()  # an inbox in the store needs its key held (a LOCK)
         self.writer.persist_all(self.active)

@@ -206,7 +206,8 @@ class Running(Protocol):
 
 
 class Executor(Protocol):
-    def start(self, call: HandlerCall, done: Callable[[Outcome], None]) -> Running:
+    def start(self, call: HandlerCall, done: Callable[[Outcome], None]) -> Running | None:
         """Start (or resume, replaying `call.journal`) an invocation; call
-        `done` exactly once with its outcome unless cancelled first."""
+        `done` exactly once with its outcome unless cancelled first. None:
+        it already ended, and `done` was called before `start` returned."""
         ...
