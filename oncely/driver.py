@@ -171,6 +171,8 @@ class TestDriver:
     def close(self) -> None:
         for part in self.partitions:
             part.close()
+        local = getattr(self.executor, "local", self.executor)
+        local.cancel_spare()
         self.loop.run_until_complete(asyncio.sleep(0))
         for store in self.stores:
             store.close()

@@ -93,7 +93,7 @@ def suspend(part: PartitionProcessor, inv: Invocation) -> bool:
     part.writer.left_memory(inv)
     part.keys.left_memory(inv)
     if inv.sk is not None and part.local_waits.n:
-        part.flush_local(inv.sk)  # they wait behind its LOCK now, which only the log reaches
+        part.local_waits.flush(inv.sk)  # they wait behind its LOCK now, which only the log reaches
     part.waits.drop(inv)
     if inv.running is not None:
         inv.running.cancel()

@@ -1,12 +1,20 @@
 """Runs Python handlers in this process, behind the executor protocol; its
 end is reported through the `done` callback (sdk.runner does the running).
 
-Handlers start eagerly: the first step of an invocation runs at once, in
-`start`, in a context of its own (as Python 3.12's eager tasks do). A
-handler that ends without awaiting anything pending (most stream
-enrichments) needs no asyncio task and no further loop iterations: its
-outcome applies before `start` returns, and the key it held is free for the
-next record at once. One that awaits gets a task that drives the rest.
+Handlers start eagerly, as Python 3.12's eager tasks do: the first step of
+an invocation runs at once, in `start`, in a context of its own. A handler
+that ends without awaiting anything pending (most stream enrichments)
+needs no task of its own and no further loop iterations: its outcome
+applies before `start` returns, and its key is free for the next record at
+once. One that awaits goes on in a task.
+
+Whatever the handler does in its first step sees one task as
+`asyncio.current_task()` from start to end (an `asyncio.timeout`, a
+`TaskGroup` or an HTTP client's cancel scope entered there must not see the
+commit loop's task, nor a different task after the first await): a spare
+task, made ahead and waiting idle, is current during the first step; a
+handler that awaits adopts it (it drives the rest, in the handler's
+context), and a new spare is made for the next one.
 
 What an eager outcome starts in turn (the next invocation of the key) is
 an ordinary task, so a long queue of one key does not recurse.
@@ -18,6 +26,7 @@ import asyncio
 import contextvars
 import logging
 import types
+from asyncio.tasks import _enter_task, _leave_task  # what 3.12's eager tasks swap
 from collections.abc import Coroutine, Generator
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -29,6 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("oncely.executor")
 
+_Rest = tuple[Coroutine[Any, Any, Outcome], Any, contextvars.Context]
+
 
 class LocalExecutor:
     """Executes invocations on the processor's loop."""
@@ -36,6 +47,8 @@ class LocalExecutor:
     def __init__(self, app: App) -> None:
         self.app = app
         self._eager = False  # inside an eager first step or its outcome
+        self._spare: asyncio.Task[Outcome] | None = None
+        self._slot: asyncio.Future[_Rest] | None = None  # what the spare waits for
 
     def start(self, call: HandlerCall, done: Callable[[Outcome], None]) -> asyncio.Task[Outcome] | None:
         coro = run_handler(self.app, call)
@@ -43,22 +56,23 @@ class LocalExecutor:
         if self._eager:
             task = loop.create_task(coro)
         else:
+            task, slot = self._take_spare(loop)
             context = contextvars.copy_context()
             self._eager = True
             try:
-                try:
-                    yielded = context.run(coro.send, None)
-                except StopIteration as stop:
-                    done(stop.value)
-                    return None
-                except (KeyboardInterrupt, SystemExit):
-                    raise
-                except BaseException as e:  # not the handler's error: run_handler returns those as outcomes
-                    done(_failed(call, e))
-                    return None
+                yielded = _first_step(loop, task, context, coro)
+            except StopIteration as stop:
+                done(stop.value)
+                return None
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:  # not the handler's error: run_handler returns those as outcomes
+                done(_failed(call, e))
+                return None
             finally:
                 self._eager = False
-            task = loop.create_task(_resume(coro, yielded), context=context)
+            self._spare = self._slot = None  # adopted: it drives the rest
+            slot.set_result((coro, yielded, context))
 
         def finished(t: asyncio.Task[Outcome]) -> None:
             if t.cancelled():
@@ -72,31 +86,66 @@ class LocalExecutor:
         task.add_done_callback(finished)
         return task
 
+    def _take_spare(self, loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Task[Outcome], asyncio.Future[_Rest]]:
+        task, slot = self._spare, self._slot
+        if task is None or slot is None or task.done() or task.cancelling() or task.get_loop() is not loop:
+            slot = loop.create_future()
+            task = loop.create_task(_adoptable(slot))
+            self._spare, self._slot = task, slot
+        return task, slot
+
+    def cancel_spare(self) -> None:
+        """Before the loop closes: the idle spare task is not left pending."""
+        if self._spare is not None:
+            self._spare.cancel()
+        self._spare = self._slot = None
+
+    async def close(self) -> None:
+        self.cancel_spare()
+
+
+def _first_step(loop: asyncio.AbstractEventLoop, task: asyncio.Task[Outcome], context: contextvars.Context,
+                coro: Coroutine[Any, Any, Outcome]) -> Any:
+    """Run the coroutine's first step with `task` as the current task."""
+    outer = asyncio.current_task(loop)
+    if outer is not None:
+        _leave_task(loop, outer)
+    _enter_task(loop, task)
+    try:
+        return context.run(coro.send, None)
+    finally:
+        _leave_task(loop, task)
+        if outer is not None:
+            _enter_task(loop, outer)
+
 
 def _failed(call: HandlerCall, e: BaseException) -> Outcome:
     log.error("%s: the executor failed", call.service, exc_info=e)
     return Outcome("retry", error=f"internal error: {describe_error(e)}")
 
 
-async def _resume(coro: Coroutine[Any, Any, Outcome], yielded: Any) -> Outcome:
-    """The rest of a coroutine whose first step ran eagerly (it yielded `yielded`)."""
-    return await _drive(coro, yielded)
+async def _adoptable(slot: asyncio.Future[_Rest]) -> Outcome:
+    """A spare task: idle until a handler that awaits adopts it."""
+    coro, yielded, context = await slot
+    return await _drive(coro, yielded, context)
 
 
 @types.coroutine
-def _drive(coro: Coroutine[Any, Any, Outcome], yielded: Any) -> Generator[Any, Any, Outcome]:
-    # Passes what the coroutine yields (futures) to the task and what the task
-    # sends or throws in (results, cancellation) to the coroutine, as `await` would.
+def _drive(coro: Coroutine[Any, Any, Outcome], yielded: Any,
+           context: contextvars.Context) -> Generator[Any, Any, Outcome]:
+    # Passes what the coroutine yields (futures) to the task, and what the task
+    # sends or throws in (results, cancellation) to the coroutine, in its own
+    # context, as `await` would.
     while True:
         try:
             value = yield yielded
         except BaseException as exc:
             try:
-                yielded = coro.throw(exc)
+                yielded = context.run(coro.throw, exc)
             except StopIteration as stop:
                 return stop.value
         else:
             try:
-                yielded = coro.send(value)
+                yielded = context.run(coro.send, value)
             except StopIteration as stop:
                 return stop.value

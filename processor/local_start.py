@@ -72,7 +72,7 @@ class LocalStarts:
         if flush:
             for part in self.partitions.values():
                 if part.local_waits.n:
-                    part.flush_local()
+                    part.local_waits.flush()
         self.epoch += 1
         self._gates.clear()
 

@@ -19,15 +19,21 @@ that read them.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+from oncely.shuffle.envelope import encode_invoke
+
+if TYPE_CHECKING:
+    from oncely.processor.invocation import TxnOutput
 
 
 class LocalWaits:
     """One log partition's waiting subscribed records, per (service, key)."""
 
-    __slots__ = ("by_key", "ids", "n", "on_flush")
+    __slots__ = ("by_key", "ids", "n", "on_flush", "out", "topic", "partition")
 
-    def __init__(self) -> None:
+    def __init__(self, out: "TxnOutput", topic: str, partition: int) -> None:
+        self.out, self.topic, self.partition = out, topic, partition  # the log partition
         self.by_key: dict[bytes, deque[dict[str, Any]]] = {}
         self.ids: set[bytes] = set()  # their invocation ids: a duplicate lookup sees them as queued
         self.n = 0
@@ -72,6 +78,16 @@ class LocalWaits:
             self.ids.discard(invoke["invocation_id"])
         self.n -= len(q)
         return list(q)
+
+    def flush(self, sk: bytes | None = None) -> None:
+        """A key's (or every) waiting record goes to the log after all, in
+        order, in the open transaction."""
+        invokes = self.take(sk)
+        produce, topic, p = self.out.produce, self.topic, self.partition
+        for invoke in invokes:
+            produce(topic, invoke["key"], encode_invoke(invoke), partition=p)
+        if invokes and self.on_flush is not None:
+            self.on_flush(invokes)
 
     def clear(self) -> None:
         self.by_key.clear()

@@ -34,7 +34,6 @@ from oncely.processor.store import KeyState, PartitionStore
 from oncely.processor.timers import Timers
 from oncely.processor.waits import Waits
 from oncely.processor.writer import InvocationWriter
-from oncely.shuffle.envelope import encode_invoke
 from oncely.shuffle.ids import format_id
 
 if TYPE_CHECKING:
@@ -70,7 +69,7 @@ class PartitionProcessor:
         self.keys = KeyQueues(store, lambda: self.suspended > 0, self.ahead)
         self.ready: StoreQueue = ready_queue(store, self.ahead)
         self.writer = InvocationWriter(store, net_effects, self.keys.holds)
-        self.local_waits = LocalWaits()  # subscribed records waiting here for their key
+        self.local_waits = LocalWaits(out, app.log_topic, partition)  # subscribed records waiting for their key
         self.timers = Timers(store, self._send_timer, self._wake, self._retry)
         self.waits = Waits(int(app.config.suspend_after * 1000))
         self.stats = PartitionStats()
@@ -324,16 +323,6 @@ class PartitionProcessor:
             self.stats.accepted += 1
             self._begin(invoke, self.ahead.read_to, sk)
 
-    def flush_local(self, sk: bytes | None = None) -> None:
-        """A key's (or every) subscribed record waiting here goes to the log
-        after all, in order, in the open transaction (local_waits.py)."""
-        invokes = self.local_waits.take(sk)
-        produce, topic, p = self.out.produce, self.app.log_topic, self.partition
-        for invoke in invokes:
-            produce(topic, invoke["key"], encode_invoke(invoke), partition=p)
-        if invokes and self.local_waits.on_flush is not None:
-            self.local_waits.on_flush(invokes)
-
     def _hand_over(self, nxt: tuple[int, dict[str, Any], StoreQueue] | None) -> None:
         """Start the next invocation of a key's inbox as the key's holder."""
         if nxt is not None:
@@ -387,7 +376,7 @@ class PartitionProcessor:
         and which read-ahead a re-read of the log must apply; subscribed
         records still waiting here go to the log."""
         if self.local_waits.n:
-            self.flush_local()
+            self.local_waits.flush()
         if self.keys.vacant and (self.ahead.spill_due() or not self.keys.vacant_only_held()):
             self.fill_vacant()  # an inbox in the store needs its key held (a LOCK)
         self.writer.persist_all(self.active)

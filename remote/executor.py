@@ -241,6 +241,7 @@ class RoutingExecutor:
 
     async def close(self) -> None:
         await self.remote.close()
+        await self.local.close()
 
 
 def executor_for(app: App) -> Any:

@@ -7,6 +7,8 @@ double application visible: each handler appends its item to a list.
 
 from __future__ import annotations
 
+import asyncio
+
 import random
 import time
 from pathlib import Path
@@ -29,6 +31,8 @@ def _appender(name: str, inflight: int) -> tuple[oncely.App, Any]:
     async def append(ctx: oncely.KeyedContext, item: int) -> None:
         if item < 0:
             await ctx.sleep(10)  # holds its key: later items wait behind it
+        elif item >= 1000:
+            await asyncio.sleep(0)  # does not end in its first step: the next items wait for a loop pass
         ctx.set("items", ctx.get("items", []) + [item])
 
     return app, append
@@ -109,15 +113,15 @@ def test_a_key_left_vacant_at_a_commit_that_spills_gets_its_holder_first(monkeyp
     monkeypatch.setattr(inbox, "SPAN", 10)
     app, append = _appender("aheadvacant", inflight=100)
     with TestDriver(app) as d:
-        for item in range(30):
+        for item in range(1000, 1030):
             d.send(append, "k", item)
-        d.loop.run_until_complete(d._astep())  # 0 ran; the rest trailed by more than SPAN: spilled
+        d.loop.run_until_complete(d._astep())  # 1000 ran; the rest trailed by more than SPAN: spilled
         assert sum(len(p.store.scan(keys.INBOX)) for p in d.partitions) == 28
         assert sum(len(p.store.scan(keys.LOCK)) for p in d.partitions) == 1, "the key has a holder"
         d.crash()
-        d.send(append, "k", 30)
+        d.send(append, "k", 1030)
         d.run()
-        assert d.state("seq", "k") == {"items": list(range(31))}
+        assert d.state("seq", "k") == {"items": list(range(1000, 1031))}
 
 
 @pytest.mark.parametrize("limit,inflight,crash", [(1024, 2, False), (1024, 2, True), (4, 2, True),
