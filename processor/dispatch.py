@@ -39,9 +39,10 @@ def log_record(app: "App", part: PartitionProcessor, m: Any, out: TxnOutput,
         _dead(app, out, m, "undecodable-log-record", str(e))
         return
     if kind == "oncely.Invoke":
-        if local is not None:
-            local.read_back(part, body)
+        ended = local.read_back(part, body) if local is not None else None
         part.on_invoke(body, m.offset())
+        if ended is not None:
+            local.release(part, ended)  # type: ignore[union-attr]
     elif kind == "oncely.Response":
         part.on_response(body)
     elif kind == "oncely.AwakeableResult":

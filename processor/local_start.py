@@ -18,12 +18,15 @@ still on the log, so a partition starts one only when
   read by then. Markers of other processes and older epochs are ignored;
 - **nothing in transit**: no Invoke this process produced to L for the same
   routing key since then is still unread (counted per key, matched by
-  invocation id when read back);
+  invocation id when read back); otherwise it waits here until the last of
+  them is read back and applied, then goes on as if just read
+  (local_waits.py);
 - and the Invoke starts at once (the partition has room, nothing waits for
   capacity, and the key is free), or its key is held by an invocation in
-  memory, behind which it waits here (local_waits.py); whatever still waits
-  at a commit or an assignment change goes to the log then, before anything
-  newer of its key (`PartitionProcessor.on_invoke(local=True)`).
+  memory, behind which it waits here (`PartitionProcessor.on_invoke(local=True)`).
+
+Whatever still waits at a commit or an assignment change goes to the log
+then, before anything newer of its key.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from oncely import schemas
 from oncely.processor.invocation import TxnOutput
 from oncely.processor.partition import PartitionProcessor
+from oncely.shuffle.envelope import encode_invoke
 
 if TYPE_CHECKING:
     from oncely.ingest.router import Routed
@@ -91,19 +95,30 @@ class LocalStarts:
             out.produce(log_topic, None, schemas.encode("log_record", {"body": (
                 "oncely.Mark", {"token": self.token, "epoch": self.epoch})}), partition=p)
             return False
-        if not gate.caught_up or routed.key in gate.keys:
+        if not gate.caught_up:
             return False
+        return self._place(gate, routed.key, routed.invoke)
+
+    def _place(self, gate: _Gate, key: bytes, invoke: dict[str, Any]) -> bool:
+        """Start the Invoke here or let it wait here; False: neither."""
+        part = gate.part
+        if key in gate.keys:  # behind the key's Invokes in transit (local_waits.py)
+            part.local_waits.wait_for_log(key, invoke)
+            return True
         # The read position as its seq: nothing orders by a running invocation's seq.
-        return part.on_invoke(routed.invoke, part.ahead.read_to, local=True)
+        return part.on_invoke(invoke, part.ahead.read_to, local=True)
 
     def sent(self, routed: "Routed") -> None:
         """The routed Invoke went to the log: in transit until read back."""
         gate = self._gates.get(routed.partition)
         if gate is not None:
-            ids, keys = gate.ids, gate.keys
-            ids[routed.invocation_id] = ids.get(routed.invocation_id, 0) + 1
-            keys[routed.key] = keys.get(routed.key, 0) + 1
-            gate.n += 1
+            self._count(gate, routed.invocation_id, routed.key)
+
+    def _count(self, gate: _Gate, inv_id: bytes, key: bytes) -> None:
+        ids, keys = gate.ids, gate.keys
+        ids[inv_id] = ids.get(inv_id, 0) + 1
+        keys[key] = keys.get(key, 0) + 1
+        gate.n += 1
 
     def _flushed(self, part: PartitionProcessor, invokes: list[dict[str, Any]]) -> None:
         """Records that waited on `part` went to its log: in transit."""
@@ -111,23 +126,21 @@ class LocalStarts:
         gate = self._gates.get(part.partition)
         if gate is None or gate.part is not part:
             return  # the next gate's marker follows them on the log
-        ids, keys = gate.ids, gate.keys
         for invoke in invokes:
-            inv_id, key = invoke["invocation_id"], invoke["key"]
-            ids[inv_id] = ids.get(inv_id, 0) + 1
-            keys[key] = keys.get(key, 0) + 1
-        gate.n += len(invokes)
+            self._count(gate, invoke["invocation_id"], invoke["key"])
 
-    def read_back(self, part: PartitionProcessor, invoke: dict[str, Any]) -> None:
+    def read_back(self, part: PartitionProcessor, invoke: dict[str, Any]) -> bytes | None:
         """An Invoke read from `part`'s log: if this process produced it, it
-        is no longer in transit."""
+        is no longer in transit. Returns its routing key when that was the
+        key's last one in transit and records wait for it (call `release`
+        once the Invoke is applied)."""
         gate = self._gates.get(part.partition)
         if gate is None or not gate.ids:
-            return
+            return None
         inv_id = invoke["invocation_id"]
         n = gate.ids.pop(inv_id, 0)
         if not n:
-            return
+            return None
         gate.n -= 1
         if n > 1:
             gate.ids[inv_id] = n - 1
@@ -135,8 +148,21 @@ class LocalStarts:
         left = gate.keys.get(key, 1) - 1
         if left:
             gate.keys[key] = left
-        else:
-            gate.keys.pop(key, None)
+            return None
+        gate.keys.pop(key, None)
+        return key if key in part.local_waits.transit else None
+
+    def release(self, part: PartitionProcessor, key: bytes) -> None:
+        """The records that waited for `key`'s Invokes on the log go on, in
+        order, as if just read: started, waiting for the key, or (no room)
+        to the log."""
+        gate = self._gates.get(part.partition)
+        waiting = part.local_waits.read_back(key)
+        for invoke in waiting:
+            if gate is None or gate.part is not part or not self._place(gate, key, invoke):
+                part.out.produce(part.app.log_topic, key, encode_invoke(invoke), partition=part.partition)
+                if gate is not None and gate.part is part:
+                    self._count(gate, invoke["invocation_id"], key)
 
     def on_mark(self, part: PartitionProcessor, mark: dict[str, Any]) -> None:
         """A marker read from `part`'s log: ours of this epoch means caught up."""

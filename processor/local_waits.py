@@ -1,19 +1,26 @@
-"""Subscribed records that wait here for their key, without the log.
+"""Subscribed records that wait here, in memory, without the log.
 
 A source record whose log partition runs in this process starts at once
-when its key is free (local_start.py). When the key is held by an
-invocation in memory, sending the record through the log would make every
-later record of that key follow it there until it is read back, so under a
-backlog almost nothing would start locally. Instead it waits here, in
-memory, behind the key's holder and the key's inbox, and takes the key when
-they are done (`PartitionProcessor.finish`).
+when its key is free (local_start.py). Otherwise sending it through the
+log would make every later record of its key follow it there until it is
+read back, and a key with steady traffic would never come back. So it
+waits here, in one of two stages:
 
-Nothing of it is persisted: its source offset is in the open transaction.
-Whatever still waits when a commit is prepared goes to the log as an Invoke
-in that commit (in key order, and counted in transit, so later records of
-the key follow it through the log), as does the rest of a key whose holder
-leaves memory (suspended). A rewind drops them with the source offsets
-that read them.
+- **for its key** (`by_key`, per service key): the key is held by an
+  invocation in memory; the record waits behind it and the key's inbox, and
+  takes the key when they are done (`PartitionProcessor.finish`);
+- **for the log** (`transit`, per routing key): Invokes of its key that this
+  process sent to the log are not read back yet; when the last is, the
+  records go on in order as if just read (`LocalStarts.read_back`).
+
+A key's records are in one stage at a time, and those waiting for the key
+are older than those waiting for the log. Nothing of them is persisted:
+their source offsets are in the open transaction. Whatever still waits
+when a commit is prepared goes to the log in that commit (for each key the
+first stage, then the second: source order), counted in transit; so does
+what waits for a key whose holder leaves memory (suspended: it holds the
+key by its LOCK, which only the log's path respects). A rewind drops them
+with the source offsets that read them.
 """
 
 from __future__ import annotations
@@ -26,33 +33,44 @@ from oncely.shuffle.envelope import encode_invoke
 if TYPE_CHECKING:
     from oncely.processor.invocation import TxnOutput
 
+Queues = dict[bytes, deque[dict[str, Any]]]
+
 
 class LocalWaits:
-    """One log partition's waiting subscribed records, per (service, key)."""
+    """One log partition's waiting subscribed records."""
 
-    __slots__ = ("by_key", "ids", "n", "on_flush", "out", "topic", "partition")
+    __slots__ = ("by_key", "transit", "ids", "n", "on_flush", "out", "topic", "partition")
 
     def __init__(self, out: "TxnOutput", topic: str, partition: int) -> None:
         self.out, self.topic, self.partition = out, topic, partition  # the log partition
-        self.by_key: dict[bytes, deque[dict[str, Any]]] = {}
+        self.by_key: Queues = {}   # service key -> records waiting for it
+        self.transit: Queues = {}  # routing key -> records waiting for its Invokes on the log
         self.ids: set[bytes] = set()  # their invocation ids: a duplicate lookup sees them as queued
         self.n = 0
-        # Told of Invokes that went to the log instead (local_start.py counts them in transit).
+        # Told of Invokes that went to the log after all (local_start.py counts them in transit).
         self.on_flush: Callable[[list[dict[str, Any]]], None] | None = None
 
     def __len__(self) -> int:
         return self.n
 
     def wait(self, sk: bytes, invoke: dict[str, Any]) -> None:
-        q = self.by_key.get(sk)
+        """Behind the holder of service key `sk`."""
+        self._add(self.by_key, sk, invoke)
+
+    def wait_for_log(self, routing_key: bytes, invoke: dict[str, Any]) -> None:
+        """Until the key's Invokes in transit are read back."""
+        self._add(self.transit, routing_key, invoke)
+
+    def _add(self, queues: Queues, key: bytes, invoke: dict[str, Any]) -> None:
+        q = queues.get(key)
         if q is None:
-            self.by_key[sk] = q = deque()
+            queues[key] = q = deque()
         q.append(invoke)
         self.ids.add(invoke["invocation_id"])
         self.n += 1
 
     def pop(self, sk: bytes) -> dict[str, Any] | None:
-        """The key's next waiting record, if any."""
+        """The next record waiting for service key `sk`, if any."""
         q = self.by_key.get(sk)
         if q is None:
             return None
@@ -63,15 +81,12 @@ class LocalWaits:
         self.n -= 1
         return invoke
 
-    def take(self, sk: bytes | None = None) -> list[dict[str, Any]]:
-        """Remove and return a key's waiting records (all keys' for None), in order."""
-        if sk is None:
-            out = [invoke for q in self.by_key.values() for invoke in q]
-            self.by_key.clear()
-            self.ids.clear()
-            self.n = 0
-            return out
-        q = self.by_key.pop(sk, None)
+    def read_back(self, routing_key: bytes) -> list[dict[str, Any]]:
+        """The records that waited for the key's Invokes on the log, in order."""
+        return self._take(self.transit, routing_key)
+
+    def _take(self, queues: Queues, key: bytes) -> list[dict[str, Any]]:
+        q = queues.pop(key, None)
         if q is None:
             return []
         for invoke in q:
@@ -80,9 +95,13 @@ class LocalWaits:
         return list(q)
 
     def flush(self, sk: bytes | None = None) -> None:
-        """A key's (or every) waiting record goes to the log after all, in
-        order, in the open transaction."""
-        invokes = self.take(sk)
+        """What waits for service key `sk` (for None: everything) goes to
+        the log after all, in order, in the open transaction."""
+        if sk is not None:
+            invokes = self._take(self.by_key, sk)
+        else:
+            invokes = [invoke for queues in (self.by_key, self.transit) for q in queues.values() for invoke in q]
+            self.clear()
         produce, topic, p = self.out.produce, self.topic, self.partition
         for invoke in invokes:
             produce(topic, invoke["key"], encode_invoke(invoke), partition=p)
@@ -91,5 +110,6 @@ class LocalWaits:
 
     def clear(self) -> None:
         self.by_key.clear()
+        self.transit.clear()
         self.ids.clear()
         self.n = 0

@@ -151,6 +151,9 @@ class PartitionProcessor:
                           f"keyed service {svc.name!r} needs a key; the invocation has none")
             return True
         sk = keys.service_key(invoke["service"], invoke["key"]) if svc.keyed else None
+        if local and sk is not None and sk in self.local_waits.by_key:
+            self.local_waits.wait(sk, invoke)  # behind the key's earlier records waiting here
+            return True
         full = self._full() or bool(self.ready)
         if full or (sk is not None and self.keys.is_held(sk)):
             if local:

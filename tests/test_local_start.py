@@ -114,6 +114,35 @@ def test_a_key_with_records_in_transit_waits_for_them(kafka: str, tmp_path: Path
     assert read_to_end(kafka, f"{name}.dlq") == []
 
 
+def test_records_arriving_while_their_key_is_in_transit_follow_it(kafka: str, tmp_path: Path) -> None:
+    """Records arrive one by one; every fifth of key `a` sleeps briefly, so
+    at a commit records of `a` often wait behind it and go to the log, and
+    the sleeper ends before they are read back: a record of `a` read then
+    must go to the log too (it is in transit), not start on the free key."""
+    name, source, results = unique_name("trickle"), unique_name("trickle-src"), unique_name("trickle-out")
+    create_topic(kafka, source, 1)
+    create_topic(kafka, results, 1)
+    app = build(name, source, results, partitions=1, bootstrap=kafka, state_dir=str(tmp_path), commit_interval=0.05)
+    runner = InProcessProcessor(app).start()
+    n = 1500
+    try:
+        p = Producer({"bootstrap.servers": kafka, "linger.ms": 0})
+        for i in range(n):
+            p.produce(source, orjson.dumps({"k": "a", "n": i, **({"busy": 0.01} if i % 5 == 0 else {})}), b"a")
+            p.produce(source, orjson.dumps({"k": "b", "n": i}), b"b")
+            p.poll(0)
+            time.sleep(0.002)
+        p.flush(30)
+        _wait_lists(kafka, name, {"a": list(range(n)), "b": list(range(n))}, 90)
+        stats = _stats(runner)
+        flushed = runner.on_loop(lambda: runner.processor.assignment.local.flushed)  # type: ignore[union-attr]
+    finally:
+        runner.stop()
+    sent = stats["invoked"] - stats["local"]
+    print(f"taken here {stats['local']}, of which flushed to the log {flushed}; sent to the log {sent}")
+    assert flushed > 0 and sent > 0, (flushed, sent)
+
+
 def test_invokes_left_on_the_log_run_before_new_records_of_their_key(kafka: str, tmp_path: Path) -> None:
     name, source, results = unique_name("caught"), unique_name("caught-src"), unique_name("caught-out")
     create_topic(kafka, source, 1)
