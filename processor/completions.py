@@ -92,8 +92,6 @@ def suspend(part: PartitionProcessor, inv: Invocation) -> bool:
     part.writer.persist(inv)  # status, journal and lock, before it leaves memory
     part.writer.left_memory(inv)
     part.keys.left_memory(inv)
-    if inv.sk is not None and part.local_waits.n:
-        part.local_waits.flush(inv.sk)  # they wait behind its LOCK now, which only the log reaches
     part.waits.drop(inv)
     if inv.running is not None:
         inv.running.cancel()

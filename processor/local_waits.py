@@ -7,8 +7,9 @@ read back, and a key with steady traffic would never come back. So it
 waits here, in one of two stages:
 
 - **for its key** (`by_key`, per service key): the key is held by an
-  invocation in memory; the record waits behind it and the key's inbox, and
-  takes the key when they are done (`PartitionProcessor.finish`);
+  invocation in memory (or was when the first of them came: its holder may
+  have been suspended since); the record waits behind it and the key's
+  inbox, and takes the key when they are done (`PartitionProcessor.finish`);
 - **for the log** (`transit`, per routing key): Invokes of its key that this
   process sent to the log are not read back yet; when the last is, the
   records go on in order as if just read (`LocalStarts.read_back`).
@@ -17,10 +18,8 @@ A key's records are in one stage at a time, and those waiting for the key
 are older than those waiting for the log. Nothing of them is persisted:
 their source offsets are in the open transaction. Whatever still waits
 when a commit is prepared goes to the log in that commit (for each key the
-first stage, then the second: source order), counted in transit; so does
-what waits for a key whose holder leaves memory (suspended: it holds the
-key by its LOCK, which only the log's path respects). A rewind drops them
-with the source offsets that read them.
+first stage, then the second: source order), counted in transit. A rewind
+drops them with the source offsets that read them.
 """
 
 from __future__ import annotations
@@ -94,14 +93,11 @@ class LocalWaits:
         self.n -= len(q)
         return list(q)
 
-    def flush(self, sk: bytes | None = None) -> None:
-        """What waits for service key `sk` (for None: everything) goes to
-        the log after all, in order, in the open transaction."""
-        if sk is not None:
-            invokes = self._take(self.by_key, sk)
-        else:
-            invokes = [invoke for queues in (self.by_key, self.transit) for q in queues.values() for invoke in q]
-            self.clear()
+    def flush(self) -> None:
+        """Everything waiting goes to the log after all, in order, in the
+        open transaction."""
+        invokes = [invoke for queues in (self.by_key, self.transit) for q in queues.values() for invoke in q]
+        self.clear()
         produce, topic, p = self.out.produce, self.topic, self.partition
         for invoke in invokes:
             produce(topic, invoke["key"], encode_invoke(invoke), partition=p)

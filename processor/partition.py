@@ -315,7 +315,7 @@ class PartitionProcessor:
         """The commit is over (or was not made): keys are handed on again."""
         self.preparing = False
         self.fill_vacant()
-        for sk in [sk for sk in self.local_waits.by_key if sk not in self.keys.held]:
+        for sk in [sk for sk in self.local_waits.by_key if not self.keys.is_held(sk)]:
             self._start_local(sk)
 
     def _start_local(self, sk: bytes) -> None:
