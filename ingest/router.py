@@ -60,7 +60,7 @@ def route(app: str, partitions: int, sub: Subscription, msg: Any, id_salt: str |
     the live path may have made already, is deduplicated by its coordinates."""
     raw: bytes | None = msg.value()
     rkey: bytes | None = msg.key()
-    size = len(raw or b"") + len(rkey or b"")
+    size = (len(raw) if raw is not None else 0) + (len(rkey) if rkey is not None else 0)
     if size > sub.max_bytes:
         return _dead(app, sub, "too-large", f"the record has {size} bytes; the subscription allows "
                      f"max_bytes={sub.max_bytes}", msg)
@@ -68,13 +68,17 @@ def route(app: str, partitions: int, sub: Subscription, msg: Any, id_salt: str |
         value = sub.decoder.decode(raw)
     except Exception as e:
         return _dead(app, sub, "undecodable", f"value is not {sub.decoder.name}: {e}", msg)
-    headers = tuple(msg.headers() or ())
-    _, ts = msg.timestamp()
-    rec = SourceRecord(msg.topic(), msg.partition(), msg.offset(), ts, rkey, headers, value)
+    raw_headers = msg.headers()
+    headers = tuple(raw_headers) if raw_headers else ()
+    ts = msg.timestamp()[1]
+    topic, source_partition, offset = msg.topic(), msg.partition(), msg.offset()
     target = sub.target
     service, handler = target.service.name, target.name
+    # The record as key and idempotency functions see it; most subscriptions have neither.
+    rec = SourceRecord(topic, source_partition, offset, ts, rkey, headers, value) if (
+        sub.key is not None or sub.idempotency is not None or id_salt is not None or replayed) else None
     kb: bytes | None = None
-    if sub.keyed:
+    if target.service.keyed:
         if sub.key is not None:
             try:
                 kb = key_bytes(sub.key(rec))
@@ -98,21 +102,22 @@ def route(app: str, partitions: int, sub: Subscription, msg: Any, id_salt: str |
         if found is not None:
             idem = idempotency_text(found)
     if id_salt is not None:
-        idem = f"{idem or _coordinates(rec)}#{id_salt}"
+        idem = f"{idem or _coordinates(rec)}#{id_salt}"  # type: ignore[arg-type]
         inv_id = idempotent_id(service, handler, kb, idem)
     elif idem is not None:
         inv_id = idempotent_id(service, handler, kb, idem)
     else:
         # The id comes from the coordinates: a replay of the record is the same invocation.
-        inv_id = source_record_id(rec.topic, rec.partition, rec.offset, f"{service}/{handler}")
+        inv_id = source_record_id(topic, source_partition, offset, f"{service}/{handler}")
         if replayed:
-            idem = _coordinates(rec)
+            idem = _coordinates(rec)  # type: ignore[arg-type]
     invoke = invoke_body(
         inv_id, service, handler, kb, raw if raw is not None else b"", sub.decoder.payload_format,
-        idempotency_key=idem, idempotency_retention_ms=int(sub.retention.total_seconds() * 1000),
-        source={"topic": rec.topic, "partition": rec.partition, "offset": rec.offset, "timestamp_ms": ts,
-                "key": rkey, "headers": [{"name": n, "value": v} for n, v in headers]},
-        subscription=sub.name if sub.decoder.reencode else None, traceparent=header_traceparent(headers),
+        idempotency_key=idem, idempotency_retention_ms=sub.retention_ms,
+        source={"topic": topic, "partition": source_partition, "offset": offset, "timestamp_ms": ts,
+                "key": rkey, "headers": [{"name": n, "value": v} for n, v in headers] if headers else []},
+        subscription=sub.name if sub.decoder.reencode else None,
+        traceparent=header_traceparent(headers) if headers else None,
     )
     routing = kb if kb is not None else inv_id
     return Routed(partition_for(routing, partitions), routing, invoke, inv_id)

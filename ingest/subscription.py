@@ -208,3 +208,7 @@ class Subscription:
     @property
     def keyed(self) -> bool:
         return self.target.service.keyed
+
+    @property
+    def retention_ms(self) -> int:
+        return int(self.retention.total_seconds() * 1000)

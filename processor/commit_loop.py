@@ -57,6 +57,10 @@ log = logging.getLogger("oncely.commit")
 
 # The watchdog's bound on one blocking client call, beyond librdkafka's own timeout.
 WATCHDOG_SLACK = 2.0
+# Records one poll takes at most; a poll that took fewer than EARLY_BELOW
+# read what was there, not a backlog (early commits, below).
+POLL_BATCH = 500
+EARLY_BELOW = 50
 # The longest sleep of an idle loop pass: what a record arriving after a
 # quiet spell waits before it is read (an idle pass only polls the local
 # queue and the timers).
@@ -324,7 +328,7 @@ class CommitLoop:
             consumer = self.consumer  # replaced after a fatal error
             assert consumer is not None
             try:
-                msgs = consumer.consume(500, timeout=0)
+                msgs = consumer.consume(POLL_BATCH, timeout=0)
             except KafkaException as e:
                 if not e.args[0].fatal():
                     raise
@@ -341,12 +345,12 @@ class CommitLoop:
             open_ = self.open
             assert open_ is not None
             # Produced records wait for the commit before anyone can read
-            # them (a reply, an output, a callee's Invoke): when nothing
-            # else was waiting to be read, commit them now (early commit),
-            # though not sooner after the last commit than it took, so that
-            # commits never take more than half the loop's time.
+            # them (a reply, an output, a callee's Invoke): when the poll
+            # found no backlog, commit them now (early commit), though not
+            # sooner after the last commit than it took, so that commits
+            # never take more than half the loop's time.
             if (since >= cfg.commit_interval or open_.records >= cfg.max_batch or open_.fault is not None
-                    or (open_.outputs and not msgs and since >= self._commit_took)):
+                    or (open_.outputs and len(msgs) < EARLY_BELOW and since >= self._commit_took)):
                 await self.pacing.drain_and_commit()
             if msgs:
                 idle = 0.0

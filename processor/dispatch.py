@@ -77,7 +77,7 @@ def source_record(app: "App", sub: Any, m: Any, out: TxnOutput, local: LocalStar
     if isinstance(routed, Routed):
         sub.stats["invoked"] += 1
         if local is not None:
-            if local.start(routed, out, app.log_topic):
+            if local.start(routed, out):
                 sub.stats["local"] += 1
                 return
             out.produce(app.log_topic, routed.key, encode_invoke(routed.invoke), partition=routed.partition)

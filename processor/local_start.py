@@ -80,7 +80,7 @@ class LocalStarts:
         self.epoch += 1
         self._gates.clear()
 
-    def start(self, routed: "Routed", out: TxnOutput, log_topic: str) -> bool:
+    def start(self, routed: "Routed", out: TxnOutput) -> bool:
         """Start the routed Invoke on its partition now when that is allowed;
         False: the caller produces it to the log (and calls `sent`)."""
         p = routed.partition
@@ -92,7 +92,7 @@ class LocalStarts:
             self._gates[p] = _Gate(part)
             part.local_waits.on_flush = lambda invokes, part=part: self._flushed(part, invokes)
             self.marks += 1
-            out.produce(log_topic, None, schemas.encode("log_record", {"body": (
+            out.produce(part.app.log_topic, None, schemas.encode("log_record", {"body": (
                 "oncely.Mark", {"token": self.token, "epoch": self.epoch})}), partition=p)
             return False
         if not gate.caught_up:

@@ -10,19 +10,22 @@ the same logical request could arrive, so the duplicate is recognised.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
+import struct
 
 ID_LEN = 16
 _PREFIX = "inv_"
 
 
+def _framed(*parts: bytes) -> bytes:
+    return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
+
+
 def _digest(*parts: bytes) -> bytes:
-    h = hashlib.blake2b(digest_size=ID_LEN)
-    for p in parts:
-        h.update(len(p).to_bytes(4, "big"))
-        h.update(p)
-    return h.digest()
+    """BLAKE2b-128 of the parts, each framed by its 4-byte length."""
+    return hashlib.blake2b(_framed(*parts), digest_size=ID_LEN).digest()
 
 
 def random_id() -> bytes:
@@ -34,8 +37,20 @@ def idempotent_id(service: str, handler: str, key: bytes | None, idempotency_key
 
 
 def source_record_id(topic: str, partition: int, offset: int, target: str) -> bytes:
-    """One source record feeding several subscriptions makes one invocation each."""
-    return _digest(b"src", topic.encode(), partition.to_bytes(4, "big"), offset.to_bytes(8, "big"), target.encode())
+    """One source record feeding several subscriptions makes one invocation
+    each. (The `_digest` of b"src", topic, partition, offset and target, with
+    the constant framing made once per topic and target: one per record.)"""
+    head, tail = _source_frames(topic, target)
+    return hashlib.blake2b(head + _PARTITION_OFFSET.pack(4, partition, 8, offset) + tail,
+                           digest_size=ID_LEN).digest()
+
+
+_PARTITION_OFFSET = struct.Struct(">IIIQ")  # length 4, partition, length 8, offset
+
+
+@functools.lru_cache(maxsize=1024)
+def _source_frames(topic: str, target: str) -> tuple[bytes, bytes]:
+    return _framed(b"src", topic.encode()), _framed(target.encode())
 
 
 def child_id(caller: bytes, journal_index: int) -> bytes:

@@ -66,6 +66,15 @@ def test_ids_are_deterministic_where_duplicates_must_be_recognised() -> None:
         parse_id("xyz")
 
 
+def test_ids_keep_their_derivation_across_versions() -> None:
+    # Ids are stored (dedup entries, statuses, callers' journals): a new
+    # version must derive the same id for the same request.
+    assert source_record_id("orders", 7, 123456789012, "svc/h").hex() == "4a0e6bd4fd2b7e679e92735e71d514f3"
+    assert idempotent_id("svc", "h", b"k", "idem-1").hex() == "a08b793c3e3467d474d1e50585b86561"
+    assert idempotent_id("svc", "h", None, "idem-1").hex() == "8536d14d0ec11796ebfc28caf01bdae0"
+    assert child_id(bytes(range(16)), 5).hex() == "d8f610a20ac16ef1ae8874b1a2a73b7a"
+
+
 # -- internal record encoding (schemas/) ------------------------------------------
 
 INVOKE = {"invocation_id": b"i" * 16, "service": "s", "handler": "h", "key": b"\xff\x00", "payload": b"1",
