@@ -49,9 +49,6 @@ class LocalWaits:
         # Told of Invokes that went to the log after all (local_start.py counts them in transit).
         self.on_flush: Callable[[list[dict[str, Any]]], None] | None = None
 
-    def __len__(self) -> int:
-        return self.n
-
     def wait(self, sk: bytes, invoke: dict[str, Any]) -> None:
         """Behind the holder of service key `sk`."""
         self._add(self.by_key, sk, invoke)
