@@ -12,7 +12,7 @@ from typing import Any
 from oncely.egress.dead_letters import dead_letter
 from oncely.ingest.subscription import SourceRecord, Subscription, idempotency_text
 from oncely.observe.tracing import header_traceparent
-from oncely.shuffle.envelope import encode_invoke, invoke_body
+from oncely.shuffle.envelope import DECODED, encode_invoke, invoke_body
 from oncely.shuffle.ids import idempotent_id, source_record_id
 from oncely.shuffle.routing import partition_for
 from oncely.shuffle.targets import key_bytes
@@ -119,6 +119,7 @@ def route(app: str, partitions: int, sub: Subscription, msg: Any, id_salt: str |
         subscription=sub.name if sub.decoder.reencode else None,
         traceparent=header_traceparent(headers) if headers else None,
     )
+    invoke[DECODED] = value
     routing = kb if kb is not None else inv_id
     return Routed(partition_for(routing, partitions), routing, invoke, inv_id)
 

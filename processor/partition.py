@@ -29,11 +29,12 @@ from oncely.processor.invocation import (BACKING_OFF, COMPLETED, FAILED, INBOXED
                                          Invocation, PartitionStats, TxnOutput)
 from oncely.processor.key_queues import KeyQueues
 from oncely.processor.local_waits import LocalWaits
-from oncely.sdk.protocol import Executor, HandlerCall, Limits, Outcome
+from oncely.sdk.protocol import NOT_DECODED, Executor, HandlerCall, Limits, Outcome
 from oncely.processor.store import KeyState, PartitionStore
 from oncely.processor.timers import Timers
 from oncely.processor.waits import Waits
 from oncely.processor.writer import InvocationWriter
+from oncely.shuffle.envelope import DECODED
 from oncely.shuffle.ids import format_id
 
 if TYPE_CHECKING:
@@ -251,7 +252,7 @@ class PartitionProcessor:
             source=invoke.get("source"), subscription=invoke.get("subscription"),
             effects=InvocationEffects(self, inv), limits=self.limits,
             traceparent=invoke.get("traceparent"), created_at_ms=invoke.get("created_at_ms"),
-            deployment=inv.deployment,
+            deployment=inv.deployment, input=invoke.pop(DECODED, NOT_DECODED),
         )
         self.active.add(inv)
         if self.metrics is not None:

@@ -16,7 +16,10 @@ librdkafka error class mapped to one of three outcomes.
 Records are attributed to the invocation that made them (`owner`): when a
 commit fails because a record can never be produced (too large, topic gone,
 not authorised), the owners are reported as poisoned, so the rewind fails
-those invocations instead of replaying them forever.
+those invocations instead of replaying them forever. Attributing costs a
+delivery report per record, so it is done only after a transaction failed
+(`CAREFUL_TXNS`): the rewind replays what that transaction held, this time
+attributed, and the next failure names its owners.
 
 Every blocking call runs on this producer's `Worker` (see worker.py).
 """
@@ -47,6 +50,9 @@ RECORD_FAULTS = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE
 # A process that has abandoned this many stuck producers gives up (exits;
 # a supervisor restarts it): librdkafka is not recovering in this process.
 MAX_ABANDONED = 3
+# Transactions whose owned records are attributed after one failed (a
+# rewind replays a failed transaction's records within the first few).
+CAREFUL_TXNS = 10
 
 
 class Outcome(enum.Enum):
@@ -100,6 +106,7 @@ class TxnProducer:
         self.txn = _Open()
         self._producer: Producer | None = None
         self._worker: Worker | None = None
+        self.careful = 0  # transactions left that attribute their records (after a failure)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -152,6 +159,7 @@ class TxnProducer:
         a new one under the same transactional.id. `cause`: stuck, fatal,
         unknown-outcome, abort-failed, begin-failed (counted per cause)."""
         self.stats.replaced_for[cause] += 1
+        self.careful = CAREFUL_TXNS
         self._drop()
         if self.interrupt.is_set():
             log.warning("dropped the transactional producer (%s); stopping, so no new one", why)
@@ -206,7 +214,7 @@ class TxnProducer:
                 owner: bytes | None = None, on_delivery: Callable[[Any, Any], None] | None = None) -> None:
         """Add a record to the open transaction. A failure poisons the
         transaction (the commit then aborts), and its owner with it."""
-        if owner is not None:
+        if owner is not None and self.careful:
             on_delivery = self._attributed(owner, topic, on_delivery)
         p = self._producer
         assert p is not None, "no producer"
@@ -323,6 +331,8 @@ class TxnProducer:
             undelivered = list(txn.unacked.values())
             return CommitResult(self._classify(err, during), f"{during}: {err}", list(txn.faults), undelivered)
         self.stats.commits += 1
+        if self.careful:
+            self.careful -= 1
         self._begin()
         return CommitResult(Outcome.COMMITTED)
 
@@ -339,6 +349,7 @@ class TxnProducer:
         REPLACE when the abort itself fails or times out."""
         log.warning("aborting the transaction: %s", why)
         self.stats.aborts += 1
+        self.careful = CAREFUL_TXNS
         p, worker = self._producer, self._worker
         assert p is not None and worker is not None
         def abort() -> None:

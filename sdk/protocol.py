@@ -158,6 +158,10 @@ class Effects(Protocol):
         ...
 
 
+# HandlerCall.input when the handler's input must be decoded from the payload.
+NOT_DECODED: Any = object()
+
+
 @dataclass(slots=True)
 class HandlerCall:
     invocation_id: bytes
@@ -183,6 +187,10 @@ class HandlerCall:
     # The remote deployment the invocation is pinned to (remote handlers):
     # None until an answer of one was applied.
     deployment: str | None = None
+    # The handler's input as the subscription's route already decoded it
+    # (its first run only: a retry decodes `payload` again, since a handler
+    # may have changed the object); NOT_DECODED otherwise.
+    input: Any = NOT_DECODED
 
 
 OutcomeStatus = Literal["completed", "terminal", "retry", "paused"]

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Coroutine
 
 import orjson
 
 from oncely.errors import NonDeterminismError, TerminalError, UsageError, user_location
 from oncely.sdk.journal import context_for
-from oncely.sdk.protocol import HandlerCall, Outcome, encode_value
+from oncely.sdk.protocol import NOT_DECODED, HandlerCall, Outcome, encode_value
 from oncely.shuffle.ids import format_id
 
 if TYPE_CHECKING:
@@ -58,28 +58,35 @@ def _input(app: App, call: HandlerCall) -> object:
     return decode_input(call.payload, call.payload_format)
 
 
-async def run_handler(app: App, call: HandlerCall) -> Outcome:
-    """Run (or resume by replay) the invocation `call` of one of `app`'s
-    handlers. The handler's own failures come back as Outcomes; only
-    cancellation propagates."""
+def run_handler(app: App, call: HandlerCall) -> Coroutine[Any, Any, Outcome]:
+    """The coroutine that runs (or resumes by replay) the invocation `call`
+    of one of `app`'s handlers. The handler's own failures come back as
+    Outcomes; only cancellation propagates. (A plain function: one
+    coroutine less per invocation.)"""
     handler = app.lookup(call.service, call.handler)
     if handler is None:
-        return Outcome("terminal", error=f"no handler {call.service}.{call.handler} in app {app.name!r}")
+        return _ended(Outcome("terminal", error=f"no handler {call.service}.{call.handler} in app {app.name!r}"))
     ctx = context_for(call, handler.service.keyed)
     if tracer is not None:
-        return await tracer.run(call, ctx, _run(app, call, handler, ctx), handler.service.retry.max_attempts)
-    return await _run(app, call, handler, ctx)
+        return tracer.run(call, ctx, _run(app, call, handler, ctx), handler.service.retry.max_attempts)
+    return _run(app, call, handler, ctx)
+
+
+async def _ended(outcome: Outcome) -> Outcome:
+    return outcome
 
 
 async def _run(app: App, call: HandlerCall, handler: Handler, ctx: JournalContext) -> Outcome:
     try:
         if handler.takes_input:
-            try:
-                arg = _input(app, call)
-            except LookupError as e:
-                return Outcome("terminal", error=str(e))
-            except Exception as e:
-                return Outcome("terminal", error=f"cannot decode the input: {type(e).__name__}: {e}")
+            arg = call.input
+            if arg is NOT_DECODED:
+                try:
+                    arg = _input(app, call)
+                except LookupError as e:
+                    return Outcome("terminal", error=str(e))
+                except Exception as e:
+                    return Outcome("terminal", error=f"cannot decode the input: {type(e).__name__}: {e}")
             value = await handler.fn(ctx, arg)
         else:
             value = await handler.fn(ctx)

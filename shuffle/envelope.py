@@ -9,6 +9,11 @@ from typing import Any
 from oncely import schemas
 
 
+# An Invoke's key (never encoded) holding a subscribed record's value as its
+# route decoded it, so that the handler's first run does not decode it again.
+DECODED = "decoded"
+
+
 def invoke_record(*args: Any, **kwargs: Any) -> bytes:
     """An encoded LogRecord holding one Invoke; the arguments are
     `invoke_body`'s (`traceparent`: its W3C trace context, observe.tracing;

@@ -516,7 +516,8 @@ def test_txn_producer_fast_path_counts_records_and_poisons_the_owner_of_one_that
     """The positional produce path (no broker needed: records wait in
     librdkafka's queue): every record added is counted, a record refused at
     once (too large for the client) is not, poisons the transaction and names
-    its owner; unowned changelog records go in through produce_all."""
+    its owner; owned records are tracked only while `careful` (after a failed
+    transaction); unowned changelog records go in through produce_all."""
     import threading
 
     from confluent_kafka import Producer
@@ -531,9 +532,14 @@ def test_txn_producer_fast_path_counts_records_and_poisons_the_owner_of_one_that
         txn.produce("out", b"k", b"v", owner=b"inv-1")
         txn.produce_all("changelog", 0, {b"a": b"1", b"b": None}.items(), lambda err, msg: None)
         assert txn.txn.produced == 5 and txn.txn.error is None
+        assert not txn.txn.unacked, "owned records are attributed only after a failed transaction"
+        txn.careful = 1
+        txn.produce("out", b"k", b"v", owner=b"inv-1")
+        assert txn.txn.produced == 6
         assert list(txn.txn.unacked.values()) == [(b"inv-1", "out")]
+        txn.careful = 0  # refused at once: named also when not attributing
         txn.produce("out", b"k", b"x" * 2_000_000, owner=b"inv-2")
-        assert txn.txn.produced == 5
+        assert txn.txn.produced == 6
         assert txn.txn.error is not None
         assert [owner for owner, _ in txn.txn.faults] == [b"inv-2"]
     finally:
