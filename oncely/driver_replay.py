@@ -44,7 +44,7 @@ class _StrictEffects:
     def send(self, t: Any, index: int, delay_ms: int | None) -> bytes:
         return self._new_step(f"send({t.service}/{t.handler})")
 
-    def call(self, t: Any, index: int) -> bytes:
+    def call(self, t: Any, index: int) -> int | None:
         return self._new_step(f"call({t.service}/{t.handler})")
 
     def sleep_until(self, fire_ms: int, index: int) -> None:

@@ -19,6 +19,14 @@ visible exactly when what it reports is committed.
   operator, a non-determinism error, a remote endpoint out of budget).
 - purge forgets a finished invocation (its dedup entry or retained
   failure), so its id and idempotency key can be used again.
+
+Cancel and kill reach the callees of the calls it awaits: each gets the same
+control, on its own partition, in the same transaction (not one-way sends,
+which live on their own), so a tree of calls ends together. An INBOXED
+invocation (waiting behind its key or for capacity: it has not started) is
+marked (`DOOMED`) instead and fails with "cancelled" or "killed" at the
+moment it would start, without running; its place in its key's queue is
+kept, so the order of the others does not change.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from oncely import schemas
 from oncely.errors import CANCELLED, KILLED
 from oncely.processor import completions, keys, outcomes, requests
 from oncely.processor.invocation import COMPLETED, FAILED, INBOXED, PAUSED, SUSPENDED, Invocation
-from oncely.shuffle.ids import format_id
+from oncely.shuffle.ids import child_id, format_id
 
 if TYPE_CHECKING:
     from oncely.processor.partition import PartitionProcessor
@@ -63,6 +71,33 @@ def on_control(part: PartitionProcessor, body: dict[str, Any]) -> None:
         requests.reply(part, to, inv_id, status, error=error)
 
 
+def _reach_callees(part: PartitionProcessor, inv: Invocation, action: str) -> None:
+    """The same control for the callee of every call `inv` still awaits."""
+    for i, e in enumerate(inv.journal):
+        if e.kind == "call" and not e.completed and e.partition is not None:
+            callee = child_id(inv.id, i)
+            record = schemas.encode("log_record", {"body": ("oncely.Control", {
+                "invocation_id": callee, "action": action, "reply": None})})
+            part.out.produce(part.app.log_topic, callee, record, partition=e.partition)
+
+
+def _doom(part: PartitionProcessor, inv_id: bytes, action: str) -> None:
+    """An INBOXED invocation fails with the action's reason when it would start."""
+    part.doomed[inv_id] = action
+    part.store.put(keys.doomed(inv_id), action.encode())
+
+
+def fail_doomed(part: PartitionProcessor, inv: Invocation) -> None:
+    """It was cancelled or killed while INBOXED: it fails instead of starting."""
+    action = part.doomed.pop(inv.id)
+    part.store.delete(keys.doomed(inv.id))
+    log.info("%s: %s before it started", format_id(inv.id), "cancelled" if action == "cancel" else "killed")
+    if action == "cancel":
+        outcomes.fail(part, inv, "cancelled", CANCELLED)
+    else:
+        outcomes.fail(part, inv, "killed", KILLED)
+
+
 def _in_memory(part: PartitionProcessor, inv_id: bytes, phase: str, action: str) -> Invocation:
     """The invocation in memory (a suspended one is loaded, not started)."""
     if phase in (COMPLETED, FAILED):
@@ -88,8 +123,12 @@ def _stop(part: PartitionProcessor, inv: Invocation) -> None:
 
 
 def _cancel(part: PartitionProcessor, inv_id: bytes, phase: str) -> None:
+    if phase == INBOXED:
+        _doom(part, inv_id, "cancel")
+        return
     suspended = phase == SUSPENDED
     inv = _in_memory(part, inv_id, phase, "cancel")
+    _reach_callees(part, inv, "cancel")
     pending = [i for i, e in enumerate(inv.journal) if not e.completed and e.kind in ("call", "sleep", "awakeable")]
     for i in pending:
         e = inv.journal[i]
@@ -118,7 +157,11 @@ def deliver_cancel(part: PartitionProcessor, inv: Invocation, index: int) -> boo
 
 
 def _kill(part: PartitionProcessor, inv_id: bytes, phase: str) -> None:
+    if phase == INBOXED:
+        _doom(part, inv_id, "kill")
+        return
     inv = _in_memory(part, inv_id, phase, "kill")
+    _reach_callees(part, inv, "kill")
     _stop(part, inv)
     for i, e in enumerate(inv.journal):
         if e.kind == "sleep" and not e.completed and e.value:
@@ -191,7 +234,7 @@ def describe(part: PartitionProcessor, inv_id: bytes) -> dict[str, Any] | None:
     phase = part.lookup(inv_id)
     if phase is None:
         return None
-    d = _desc(part, inv_id, None, phase, 0, None, 0, False, False)
+    d = _desc(part, inv_id, None, phase, 0, None, 0, False, part.doomed.get(inv_id) == "cancel")
     if phase == COMPLETED:
         raw = store.get(keys.dedup(inv_id))
         if raw is not None:

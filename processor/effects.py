@@ -59,14 +59,15 @@ class InvocationEffects:
     def send(self, t: Target, index: int, delay_ms: int | None) -> bytes:
         """Produce (or schedule) an Invoke of `t` in the open transaction;
         returns the callee's invocation id."""
-        return self._invoke("send", t, index, delay_ms, None)
+        return self._invoke("send", t, index, delay_ms, None)[0]
 
-    def call(self, t: Target, index: int) -> bytes:
+    def call(self, t: Target, index: int) -> int:
         """Produce an Invoke of `t` whose Response comes back to this
-        partition for journal entry `index`; returns the callee's id."""
-        return self._invoke("call", t, index, None, self.part.partition)
+        partition for journal entry `index`; returns the callee's log partition."""
+        return self._invoke("call", t, index, None, self.part.partition)[1]
 
-    def _invoke(self, op: str, t: Target, index: int, delay_ms: int | None, reply_to: int | None) -> bytes:
+    def _invoke(self, op: str, t: Target, index: int, delay_ms: int | None,
+                reply_to: int | None) -> tuple[bytes, int]:
         part = self._live(op)
         callee, d = child_invoke(self.inv.id, index, t, part.app.partitions, reply_to)
         if delay_ms:
@@ -74,7 +75,7 @@ class InvocationEffects:
                 "kind": "SEND", "partition": d.partition, "routing_key": d.key, "record": d.value})
         else:
             part.out.produce(part.app.log_topic, d.key, d.value, partition=d.partition, owner=self.inv.id)
-        return callee
+        return callee, d.partition
 
     def sleep_until(self, fire_ms: int, index: int) -> None:
         self._live("sleep").timers.add(fire_ms, self.inv.id, index, {

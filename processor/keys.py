@@ -24,6 +24,7 @@ EXPIRY = b"x"        # x | expiry ms u64 | space tag | invocation id -> b""
 EARLY = b"c"         # c | invocation id | index u32      -> JournalEntry (a completion that came first)
 WAITER = b"a"        # a | invocation id                  -> (request id, replies partition u32)*: attached callers
 AHEAD = b"u"         # u                                  -> skip-until u64, (skip-until - offset) u32*: read-ahead
+DOOMED = b"n"        # n | invocation id                  -> b"cancel" | b"kill": an INBOXED one fails at its start
 
 # The spaces that say an invocation id was accepted, one lookup each: in
 # flight (suspended ones live only here), queued, finished (result kept), failed.
@@ -103,6 +104,10 @@ def service_key_length(buf: bytes, start: int) -> int:
     n = _U32.unpack_from(buf, start)[0]
     m = _U32.unpack_from(buf, start + 4 + n)[0]
     return 8 + n + m
+
+
+def doomed(inv_id: bytes) -> bytes:
+    return DOOMED + inv_id
 
 
 def timer(fire_ms: int, inv_id: bytes, index: int) -> bytes:

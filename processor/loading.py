@@ -27,6 +27,7 @@ def load(part: "PartitionProcessor") -> None:
     an abort are this same path. Queued invocations stay in the store."""
     store = part.store
     part.ahead.load(store)
+    part.doomed = {k[1:]: v.decode() for k, v in store.scan(keys.DOOMED)}
     part.timers.load()
     part.queued = store.count_committed(keys.INBOX) + store.count_committed(keys.READY)
     suspended: set[bytes] = set()

@@ -22,7 +22,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from oncely.logs import invocation_extra
-from oncely.processor import completions, keys, loading, outcomes, requests
+from oncely.processor import completions, controls, keys, loading, outcomes, requests
 from oncely.processor.effects import InvocationEffects
 from oncely.processor.inbox import ReadAhead, StoreQueue, ready_queue
 from oncely.processor.invocation import (BACKING_OFF, COMPLETED, FAILED, INBOXED, PAUSED, RUNNING, SUSPENDED,
@@ -60,6 +60,7 @@ class PartitionProcessor:
         self.limits = limits or Limits()
         self.max_inflight = app.config.max_inflight_per_partition
         self.poison_failed: list[bytes] = []  # poisoned invocations failed in the open transaction
+        self.doomed: dict[bytes, str] = {}  # INBOXED ones cancelled or killed: fail at start (controls.py)
         self._counted = (0, 0)  # (finished, failed) already reported as committed
         self.invocations: dict[bytes, Invocation] = {}  # in memory
         self.active: set[Invocation] = set()  # with a running coroutine
@@ -239,6 +240,9 @@ class PartitionProcessor:
             # Forgotten only once its failure commits: a rewind may replay it.
             self.poison_failed.append(inv.id)
             outcomes.fail(self, inv, "unproducible" if why.startswith("a record") else "internal-error", why)
+            return
+        if self.doomed and inv.id in self.doomed:
+            controls.fail_doomed(self, inv)
             return
         if inv.phase == PAUSED:
             self.n_paused -= 1

@@ -110,8 +110,7 @@ def apply_entries(call: HandlerCall, answer: Answer) -> None:
         elif e.kind == "call":
             assert op is not None
             t = _target(effects, call, op, True, e.name)
-            effects.call(t, index)
-            e = Entry("call", e.name, completed=False)
+            e = Entry("call", e.name, completed=False, partition=effects.call(t, index))
         elif e.kind == "sleep":
             assert op is not None
             fire_ms = int(time.time() * 1000) + op.duration_ms  # the processor's clock: its timers fire

@@ -111,8 +111,9 @@ class CollectingEffects:
     def send(self, t: Target, index: int, delay_ms: int | None) -> bytes:
         return self._invoke("send", t, index, delay_ms)
 
-    def call(self, t: Target, index: int) -> bytes:
-        return self._invoke("call", t, index, None)
+    def call(self, t: Target, index: int) -> None:
+        """The processor makes the call (remote/apply.py) and knows the partition."""
+        self._invoke("call", t, index, None)
 
     def sleep_until(self, fire_ms: int, index: int) -> None:
         """Timers fire on the processor's clock: it gets the duration."""

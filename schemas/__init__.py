@@ -194,6 +194,7 @@ class JournalEntry(TypedDict):
     completed: bool
     value: bytes | None
     error: str | None
+    partition: NotRequired[int]  # a call: the callee's log partition (a cancel or kill reaches it there)
 
 
 class DedupEntry(TypedDict):

@@ -211,7 +211,7 @@ class JournalContext(Context):
         effects = self._effects("call")
         if entry is None:
             entry = Entry("call", name, completed=False)
-            effects.call(resolved, index)
+            entry.partition = effects.call(resolved, index)
             self._record(entry)
         return JournalFuture(effects, index, entry)
 

@@ -56,19 +56,23 @@ class Entry:
     value: bytes | None = None
     error: str | None = None
     completed: bool = True
+    partition: int | None = None  # a call: the callee's log partition (controls.py: cancel and kill reach it)
 
     def describe(self) -> str:
         return f"{self.kind}({self.name!r})" if self.name else f"{self.kind}()"
 
     def encode(self) -> bytes:
         """The store (and changelog) form: a JournalEntry record."""
-        return schemas.encode("journal_entry", {"kind": self.kind, "name": self.name, "completed": self.completed,
-                                                "value": self.value, "error": self.error})
+        e = {"kind": self.kind, "name": self.name, "completed": self.completed, "value": self.value,
+             "error": self.error}
+        if self.partition is not None:
+            e["partition"] = self.partition
+        return schemas.encode("journal_entry", e)
 
     @classmethod
     def decode(cls, raw: bytes) -> "Entry":
         e = schemas.decode("journal_entry", raw)
-        return cls(e["kind"], e["name"], e["value"], e["error"], e["completed"])
+        return cls(e["kind"], e["name"], e["value"], e["error"], e["completed"], e.get("partition"))
 
 
 # Bytes of a record that are not its value: key, headers, batch overhead.
@@ -137,8 +141,9 @@ class Effects(Protocol):
         callee's invocation id."""
         ...
 
-    def call(self, t: Target, index: int) -> bytes:
-        """Send an Invoke whose Response completes journal entry `index`."""
+    def call(self, t: Target, index: int) -> int | None:
+        """Send an Invoke whose Response completes journal entry `index`;
+        the callee's log partition (None where the executor does not know it)."""
         ...
 
     def sleep_until(self, fire_ms: int, index: int) -> None:

@@ -82,7 +82,8 @@ def test_cancel_of_a_suspended_call_fails_it_cooperatively_and_the_caller_sees_a
         assert d.state("trips", "alice") == {}  # a failure's state changes are not kept
         assert seen["started"]["alice"] >= 2  # resumed by replay to see the cancellation
         dead = d.dead_letters()
-        assert [dict(r.headers)["oncely.reason"] for r in dead] == [b"terminal"]
+        # The caller, and its callee (charge), which the cancel reached.
+        assert [dict(r.headers)["oncely.reason"] for r in dead] == [b"terminal", b"terminal"]
         assert d.describe(inv)["phase"] == "FAILED"
         assert d.cancel(inv).startswith("conflict: cannot cancel it: it has finished")
 
@@ -174,3 +175,64 @@ def test_purge_is_refused_in_flight_and_frees_the_idempotency_key_after() -> Non
         d.send("trips", "erin", "book", None, idempotency_key="once")
         d.run()
         assert seen["started"]["erin"] == 2  # the key is free: it runs again
+
+
+def test_cancel_reaches_the_callee_the_caller_awaits_also_after_a_crash() -> None:
+    seen = _seen()
+    with TestDriver(_app(seen)) as d:
+        caller = d.send("trips", "frank", "call_nap", None)
+        d.advance(1)
+        callee = _other_in_flight(d, caller)
+        assert d.phase(callee) == SUSPENDED  # asleep for an hour
+        assert d.cancel(caller) == "applied"
+        d.crash()  # the cancel and the control it sent its callee are committed
+        d.run()
+        assert d.result(caller) == "callee failed: cancelled"
+        assert d.result(callee) == "woke: cancelled"  # it did not sleep on for an hour
+
+
+def test_kill_reaches_the_callee_the_caller_awaits() -> None:
+    seen = _seen()
+    with TestDriver(_app(seen)) as d:
+        caller = d.send("trips", "gus", "book", None)
+        d.advance(1)
+        callee = _other_in_flight(d, caller)
+        assert d.kill(caller) == "applied"
+        d.run()
+        assert (d.phase(caller), d.phase(callee)) == ("FAILED", "FAILED")
+        assert "killed" in d.describe(callee)["error"]
+        assert sorted(dict(r.headers)["oncely.reason"] for r in d.dead_letters()) == [b"killed", b"killed"]
+
+
+def test_cancel_and_kill_of_inboxed_invocations_fail_them_at_their_turn_without_running() -> None:
+    app = oncely.App("controls-inbox", partitions=2)
+    app.config.suspend_after = 0.5
+    queue = app.keyed("queue")
+    ran: list[int] = []
+
+    @queue.handler
+    async def work(ctx: oncely.KeyedContext, n: int) -> int:
+        ran.append(n)
+        if n == 0:
+            await ctx.sleep(60)  # holds the key meanwhile
+        ctx.set("last", n)
+        return n
+
+    with TestDriver(app) as d:
+        first = d.send("queue", "k", "work", 0)
+        d.run()
+        waiting = [d.send("queue", "k", "work", n) for n in (1, 2, 3)]
+        d.run()
+        assert [d.phase(i) for i in waiting] == ["INBOXED"] * 3
+        assert d.cancel(waiting[0]) == "applied"
+        assert d.kill(waiting[1]) == "applied"
+        assert d.describe(waiting[0])["cancelled"] is True
+        d.crash()  # the marks are in the store
+        d.advance(61)
+        assert d.result(first) == 0 and d.result(waiting[2]) == 3
+        assert [d.phase(i) for i in waiting[:2]] == ["FAILED", "FAILED"]
+        assert "cancelled" in d.describe(waiting[0])["error"] and "killed" in d.describe(waiting[1])["error"]
+        assert 1 not in ran and 2 not in ran  # never ran
+        assert d.state("queue", "k") == {"last": 3}
+        assert d.cancel(waiting[0]).startswith("conflict")
+        assert not [k for p in d.partitions for k, _ in p.store.scan(keys.DOOMED)]  # marks gone with them
