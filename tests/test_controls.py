@@ -143,3 +143,27 @@ def test_pause_stays_across_a_restart_then_resume_completes_once(served: Served)
     assert state == {"done": 1}
     status, body = served.control(inv, "resume")
     assert status == 409 and "not PAUSED" in body["message"]
+
+
+def test_cancel_reaches_the_callee_and_an_inboxed_invocation_is_killed_at_its_turn(served: Served) -> None:
+    trip = served.send("/trips/erin/book")
+    served.phase_is(trip, "SUSPENDED")
+    queued = served.send("/trips/erin/hold", key="inboxed-erin")  # waits behind trip for erin's key
+    served.phase_is(queued, "INBOXED")
+    assert served.control(queued, "kill") == (200, {"invocation_id": queued, "action": "kill", "status": "applied"})
+
+    def charges() -> list[str]:
+        status, _, listed = served.admin("GET", "/invocations?phase=SUSPENDED&limit=50", headers=AUTH)
+        assert status == 200 and not listed["missing_partitions"], listed
+        return [d["invocation_id"] for d in listed["invocations"]
+                if d["target"] == "payments/charge" and d["key"] == "erin"]
+
+    (charge,) = wait_until(charges, 60, 0.2, "the callee, listed")
+    assert served.control(trip, "cancel")[0] == 200  # the caller: the cancel reaches its callee
+    status, _, body = served.http("GET", f"/restate/attach/{trip}")
+    assert status == 409 and body["message"] == "cancelled", body
+    served.phase_is(charge, "FAILED")
+    assert served.describe(charge)["error"] == "terminal: cancelled"
+    status, _, body = served.http("GET", f"/restate/attach/{queued}")
+    assert status == 409 and body["message"].endswith("killed by an operator"), body
+    assert served.http("GET", "/restate/state/trips/erin")[2] == {}  # hold never ran
