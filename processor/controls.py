@@ -32,7 +32,7 @@ kept, so the order of the others does not change.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import orjson
 
@@ -55,9 +55,26 @@ class Conflict(Exception):
     """The action does not apply in the invocation's phase (HTTP 409)."""
 
 
+def _held(part: PartitionProcessor) -> Iterator[dict[str, Any]]:
+    """The Invokes waiting as read-ahead (in memory only, not in the store)."""
+    seen: set[int] = set()
+    for queue in part.ahead.held.values():
+        if id(queue) not in seen:
+            seen.add(id(queue))
+            yield from (invoke for _, invoke, stored in queue.window if not stored)
+
+
+def _held_invoke(part: PartitionProcessor, inv_id: bytes) -> dict[str, Any] | None:
+    """A held Invoke by id: lookup finds only those with an idempotency key
+    (the duplicate check needs no more), an operator any of them."""
+    return next((i for i in _held(part) if i["invocation_id"] == inv_id), None)
+
+
 def on_control(part: PartitionProcessor, body: dict[str, Any]) -> None:
     inv_id, action, to = body["invocation_id"], body["action"], body["reply"]
     phase = part.lookup(inv_id)
+    if phase is None and _held_invoke(part, inv_id) is not None:
+        phase = INBOXED
     if phase is None:
         status, error = "unknown", None
     else:
@@ -232,9 +249,10 @@ def describe(part: PartitionProcessor, inv_id: bytes) -> dict[str, Any] | None:
             return _desc(part, inv_id, st["invoke"], st["phase"], st["attempt"], st["error"], n,
                          st.get("held", False), st.get("cancelled", False), st.get("deployment"))
     phase = part.lookup(inv_id)
-    if phase is None:
+    held = _held_invoke(part, inv_id) if phase in (None, INBOXED) else None
+    if phase is None and held is None:
         return None
-    d = _desc(part, inv_id, None, phase, 0, None, 0, False, part.doomed.get(inv_id) == "cancel")
+    d = _desc(part, inv_id, held, phase or INBOXED, 0, None, 0, False, part.doomed.get(inv_id) == "cancel")
     if phase == COMPLETED:
         raw = store.get(keys.dedup(inv_id))
         if raw is not None:
@@ -279,6 +297,10 @@ def listing(part: PartitionProcessor, phases: set[str], limit: int) -> list[dict
             if inv_id not in part.invocations and want(SUSPENDED):
                 out.append(describe(part, inv_id))  # type: ignore[arg-type]
     if want(INBOXED):
+        for invoke in _held(part):
+            if want(INBOXED):
+                out.append(_desc(part, invoke["invocation_id"], invoke, INBOXED, 0, None, 0, False,
+                                 part.doomed.get(invoke["invocation_id"]) == "cancel"))
         for space in (keys.READY, keys.INBOX):
             for _, v in store.scan(space, limit=limit):
                 if want(INBOXED):

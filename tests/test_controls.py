@@ -148,9 +148,17 @@ def test_pause_stays_across_a_restart_then_resume_completes_once(served: Served)
 def test_cancel_reaches_the_callee_and_an_inboxed_invocation_is_killed_at_its_turn(served: Served) -> None:
     trip = served.send("/trips/erin/book")
     served.phase_is(trip, "SUSPENDED")
-    queued = served.send("/trips/erin/hold", key="inboxed-erin")  # waits behind trip for erin's key
+    # Both wait behind trip for erin's key, held in memory: one found by its
+    # idempotency key, one (no key) only by a scan of what is held.
+    queued = served.send("/trips/erin/hold", key="inboxed-erin")
+    held = served.send("/trips/erin/hold")
     served.phase_is(queued, "INBOXED")
+    served.phase_is(held, "INBOXED")
+    status, _, listed = served.admin("GET", "/invocations?phase=INBOXED&limit=50", headers=AUTH)
+    assert status == 200 and {queued, held} <= {d["invocation_id"] for d in listed["invocations"]}, listed
     assert served.control(queued, "kill") == (200, {"invocation_id": queued, "action": "kill", "status": "applied"})
+    assert served.control(held, "cancel")[0] == 200
+    assert served.describe(held)["cancelled"] is True
 
     def charges() -> list[str]:
         status, _, listed = served.admin("GET", "/invocations?phase=SUSPENDED&limit=50", headers=AUTH)
@@ -166,4 +174,6 @@ def test_cancel_reaches_the_callee_and_an_inboxed_invocation_is_killed_at_its_tu
     assert served.describe(charge)["error"] == "terminal: cancelled"
     status, _, body = served.http("GET", f"/restate/attach/{queued}")
     assert status == 409 and body["message"].endswith("killed by an operator"), body
+    status, _, body = served.http("GET", f"/restate/attach/{held}")
+    assert status == 409 and body["message"] == "cancelled", body
     assert served.http("GET", "/restate/state/trips/erin")[2] == {}  # hold never ran
