@@ -30,7 +30,7 @@ from oncely.admin import parse_state_key
 from oncely.app import App
 from oncely.egress.sinks import Sinks
 from oncely.kafka_io import Record
-from oncely.processor import dispatch, keys
+from oncely.processor import controls, dispatch, keys
 from oncely.driver_replay import ReplayChecking
 from oncely.processor.executor import LocalExecutor
 from oncely.processor.partition import PartitionProcessor
@@ -360,7 +360,8 @@ class TestDriver:
     def _where(self, invocation_id: str) -> tuple[PartitionProcessor, bytes]:
         inv_id = parse_id(invocation_id)
         for part in self.partitions:
-            if part.lookup(inv_id) is not None:
+            # (describe also finds an Invoke held in memory without an idempotency key)
+            if part.lookup(inv_id) is not None or controls.describe(part, inv_id) is not None:
                 return part, inv_id
         raise KeyError(f"invocation {invocation_id} is not known to any partition")
 

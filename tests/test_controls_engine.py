@@ -236,3 +236,42 @@ def test_cancel_and_kill_of_inboxed_invocations_fail_them_at_their_turn_without_
         assert d.state("queue", "k") == {"last": 3}
         assert d.cancel(waiting[0]).startswith("conflict")
         assert not [k for p in d.partitions for k, _ in p.store.scan(keys.DOOMED)]  # marks gone with them
+
+
+def test_an_invoke_held_without_an_idempotency_key_is_found_listed_and_cancelled() -> None:
+    """A subscribed record routed through the log has no idempotency key: the
+    duplicate check's lookup never finds it while it is held as read-ahead,
+    but an operator does."""
+    from oncely.processor import controls
+    from oncely.shuffle.envelope import invoke_record
+    from oncely.shuffle.ids import random_id
+    from oncely.shuffle.routing import partition_for
+
+    app = oncely.App("controls-held", partitions=2)
+    queue = app.keyed("queue")
+    ran: list[int] = []
+
+    @queue.handler
+    async def work(ctx: oncely.KeyedContext, n: int) -> int:
+        ran.append(n)
+        if n == 0:
+            await ctx.sleep(60)
+        return n
+
+    with TestDriver(app) as d:
+        d.send("queue", "k", "work", 0)
+        d.run()
+        inv_id = random_id()
+        p = partition_for(b"k", app.partitions)
+        d._append(p, b"k", invoke_record(inv_id, "queue", "work", b"k", b"1", "JSON"))
+        d.run()
+        part = d.partitions[p]
+        assert part.lookup(inv_id) is None and part.ahead.held  # held in memory, unknown to lookup
+        assert [x["invocation_id"] for x in controls.listing(part, {"INBOXED"}, 10)] == [
+            f"{format_id(inv_id)}_{p}"]
+        assert d.cancel(format_id(inv_id)) == "applied"
+        assert d.describe(format_id(inv_id))["cancelled"] is True
+        d.crash()  # re-read from the log, held again: the mark still applies
+        d.advance(61)
+        assert ran.count(1) == 0
+        assert b"cancelled" in [dict(r.headers)["oncely.reason"] for r in d.dead_letters()]
