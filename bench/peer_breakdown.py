@@ -5,11 +5,15 @@ loop's phases are timestamped) on fresh topics, paces records at --rate,
 and watches the app's log and the output topic with side readers, read
 uncommitted (create times: when the processor produced the Invoke / the
 output) and read_committed (when each became visible). Each record's time
-from its source timestamp to its output being visible is split into
+from its source timestamp to its output being visible is split by its path.
+Through the log (its Invoke went to the log):
   a. source → Invoke created   (the processor's fetch of the source, its loop)
   b. Invoke created → visible  (waiting for and making commit 1)
   c. Invoke visible → output created (fetch of the log, the handler)
   d. output created → visible  (waiting for and making commit 2)
+Started locally (processor/local_start.py: no Invoke on the log):
+  a. source → output created   (the fetch of the source, the loop, the handler)
+  b. output created → visible  (waiting for and making the commit)
 then the commit loop's own figures (commit and client-call durations, the
 gaps between commits) and the slowest records, stage by stage.
 Create times have ms resolution; the clocks are one machine's.
@@ -174,37 +178,45 @@ def main() -> None:
         for s in sides:
             s.halt.set()
         child.terminate()
-    stages: dict[str, list[float]] = defaultdict(list)
-    names = ["a. source → Invoke created", "b. Invoke created → visible", "c. Invoke visible → output created",
-             "d. output created → visible", "total"]
-    rows: list[tuple[float, int, list[float]]] = []
+    # Two paths: a record started locally (processor/local_start.py) never
+    # has an Invoke on the log; one routed through the log has both hops.
+    paths = {
+        "through the log": ["a. source → Invoke created", "b. Invoke created → visible",
+                            "c. Invoke visible → output created", "d. output created → visible"],
+        "started locally": ["a. source → output created", "b. output created → visible"],
+    }
+    stages: dict[str, dict[str, list[float]]] = {path: defaultdict(list) for path in paths}
+    rows: list[tuple[float, int, str, list[float], list[float]]] = []  # total, i, path, parts, points
     for i in range(first, last):
-        if i not in seen["out_visible"]:
+        if i not in seen["out_visible"] or i not in seen["out_created"]:
             continue
         ts = seen["source"][i]  # the pacer stamps its send time into the value
-        points = [seen["invoke_created"].get(i), seen["invoke_visible"].get(i), seen["out_created"].get(i),
-                  seen["out_visible"][i]]
-        if None in points:
-            continue
-        parts = [b - a for a, b in zip([ts, *points[:-1]], points)] + [points[-1] - ts]
-        for n, v in zip(names, parts):
-            stages[n].append(v)
-        rows.append((parts[-1], i, parts))
+        logged = i in seen["invoke_created"] and i in seen["invoke_visible"]
+        path = "through the log" if logged else "started locally"
+        points = [ts, seen["invoke_created"][i], seen["invoke_visible"][i]] if logged else [ts]
+        points += [seen["out_created"][i], seen["out_visible"][i]]
+        parts = [b - a for a, b in zip(points, points[1:])]
+        for n, v in zip(paths[path] + ["total"], parts + [points[-1] - ts]):
+            stages[path][n].append(v)
+        rows.append((points[-1] - ts, i, path, parts, points))
     print(f"{len(rows)} of {last - first} records split, {args.rate:.0f}/s asked for {args.seconds:.0f} s "
           f"(load average {os.getloadavg()[0]:.1f})")
-    for n in names:
-        print(f"  {n:36s} {stats(stages[n])}")
-    print(f"\nthe {args.slowest} slowest (ms: a, b, c, d, total):")
-    for total, i, parts in sorted(rows, reverse=True)[:args.slowest]:
-        print(f"  #{i} at +{(i - first) / args.rate:6.3f} s: " + ", ".join(f"{p * 1000:.0f}" for p in parts))
+    for path, names in paths.items():
+        n = len(stages[path]["total"])
+        if n:
+            print(f" {path}: {n} records")
+            for name in names + ["total"]:
+                print(f"  {name:36s} {stats(stages[path][name])}")
+    print(f"\nthe {args.slowest} slowest (ms: each stage of its path, total):")
+    for total, i, path, parts, _ in sorted(rows, reverse=True)[:args.slowest]:
+        print(f"  #{i} at +{(i - first) / args.rate:6.3f} s, {path}: "
+              + ", ".join(f"{p * 1000:.0f}" for p in parts) + f"; {total * 1000:.0f}")
     if trace.exists():
         trace_report(trace, t0, t1)
         if rows:
-            _, i, parts = max(rows)
-            worst = max(range(4), key=lambda k: parts[k])
-            points = [seen["source"][i], seen["invoke_created"][i], seen["invoke_visible"][i],
-                      seen["out_created"][i], seen["out_visible"][i]]
-            print(f"\nthe commit loop during stage {'abcd'[worst]} of the slowest record #{i}:")
+            _, i, path, parts, points = max(rows)
+            worst = max(range(len(parts)), key=lambda k: parts[k])
+            print(f"\nthe commit loop during stage {'abcd'[worst]} of the slowest record #{i} ({path}):")
             window(trace, points[worst], points[worst + 1])
     else:
         print(f"(no trace written; see {child.log})")

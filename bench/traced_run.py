@@ -33,7 +33,7 @@ from typing import Any
 
 import orjson
 
-from oncely.processor import clients, commit_loop, partition, transaction, worker
+from oncely.processor import clients, commit_loop, pacing, partition, transaction, worker
 
 EVENTS: list[tuple[str, float, float, int]] = []
 
@@ -74,14 +74,14 @@ def install() -> None:
             EVENTS.append((during, t0, time.time(), 0))
 
     worker.Worker.call = traced_call  # type: ignore[method-assign]
-    drain = loop._drain
+    drain = pacing.Pacing._drain
 
     async def traced_drain(self: Any) -> None:
         t0 = time.time()
         await drain(self)
         EVENTS.append(("drain", t0, time.time(), 0))
 
-    loop._drain = traced_drain  # type: ignore[method-assign]
+    pacing.Pacing._drain = traced_drain  # type: ignore[method-assign]
     handle = loop._handle
 
     def traced_handle(self: Any, m: Any) -> None:
