@@ -204,21 +204,26 @@ def test_kill_reaches_the_callee_the_caller_awaits() -> None:
         assert sorted(dict(r.headers)["oncely.reason"] for r in d.dead_letters()) == [b"killed", b"killed"]
 
 
-def test_cancel_and_kill_of_inboxed_invocations_fail_them_at_their_turn_without_running() -> None:
-    app = oncely.App("controls-inbox", partitions=2)
+def _queue_app(ran: list[int]) -> oncely.App:
+    """queue/work(n) notes n in `ran`; n == 0 sleeps a minute first, holding its key."""
+    app = oncely.App("controls-queue", partitions=2)
     app.config.suspend_after = 0.5
     queue = app.keyed("queue")
-    ran: list[int] = []
 
     @queue.handler
     async def work(ctx: oncely.KeyedContext, n: int) -> int:
         ran.append(n)
         if n == 0:
-            await ctx.sleep(60)  # holds the key meanwhile
+            await ctx.sleep(60)
         ctx.set("last", n)
         return n
 
-    with TestDriver(app) as d:
+    return app
+
+
+def test_cancel_and_kill_of_inboxed_invocations_fail_them_at_their_turn_without_running() -> None:
+    ran: list[int] = []
+    with TestDriver(_queue_app(ran)) as d:
         first = d.send("queue", "k", "work", 0)
         d.run()
         waiting = [d.send("queue", "k", "work", n) for n in (1, 2, 3)]
@@ -247,17 +252,8 @@ def test_an_invoke_held_without_an_idempotency_key_is_found_listed_and_cancelled
     from oncely.shuffle.ids import random_id
     from oncely.shuffle.routing import partition_for
 
-    app = oncely.App("controls-held", partitions=2)
-    queue = app.keyed("queue")
     ran: list[int] = []
-
-    @queue.handler
-    async def work(ctx: oncely.KeyedContext, n: int) -> int:
-        ran.append(n)
-        if n == 0:
-            await ctx.sleep(60)
-        return n
-
+    app = _queue_app(ran)
     with TestDriver(app) as d:
         d.send("queue", "k", "work", 0)
         d.run()
