@@ -50,6 +50,13 @@ class Served:
     def phase_is(self, inv: str, phase: str, timeout: float = 60) -> None:
         wait_until(lambda: self.describe(inv)["phase"] == phase, timeout, 0.2, f"{inv} {phase}")
 
+    def charges(self, key: str) -> list[str]:
+        """The suspended payments/charge invocations of `key`, as the admin API lists them."""
+        status, _, listed = self.admin("GET", "/invocations?phase=SUSPENDED&limit=50", headers=AUTH)
+        assert status == 200 and not listed["missing_partitions"], listed
+        return [d["invocation_id"] for d in listed["invocations"]
+                if d["target"] == "payments/charge" and d["key"] == key]
+
     def control(self, inv: str, action: str) -> tuple[int, Any]:
         status, _, body = self.admin("PATCH", f"/invocations/{inv}/{action}", headers=AUTH)
         return status, body
@@ -75,13 +82,7 @@ def test_cancel_of_a_suspended_callee_gives_its_caller_a_terminal_error_and_the_
     trip = served.send("/trips/alice/book")
     served.phase_is(trip, "SUSPENDED")
 
-    def charges() -> list[str]:
-        status, _, listed = served.admin("GET", "/invocations?phase=SUSPENDED&limit=50", headers=AUTH)
-        assert status == 200 and not listed["missing_partitions"], listed
-        return [d["invocation_id"] for d in listed["invocations"]
-                if d["target"] == "payments/charge" and d["key"] == "alice"]
-
-    (charge,) = wait_until(charges, 60, 0.2, "the callee, listed")
+    (charge,) = wait_until(lambda: served.charges("alice"), 60, 0.2, "the callee, listed")
     served.phase_is(charge, "SUSPENDED")
     assert served.control(charge, "cancel") == (200, {"invocation_id": charge, "action": "cancel",
                                                       "status": "applied"})
@@ -160,13 +161,7 @@ def test_cancel_reaches_the_callee_and_an_inboxed_invocation_is_killed_at_its_tu
     assert served.control(held, "cancel")[0] == 200
     assert served.describe(held)["cancelled"] is True
 
-    def charges() -> list[str]:
-        status, _, listed = served.admin("GET", "/invocations?phase=SUSPENDED&limit=50", headers=AUTH)
-        assert status == 200 and not listed["missing_partitions"], listed
-        return [d["invocation_id"] for d in listed["invocations"]
-                if d["target"] == "payments/charge" and d["key"] == "erin"]
-
-    (charge,) = wait_until(charges, 60, 0.2, "the callee, listed")
+    (charge,) = wait_until(lambda: served.charges("erin"), 60, 0.2, "the callee, listed")
     assert served.control(trip, "cancel")[0] == 200  # the caller: the cancel reaches its callee
     status, _, body = served.http("GET", f"/restate/attach/{trip}")
     assert status == 409 and body["message"] == "cancelled", body
