@@ -84,6 +84,8 @@ class Metrics:
         self._staged: list[tuple[dict[str, Any], str]] = []
         self._dead: Counter[str] = Counter()
         self._duplicates = 0
+        # The same of the transaction whose commit is on its way (`freeze`).
+        self._frozen: tuple[list[tuple[dict[str, Any], str]], Counter[str], int] | None = None
 
     # -- invocations (partition.py) -----------------------------------------------
 
@@ -124,22 +126,26 @@ class Metrics:
         undecodable log record)."""
         self._dead[reason] += 1
 
+    def freeze(self) -> None:
+        """A commit is on its way: what is staged is its, what follows the next one's."""
+        self._frozen = (self._staged, self._dead, self._duplicates)
+        self._staged, self._dead, self._duplicates = [], Counter(), 0
+
     def committed(self, seconds: float, records: int) -> None:
         """A transaction committed: what it held counts now."""
         now = time.time()
         self.last_commit = now
         self.commit_seconds.observe(seconds)
         self.txn_records.observe(records)
-        if self._dead:
-            self.dead_letters.update(self._dead)
-            self._dead.clear()
-        self.duplicates += self._duplicates
-        self._duplicates = 0
-        if not self._staged:
-            return
+        if self._frozen is None:
+            self.freeze()
+        staged, dead, duplicates = self._frozen  # type: ignore[misc]
+        self._frozen = None
+        self.dead_letters.update(dead)
+        self.duplicates += duplicates
         now_ms = now * 1000
         counts, latency = self.invocations, self.latency
-        for invoke, outcome in self._staged:
+        for invoke, outcome in staged:
             target = (invoke["service"], invoke["handler"])
             counts[(*target, outcome)] += 1
             if outcome in _FINAL:
@@ -150,11 +156,11 @@ class Metrics:
                 seconds = (now_ms - (source["timestamp_ms"] if source else invoke.get("created_at_ms", now_ms))) / 1000
                 h.counts[bisect_left(h.bounds, seconds)] += 1
                 h.sum += seconds
-        self._staged.clear()
 
     def rewound(self) -> None:
-        """The open transaction was aborted (or its outcome is unknown): what
-        it held is replayed, so nothing staged counts."""
+        """A transaction was aborted (or its outcome is unknown): what it
+        and the open one held is replayed, so nothing staged counts."""
+        self._frozen = None
         self._staged.clear()
         self._dead.clear()
         self._duplicates = 0

@@ -42,7 +42,7 @@ from oncely.remote.executor import executor_for
 from oncely.processor.identity import StateDirLock, transactional_id
 from oncely.processor.pacing import Pacing
 from oncely.processor.partition import PartitionProcessor
-from oncely.processor.producer import Outcome, TxnProducer
+from oncely.processor.producer import CommitResult, Outcome, TxnProducer
 from oncely.processor.progress import Progress
 from oncely.sdk.protocol import CLIENT_MAX_BYTES, limits_for
 from oncely.processor.restore import Restorer
@@ -99,12 +99,12 @@ class CommitLoop:
         self.rewinds = 0
         self.consumer_restarts = 0
         self._last_commit = time.monotonic()
-        self._commit_took = 0.0  # how long the last commit blocked the loop
         self._stopping = False
         self.pacing = Pacing(self)
         self.lock: StateDirLock | None = None
         self.txn: TxnProducer | None = None
         self.open: Transaction | None = None
+        self.committing: Transaction | None = None  # the one whose commit is on its way
         self.consumer: Consumer | None = None
         self.restorer: Restorer | None = None
         self.assignment: Assignment | None = None
@@ -175,6 +175,8 @@ class CommitLoop:
 
     def _on_lost(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
         log.warning("assignment lost: %s", sorted((t.topic, t.partition) for t in tps))
+        if self.committing is not None:
+            self.end_commit()  # started while the generation was ours: its outcome stands
         self._forget([(t.topic, t.partition) for t in tps])
         # Nothing of the open transaction may be committed now: our group
         # generation is gone. Abort and rewind what we still own.
@@ -196,28 +198,47 @@ class CommitLoop:
     # -- commit ---------------------------------------------------------------------
 
     def commit(self, force: bool = False) -> bool:
-        """Commit the open transaction; returns True when it committed."""
+        """Commit the open transaction and wait for it (after the one on its
+        way, if any); returns True when it committed."""
+        if self.committing is not None:
+            self.end_commit()
+        return self.start_commit(force) and self.end_commit()
+
+    def start_commit(self, force: bool = False) -> bool:
+        """Send the open transaction's commit on its way and open the next
+        transaction; True when a commit is on its way (`end_commit`)."""
         txn, consumer, open_ = self.txn, self.consumer, self.open
-        assert txn is not None and consumer is not None and open_ is not None
+        assert txn is not None and consumer is not None and open_ is not None and self.committing is None
         if not txn.ready:
             return False  # dropped on a stop request; nothing can commit now
-        started = time.monotonic()
-        if not force and not open_.dirty(self.partitions.values()):
-            self._last_commit = time.monotonic()
-            return False
-        ended = open_.commit(self.partitions, consumer.consumer_group_metadata)
         self._last_commit = time.monotonic()
-        self._commit_took = self._last_commit - started
-        if ended is None:
+        if not force and not open_.dirty(self.partitions.values()):
             return False
-        result, done = ended
-        if done is None:
-            for owner, reason in result.faults:
-                self.poisoned.setdefault(owner, reason)
-            recovery.poison_missing_topics(self, result.undelivered)
-            self.settle(result.outcome)
+        failed = open_.start(self.partitions, consumer.consumer_group_metadata)
+        if failed is not None:
+            self._failed(failed[0])
             return False
+        if open_.on_its_way is None:
+            return False
+        if self.metrics is not None:
+            self.metrics.freeze()
+        self.committing = open_
         self.new_transaction()
+        return True
+
+    def end_commit(self) -> bool:
+        """Take the outcome of the commit on its way (waiting for it up to
+        its bound); returns True when it committed."""
+        committing = self.committing
+        assert committing is not None and committing.on_its_way is not None
+        started = committing.on_its_way.committing.pending.started
+        try:
+            result, done = committing.end(self.partitions)
+        finally:
+            self.committing = None
+        if done is None:
+            self._failed(result)
+            return False
         self.progress.committed(done.records, done.finished, done.failed)
         if self.metrics is not None:
             self.metrics.committed(time.monotonic() - started, done.produced)
@@ -225,7 +246,15 @@ class CommitLoop:
         self.assignment.committed.update(done.offsets)
         if self.on_commit:
             self.on_commit()
+        if result.next_lost:
+            self.settle(Outcome.REPLACE)
         return True
+
+    def _failed(self, result: CommitResult) -> None:
+        for owner, reason in result.faults:
+            self.poisoned.setdefault(owner, reason)
+        recovery.poison_missing_topics(self, result.undelivered)
+        self.settle(result.outcome)
 
     def new_transaction(self) -> None:
         assert self.txn is not None
@@ -319,6 +348,8 @@ class CommitLoop:
         assert assignment is not None
         idle = 0.0
         while not stop.is_set() and not self.interrupt.is_set():
+            if self.committing is not None and self.committing.on_its_way.committing.ready():  # type: ignore[union-attr]
+                self.end_commit()
             started = assignment.poll()
             if assignment.failures >= recovery.FETCH_FAILURES_BEFORE_REPLACE:
                 recovery.unblock_offsets(self)
@@ -327,8 +358,13 @@ class CommitLoop:
             self.progress.tick()
             consumer = self.consumer  # replaced after a fatal error
             assert consumer is not None
+            open_ = self.open
+            assert open_ is not None
             try:
-                msgs = consumer.consume(POLL_BATCH, timeout=0)
+                # While a commit is on its way the loop goes on, up to a full
+                # transaction (records wait in memory until the next begins).
+                full = self.committing is not None and open_.records >= cfg.max_batch
+                msgs = [] if full else consumer.consume(POLL_BATCH, timeout=0)
             except KafkaException as e:
                 if not e.args[0].fatal():
                     raise
@@ -346,17 +382,43 @@ class CommitLoop:
             assert open_ is not None
             # Produced records wait for the commit before anyone can read
             # them (a reply, an output, a callee's Invoke): when the poll
-            # found no backlog, commit them now (early commit), though not
-            # sooner after the last commit than it took, so that commits
-            # never take more than half the loop's time.
-            if (since >= cfg.commit_interval or open_.records >= cfg.max_batch or open_.fault is not None
-                    or (open_.outputs and len(msgs) < EARLY_BELOW and since >= self._commit_took)):
+            # found no backlog, commit them now (early commit), as soon as
+            # the commit before is done (one at a time).
+            if self.committing is None and (
+                    since >= cfg.commit_interval or open_.records >= cfg.max_batch or open_.fault is not None
+                    or (open_.outputs and len(msgs) < EARLY_BELOW)):
                 await self.pacing.drain_and_commit()
             if msgs:
                 idle = 0.0
             else:
                 idle = min(IDLE_MAX, idle + 0.001)
-                await asyncio.sleep(idle)
+                await self._nap(idle)
+
+    async def _nap(self, seconds: float) -> None:
+        """Sleep up to `seconds`, less when the commit on its way ends."""
+        if self.committing is None:
+            await asyncio.sleep(seconds)
+            return
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        future = self.committing.on_its_way.committing.pending.future  # type: ignore[union-attr]
+
+        def wake(_: Any = None) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        def wake_from_worker(_: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(wake)
+            except RuntimeError:
+                pass  # the loop is closed: nobody naps
+
+        timer = loop.call_later(seconds, wake)
+        future.add_done_callback(wake_from_worker)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
 
     async def shutdown(self, grace: float = 5.0) -> None:
         """Finish what runs (up to `grace` s), commit, leave, close. Every
@@ -372,9 +434,11 @@ class CommitLoop:
                 await asyncio.sleep(0.01)
                 self._fire_timers()
             if txn is not None and txn.ready and self.consumer is not None:
-                for part in self.partitions.values():
-                    part.suspend_waiting()
                 try:
+                    if self.committing is not None:
+                        self.end_commit()
+                    for part in self.partitions.values():
+                        part.suspend_waiting()
                     self.commit()
                 except Stuck as e:
                     log.warning("final commit abandoned: %s", e)

@@ -60,7 +60,7 @@ class Pacing:
             part.preparing = True
         try:
             await self._drain()
-            cl.commit()
+            cl.start_commit()  # on its way; the loop takes its outcome when it is done
         finally:
             for part in cl.partitions.values():
                 part.prepared()

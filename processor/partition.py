@@ -62,6 +62,7 @@ class PartitionProcessor:
         self.poison_failed: list[bytes] = []  # poisoned invocations failed in the open transaction
         self.doomed: dict[bytes, str] = {}  # INBOXED ones cancelled or killed: fail at start (controls.py)
         self._counted = (0, 0)  # (finished, failed) already reported as committed
+        self._frozen: tuple[int, int, list[bytes]] | None = None  # the same at the commit on its way
         self.invocations: dict[bytes, Invocation] = {}  # in memory
         self.active: set[Invocation] = set()  # with a running coroutine
         self.suspended = 0  # SUSPENDED invocations in the store
@@ -396,18 +397,27 @@ class PartitionProcessor:
         read nothing since it loaded."""
         return self.ahead.commit_offset()
 
+    def freeze(self) -> None:
+        """The commit's content is complete (its changelog records are in):
+        what happens from now on belongs to the next transaction."""
+        self.store.freeze()
+        stats = self.stats
+        self._frozen = (stats.completed + stats.failed, stats.failed, self.poison_failed)
+        self.poison_failed = []
+
     def after_commit(self, changelog_offset: int | None) -> tuple[int, int]:
         """RocksDB now reflects the commit. Returns the invocations finished
         and failed in it."""
+        if self._frozen is None:
+            self.freeze()  # committed without a commit on its way (the TestDriver)
         self.store.commit(changelog_offset)
-        stats = self.stats
-        finished = stats.completed + stats.failed - self._counted[0]
-        failed = stats.failed - self._counted[1]
-        self._counted = (stats.completed + stats.failed, stats.failed)
-        for inv_id in self.poison_failed:
+        ended, failed, poison_failed = self._frozen  # type: ignore[misc]
+        self._frozen = None
+        counted = self._counted
+        self._counted = (ended, failed)
+        for inv_id in poison_failed:
             self.poisoned.pop(inv_id, None)
-        self.poison_failed.clear()
-        return finished, failed
+        return ended - counted[0], failed - counted[1]
 
     def in_flight(self) -> int:
         return len(self.invocations)

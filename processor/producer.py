@@ -35,7 +35,7 @@ from typing import Any, Callable, Collection
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
-from oncely.processor.worker import Stuck, Worker
+from oncely.processor.worker import Pending, Stuck, Worker
 
 log = logging.getLogger("oncely.producer")
 
@@ -94,6 +94,20 @@ class CommitResult:
     # Owned records still undelivered when the commit failed (owner, topic):
     # a topic deleted since start shows only as records that never leave.
     undelivered: list[tuple[bytes, str]] = field(default_factory=list)
+    # Committed, but the next transaction's records made meanwhile were lost
+    # with a producer that could not begin it: the caller rewinds.
+    next_lost: bool = False
+
+
+@dataclass
+class Committing:
+    """A commit on its way (`TxnProducer.start_commit`)."""
+
+    pending: Pending[None]
+    stage: list[str]  # the call it is in, for the error message
+
+    def ready(self) -> bool:
+        return self.pending.ready()
 
 
 class TxnProducer:
@@ -107,6 +121,8 @@ class TxnProducer:
         self._producer: Producer | None = None
         self._worker: Worker | None = None
         self.careful = 0  # transactions left that attribute their records (after a failure)
+        self.committing: _Open | None = None  # the transaction whose commit is on its way
+        self._held: list[tuple[Any, ...]] = []  # records of the open one, produced once it begins
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -213,7 +229,18 @@ class TxnProducer:
                 headers: list[tuple[str, bytes]] | None = None, partition: int | None = None,
                 owner: bytes | None = None, on_delivery: Callable[[Any, Any], None] | None = None) -> None:
         """Add a record to the open transaction. A failure poisons the
-        transaction (the commit then aborts), and its owner with it."""
+        transaction (the commit then aborts), and its owner with it. While
+        the previous transaction commits, librdkafka takes no records: they
+        wait here until the next one begins."""
+        if self.committing is not None:
+            self._held.append((topic, key, value, headers, partition, owner, on_delivery))
+            self.txn.produced += 1
+            return
+        if self._send(topic, key, value, headers, partition, owner, on_delivery):
+            self.txn.produced += 1
+
+    def _send(self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]] | None,
+              partition: int | None, owner: bytes | None, on_delivery: Callable[[Any, Any], None] | None) -> bool:
         if owner is not None and self.careful:
             on_delivery = self._attributed(owner, topic, on_delivery)
         p = self._producer
@@ -227,16 +254,15 @@ class TxnProducer:
             else:
                 p.produce(topic, value, key, part, on_delivery=on_delivery, headers=headers or None)
         except (BufferError, KafkaException) as e:
-            if not self._produce_slow(e, p, topic, key, value, headers or None, part, owner, on_delivery):
-                return
-        self.txn.produced += 1
+            return self._produce_slow(e, p, topic, key, value, headers or None, part, owner, on_delivery)
+        return True
 
     def produce_all(self, topic: str, partition: int, records: Collection[tuple[bytes, bytes | None]],
                     on_last: Callable[[Any, Any], None] | None = None) -> None:
         """Add many unowned records (a partition's changelog at a commit) to
         the open transaction, in order; `on_last` reports the last one."""
         p = self._producer
-        assert p is not None, "no producer"
+        assert p is not None and self.committing is None, "no producer, or one committing"
         produce = p.produce
         txn = self.txn
         last = len(records) - 1
@@ -302,26 +328,50 @@ class TxnProducer:
     # -- commit and abort -------------------------------------------------------------
 
     def commit(self, offsets: list[TopicPartition], group_metadata: Any) -> CommitResult:
-        """Commit the open transaction (with the consumer offsets) and open
-        the next one. Returns the outcome, why, and the poisoned owners."""
+        """Commit the open transaction (with the consumer offsets), waiting
+        for it, and open the next one."""
+        started = self.start_commit(offsets, group_metadata)
+        return started if isinstance(started, CommitResult) else self.end_commit(started)
+
+    def start_commit(self, offsets: list[TopicPartition], group_metadata: Any) -> "Committing | CommitResult":
+        """Send the open transaction's commit (with the consumer offsets) on
+        its way; records produced meanwhile belong to the next transaction.
+        A transaction that cannot commit is aborted at once (a CommitResult)."""
         p, worker, txn = self._producer, self._worker, self.txn
-        assert p is not None and worker is not None
+        assert p is not None and worker is not None and self.committing is None
         if txn.error is not None:  # a produce() failed at once: nothing of it may commit
             why = "; ".join(w for _, w in txn.faults[:3]) or f"produce failed: {txn.error}"
             undelivered = list(txn.unacked.values())
             return CommitResult(self.abort(why), why, list(txn.faults), undelivered)
-        during = "send_offsets_to_transaction"
-        try:
+        stage = ["send_offsets_to_transaction"]
+        timeout = self.call_timeout
+
+        def commit() -> None:
             if offsets:
-                worker.call(lambda: p.send_offsets_to_transaction(offsets, group_metadata, self.call_timeout),
-                            self.bound, during)
-            during = "commit_transaction"
-            # It flushes first; a record that failed makes it abortable.
-            worker.call(lambda: p.commit_transaction(self.call_timeout), self.bound, during)
+                p.send_offsets_to_transaction(offsets, group_metadata, timeout)
+            stage[0] = "commit_transaction"
+            p.commit_transaction(timeout)  # it flushes first; a record that failed makes it abortable
+
+        self.committing, self.txn = txn, _Open()
+        return Committing(worker.start(commit, self.bound), stage)
+
+    def end_commit(self, committing: "Committing") -> CommitResult:
+        """The commit's outcome (waiting for it, up to its bound). Committed:
+        the next transaction begins with the records held meanwhile; else
+        they are dropped with it (the caller rewinds)."""
+        p, worker, txn = self._producer, self._worker, self.committing
+        assert p is not None and worker is not None and txn is not None
+        held, self._held = self._held, []
+        try:
+            committing.pending.result(committing.stage[0])
         except Stuck as e:
+            self.committing = None
             undelivered = list(txn.unacked.values())
             return CommitResult(self._replace_now("stuck", str(e)), str(e), list(txn.faults), undelivered)
         except KafkaException as e:
+            self.committing = None
+            self.txn = txn  # what abort() aborts; the held records never reached librdkafka
+            during = committing.stage[0]
             err = e.args[0]
             if err.txn_requires_abort() and not err.fatal():
                 try:  # delivery reports of the failed records name their owners
@@ -330,10 +380,19 @@ class TxnProducer:
                     return CommitResult(self._replace_now("stuck", str(stuck)), str(stuck))
             undelivered = list(txn.unacked.values())
             return CommitResult(self._classify(err, during), f"{during}: {err}", list(txn.faults), undelivered)
+        self.committing = None
         self.stats.commits += 1
         if self.careful:
             self.careful -= 1
-        self._begin()
+        produced = self.txn.produced
+        if not self._begin():
+            # A new producer: the records made meanwhile are gone with the
+            # old one, so the caller rewinds after applying this commit.
+            return CommitResult(Outcome.COMMITTED, next_lost=produced > 0)
+        self.txn.produced = produced
+        send = self._send
+        for record in held:
+            send(*record)
         return CommitResult(Outcome.COMMITTED)
 
     def _classify(self, err: KafkaError, during: str) -> Outcome:
@@ -348,6 +407,7 @@ class TxnProducer:
         """Abort the open transaction and open the next one: REWIND, or
         REPLACE when the abort itself fails or times out."""
         log.warning("aborting the transaction: %s", why)
+        assert self.committing is None, "a commit is on its way"
         self.stats.aborts += 1
         self.careful = CAREFUL_TXNS
         p, worker = self._producer, self._worker
@@ -381,7 +441,8 @@ class TxnProducer:
             return self._replace_now("offsets-blocked", f"clearing pending offsets: {e}")
         return self.abort("clearing pending offset commits")
 
-    def _begin(self) -> None:
+    def _begin(self) -> bool:
+        """Open the next transaction; False: it took a new producer."""
         self.txn = _Open()
         p, worker = self._producer, self._worker
         assert p is not None and worker is not None
@@ -389,6 +450,8 @@ class TxnProducer:
             worker.call(p.begin_transaction, self.bound, "begin_transaction")
         except (Stuck, KafkaException) as e:
             self.replace(f"begin_transaction: {e}", "begin-failed")
+            return False
+        return True
 
     def _replace_now(self, cause: str, why: str) -> Outcome:
         self.replace(why, cause)

@@ -31,6 +31,8 @@ def replace_consumer(loop: CommitLoop, why: str) -> None:
     transaction (our membership is gone), drop the consumer and join the
     group with a new one."""
     log.error("replacing the consumer: %s", why)
+    if loop.committing is not None:
+        loop.end_commit()  # its outcome first: it carries offsets of the old membership
     loop.consumer_restarts += 1
     if loop.metrics is not None:
         loop.metrics.rewound()
@@ -59,6 +61,8 @@ def unblock_offsets(loop: CommitLoop) -> None:
     librdkafka retried after its transaction was aborted. An aborted
     transaction holding the group's offsets completes it (the marker is per
     producer id); the partitions rewind."""
+    if loop.committing is not None:
+        loop.end_commit()
     assignment, txn, consumer = loop.assignment, loop.txn, loop.consumer
     assert assignment is not None and txn is not None and consumer is not None
     assignment.failures = 0

@@ -6,6 +6,11 @@ the changelog offset they reflect (the checkpoint), after the Kafka
 transaction carrying the same writes to the changelog has committed. Dropping
 the overlay is therefore a complete rewind to the last commit.
 
+While a commit is on its way the loop goes on: `freeze()` sets the
+committing overlay aside (reads see it beneath the new one) and `commit()`
+writes that one, so at most two overlays exist, and dropping both is again
+a rewind to the last commit.
+
 The WAL is on but not synced: a killed process keeps every batch it wrote
 (the OS has it), so a restart after kill -9 restores only the changelog tail;
 after an OS crash RocksDB recovers to a batch boundary, whose checkpoint is
@@ -39,6 +44,7 @@ class PartitionStore:
         self.partition = partition
         self._db: Rdict | None = None
         self.overlay: dict[bytes, bytes | None] = {}
+        self.frozen: dict[bytes, bytes | None] | None = None  # the overlay of the commit on its way
         # Keys put in this interval that the committed store does not hold:
         # deleting one again leaves nothing to write (net effects).
         self._fresh: set[bytes] = set()
@@ -89,8 +95,7 @@ class PartitionStore:
         self.path.mkdir(parents=True, exist_ok=True)
         self._db = Rdict(str(self.path), self._options())
         self._wo = WriteOptions()
-        self.overlay.clear()
-        self._fresh.clear()
+        self.drop_overlay()
         self.wiped = True
 
     def close(self) -> None:
@@ -112,6 +117,9 @@ class PartitionStore:
         ov = self.overlay
         if key in ov:
             return ov[key]
+        fr = self.frozen
+        if fr is not None and key in fr:
+            return fr[key]
         return self.db.get(key)
 
     def committed_get(self, key: bytes) -> bytes | None:
@@ -123,7 +131,9 @@ class PartitionStore:
         overlay applied, in key order; at most `limit` of them (the RocksDB
         range is read only as far as needed)."""
         stop = end if end is not None else keys.prefix_end(prefix)
-        pending = sorted((k, v) for k, v in self.overlay.items() if k >= prefix and (stop is None or k < stop))
+        layers = (self.overlay,) if self.frozen is None else (self.frozen, self.overlay)
+        merged = {k: v for layer in layers for k, v in layer.items() if k >= prefix and (stop is None or k < stop)}
+        pending = sorted(merged.items())
         out: list[tuple[bytes, bytes]] = []
         i = 0
         n = len(pending)
@@ -190,17 +200,29 @@ class PartitionStore:
             self.overlay[key] = None
 
     def has_changes(self) -> bool:
+        """Writes since the last freeze (what the next commit must carry)."""
         return bool(self.overlay)
 
     def drop_overlay(self) -> None:
-        self.overlay.clear()
-        self._fresh.clear()
+        """Back to RocksDB: both overlays go."""
+        self.overlay = {}
+        self.frozen = None
+        self._fresh = set()
+
+    def freeze(self) -> None:
+        """The overlay is on its way to the changelog: set it aside, and
+        collect the writes that follow in a new one."""
+        assert self.frozen is None, "a commit is already on its way"
+        self.frozen, self.overlay, self._fresh = self.overlay, {}, set()
 
     def commit(self, changelog_offset: int | None) -> None:
-        """Write the overlay (now committed to the changelog) and the checkpoint
-        in one batch, then start a new overlay."""
+        """Write the frozen overlay (now committed to the changelog; the
+        overlay itself when none was frozen) and the checkpoint in one batch."""
+        if self.frozen is None:
+            self.freeze()
+        done, self.frozen = self.frozen, None
         wb = WriteBatch(raw_mode=True)
-        for k, v in self.overlay.items():
+        for k, v in done.items():  # type: ignore[union-attr]
             if v is None:
                 wb.delete(k)
             else:
@@ -209,8 +231,6 @@ class PartitionStore:
             wb.put(_CHECKPOINT, self._encode_checkpoint(changelog_offset))
         if wb.len():
             self.db.write(wb, self._wo)
-        self.overlay.clear()
-        self._fresh.clear()
 
     def apply_restored(self, records: Iterable[tuple[bytes, bytes | None]], next_offset: int) -> None:
         """Apply changelog records read during restore, with their checkpoint."""

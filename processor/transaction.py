@@ -5,8 +5,11 @@ whether an internal fault forces an abort, and performs the commit: the
 partitions' pending store changes go to the changelog (the last record's
 offset of each partition becomes its checkpoint), the offsets join, and the
 producer's outcome (COMMITTED / REWIND / REPLACE, producer.py) decides.
-After a commit the loop opens a new Transaction; after anything else it
-rewinds and opens a new one, so no counter is ever reset by hand.
+The commit is two steps: `start` freezes the content and sends the commit
+on its way (the loop opens the next Transaction at once and goes on
+processing), `end` takes its outcome. After a commit the loop goes on with
+that next Transaction; after anything else it rewinds and opens a new one,
+so no counter is ever reset by hand.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any, Iterable
 from confluent_kafka import TopicPartition
 
 from oncely.processor.partition import PartitionProcessor
-from oncely.processor.producer import CommitResult, Outcome, TxnProducer
+from oncely.processor.producer import CommitResult, Committing, Outcome, TxnProducer
 
 TP = tuple[str, int]
 
@@ -33,6 +36,16 @@ class Committed:
     offsets: dict[TP, int] = field(default_factory=dict)
 
 
+@dataclass
+class _OnItsWay:
+    """A started commit, and what applies once it is committed."""
+
+    committing: Committing
+    partitions: dict[int, PartitionProcessor]  # frozen for it
+    checkpoints: dict[int, list[int]]  # the last changelog offset of each, once delivered
+    done: Committed
+
+
 class Transaction:
     def __init__(self, producer: TxnProducer, changelog_topic: str, log_topic: str | None = None) -> None:
         self.producer = producer
@@ -41,6 +54,7 @@ class Transaction:
         self.consumed: dict[TP, int] = {}  # next offset per consumed partition
         self.records = 0
         self.fault: str | None = None
+        self.on_its_way: _OnItsWay | None = None  # its commit, once started
 
     def consumed_record(self, topic: str, partition: int, offset: int) -> None:
         self.consumed[(topic, partition)] = offset + 1
@@ -66,9 +80,11 @@ class Transaction:
         return bool(self.consumed) or self.producer.txn.produced > 0 or self.fault is not None or any(
             p.writer.dirty or p.active or p.store.has_changes() for p in partitions)
 
-    def commit(self, partitions: dict[int, PartitionProcessor],
-               group_metadata: Any) -> tuple[CommitResult, Committed | None] | None:
-        """Commit; None when there was nothing to commit. A fault aborts."""
+    def start(self, partitions: dict[int, PartitionProcessor],
+              group_metadata: Any) -> tuple[CommitResult, Committed | None] | None:
+        """Freeze this transaction's content and send its commit on its way
+        (`end` waits for it); None when there was nothing to commit. A fault,
+        or a record refused at once, aborts at once (the outcome is returned)."""
         producer = self.producer
         if self.fault is not None:
             return CommitResult(producer.abort(self.fault), self.fault), None
@@ -85,14 +101,30 @@ class Transaction:
                     consumed[(self.log_topic, p)] = off
         offsets = [TopicPartition(t, p, o) for (t, p), o in consumed.items()]
         produced = producer.txn.produced
-        result = producer.commit(offsets, group_metadata() if offsets else None)
+        for part in partitions.values():
+            part.freeze()
+        started = producer.start_commit(offsets, group_metadata() if offsets else None)
+        if isinstance(started, CommitResult):
+            return started, None
+        self.on_its_way = _OnItsWay(started, dict(partitions), checkpoints,
+                                    Committed(self.records, 0, 0, produced, consumed))
+        return None
+
+    def end(self, partitions: dict[int, PartitionProcessor]) -> tuple[CommitResult, Committed | None]:
+        """Wait for the commit `start` sent (up to its bound) and, committed,
+        make RocksDB reflect it."""
+        way = self.on_its_way
+        assert way is not None
+        self.on_its_way = None
+        result = self.producer.end_commit(way.committing)
         if result.outcome is not Outcome.COMMITTED:
             return result, None
-        # Committed: make RocksDB reflect it, with the changelog offset.
-        producer.poll()
-        done = Committed(self.records, 0, 0, produced, consumed)
-        for p, part in partitions.items():
-            box = checkpoints.get(p)
+        self.producer.poll()  # the changelog checkpoints' delivery reports
+        done = way.done
+        for p, part in way.partitions.items():
+            if partitions.get(p) is not part:
+                continue  # gone meanwhile: its store was dropped, the changelog has it
+            box = way.checkpoints.get(p)
             finished, failed = part.after_commit(box[0] + 1 if box else None)
             done.finished += finished
             done.failed += failed

@@ -24,7 +24,7 @@ import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Callable, TypeVar
+from typing import Callable, Generic, TypeVar
 
 log = logging.getLogger("oncely.worker")
 
@@ -81,17 +81,12 @@ class Worker:
 
     def call(self, fn: Callable[[], T], bound: float, during: str) -> T:
         """Run `fn` on the worker and wait for it, at most `bound` seconds."""
-        fut = self.submit(fn)
-        start = time.monotonic()
-        while True:
-            try:
-                return fut.result(timeout=_SLICE)
-            except FutureTimeout:
-                elapsed = time.monotonic() - start
-                if self.interrupt.is_set() and elapsed >= INTERRUPT_GRACE:
-                    self._abandon(during, elapsed, interrupted=True)
-                if elapsed >= bound:
-                    self._abandon(during, elapsed, interrupted=False)
+        return self.start(fn, bound).result(during)
+
+    def start(self, fn: Callable[[], T], bound: float) -> "Pending[T]":
+        """Run `fn` on the worker without waiting: the caller goes on and
+        checks back (`Pending`), e.g. a commit while the loop processes."""
+        return Pending(self, self.submit(fn), bound)
 
     def _abandon(self, during: str, elapsed: float, interrupted: bool) -> None:
         self.stuck = True
@@ -102,3 +97,35 @@ class Worker:
     def close(self) -> None:
         """Let the thread end after what is queued (a stuck one never does)."""
         self._queue.put(None)
+
+
+class Pending(Generic[T]):
+    """A call on a worker that its caller does not wait for; its bound runs
+    from the submission."""
+
+    def __init__(self, worker: Worker, future: "Future[T]", bound: float) -> None:
+        self.worker = worker
+        self.future = future
+        self.bound = bound
+        self.started = time.monotonic()
+
+    def ready(self) -> bool:
+        """Its result (or its Stuck) is at hand: `result` will not wait."""
+        if self.future.done():
+            return True
+        elapsed = time.monotonic() - self.started
+        return elapsed >= self.bound or (self.worker.interrupt.is_set() and elapsed >= INTERRUPT_GRACE)
+
+    def result(self, during: str) -> T:
+        """Wait for the call, up to its bound: its result, its exception, or
+        `Stuck` (the worker's client must not be used again)."""
+        fut, worker = self.future, self.worker
+        while True:
+            try:
+                return fut.result(timeout=_SLICE)
+            except FutureTimeout:
+                elapsed = time.monotonic() - self.started
+                if worker.interrupt.is_set() and elapsed >= INTERRUPT_GRACE:
+                    worker._abandon(during, elapsed, interrupted=True)
+                if elapsed >= self.bound:
+                    worker._abandon(during, elapsed, interrupted=False)
