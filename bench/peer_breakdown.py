@@ -97,15 +97,15 @@ def trace_report(path: Path, t0: float, t1: float) -> None:
     gaps = [b - a for a, b in zip(starts, starts[1:])]
     if gaps:
         print(f"  {'commit start → next start':30s} n {len(gaps):5d}  {'':16s}{stats(gaps)}")
-    sends = sorted(a for label, a, _b, _n in events if label == "send_offsets_to_transaction")
-    before = []  # commit start → its send_offsets_to_transaction: the commit's own work before Kafka
-    for label, a, b, _n in events:
-        if label == "commit":
-            inside = [s for s in sends if a <= s <= b]
-            if inside:
-                before.append(inside[0] - a)
-    if before:
-        print(f"  {'commit start → send_offsets':30s} n {len(before):5d}  {'':16s}{stats(before)}")
+    ways = sorted((a, b) for label, a, b, _n in events if label == "on its way")
+    ends = sorted(a for label, a, _b, _n in events if label == "end_commit")
+    noticed = []  # a commit's job done → the loop takes its outcome
+    for _a, b in ways:
+        later = [e for e in ends if e >= b]
+        if later:
+            noticed.append(later[0] - b)
+    if noticed:
+        print(f"  {'job done → end_commit':30s} n {len(noticed):5d}  {'':16s}{stats(noticed)}")
     reads = [n for label, _a, _b, n in events if label == "read"]
     if reads:
         print(f"  records per read: mean {sum(reads) / len(reads):.1f}, reads {len(reads)}")

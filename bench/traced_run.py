@@ -7,13 +7,16 @@ $ONCELY_BENCH_TRACE when the process exits (it must stop cleanly, e.g. on
 SIGTERM). The wrappers live here, not in the engine: the engine pays
 nothing for them when it is not traced.
 
-Events: `commit` (CommitLoop.commit: drain excluded, flush of the changelog,
-send_offsets_to_transaction, commit_transaction, begin_transaction),
-`flush_changelog` (each partition's prepare_commit and changelog records),
-`after_commit` (one partition's RocksDB write after a commit), `gc genN`
-(each garbage collection), each
-blocking client call by its name (Worker.call's `during`), `drain`, and one
-`read` per poll that returned records (with the count). With
+Events: `commit` (CommitLoop.start_commit, the loop's half: drain
+excluded, flush of the changelog, freeze, the commit sent on its way),
+`on its way` (the commit's job on the producer's worker:
+send_offsets_to_transaction and commit_transaction, while the loop goes
+on), `end_commit` (taking its outcome: begin_transaction, the held records,
+the RocksDB writes), `flush_changelog` (each partition's prepare_commit and
+changelog records), `after_commit` (one partition's RocksDB write after a
+commit), `gc genN` (each garbage collection), each blocking client call by
+its name (Worker.call's `during`), `drain`, and one `read` per poll that
+returned records (with the count). With
 $ONCELY_BENCH_KAFKA_DEBUG (e.g. `eos`), the transactional producer's
 librdkafka debug lines go to $ONCELY_BENCH_TRACE.rdkafka, stamped when
 Python gets them (librdkafka hands log lines over in batches, so count
@@ -33,7 +36,7 @@ from typing import Any
 
 import orjson
 
-from oncely.processor import clients, commit_loop, pacing, partition, transaction, worker
+from oncely.processor import clients, commit_loop, pacing, partition, producer, transaction, txn_state, worker
 
 EVENTS: list[tuple[str, float, float, int]] = []
 
@@ -59,7 +62,18 @@ def _timed(label: str, fn: Any) -> Any:
 
 def install() -> None:
     loop = commit_loop.CommitLoop
-    loop.commit = _timed("commit", loop.commit)  # type: ignore[method-assign]
+    loop.start_commit = _timed("commit", loop.start_commit)  # type: ignore[method-assign]
+    loop.end_commit = _timed("end_commit", loop.end_commit)  # type: ignore[method-assign]
+    start_commit = producer.TxnProducer.start_commit
+
+    def traced_start_commit(self: Any, offsets: Any, group_metadata: Any) -> Any:
+        t0 = time.time()
+        started = start_commit(self, offsets, group_metadata)
+        if isinstance(started, txn_state.Committing):  # timed until its job is done, on the worker thread
+            started.pending.future.add_done_callback(lambda _: EVENTS.append(("on its way", t0, time.time(), 0)))
+        return started
+
+    producer.TxnProducer.start_commit = traced_start_commit  # type: ignore[method-assign]
     txn = transaction.Transaction
     txn._flush_changelog = _timed("flush_changelog", txn._flush_changelog)  # type: ignore[method-assign]
     part = partition.PartitionProcessor

@@ -19,7 +19,7 @@ from oncely.app import App
 from oncely.errors import ConfigError
 from oncely.preflight import connect_app
 from oncely.processor.commit_loop import CommitLoop
-from oncely.processor.producer import GiveUp
+from oncely.processor.txn_state import GiveUp
 from oncely.topics import ensure_topics
 
 if TYPE_CHECKING:

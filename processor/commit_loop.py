@@ -7,7 +7,9 @@ produced by handlers and by ingest, and the consumer offsets of every
 consumed partition. RocksDB is written only after the commit returns.
 Anything not in a committed transaction did not happen: when a transaction
 is aborted or its outcome is unknown, the partitions rewind (see
-assignment.py) to what Kafka says is committed.
+assignment.py) to what Kafka says is committed. The loop does not wait for
+a commit's round trips: it goes on with the next transaction meanwhile
+(`start_commit`, `end_commit`; one commit on its way at a time).
 
 Who owns what:
 - transaction.py: one interval's transaction (offsets, changelog, commit);
@@ -42,7 +44,8 @@ from oncely.remote.executor import executor_for
 from oncely.processor.identity import StateDirLock, transactional_id
 from oncely.processor.pacing import Pacing
 from oncely.processor.partition import PartitionProcessor
-from oncely.processor.producer import CommitResult, Outcome, TxnProducer
+from oncely.processor.producer import TxnProducer
+from oncely.processor.txn_state import CommitResult, Outcome
 from oncely.processor.progress import Progress
 from oncely.sdk.protocol import CLIENT_MAX_BYTES, limits_for
 from oncely.processor.restore import Restorer
@@ -134,10 +137,6 @@ class CommitLoop:
     def abandoned(self) -> int:
         """Kafka clients left stuck inside librdkafka (the process must exit hard)."""
         return self.txn.stats.abandoned if self.txn else 0
-
-    @property
-    def pending_records(self) -> int:
-        return self.open.records if self.open else 0
 
     # -- TxnOutput (what partitions produce through) ---------------------------------
 
@@ -231,7 +230,7 @@ class CommitLoop:
         its bound); returns True when it committed."""
         committing = self.committing
         assert committing is not None and committing.on_its_way is not None
-        started = committing.on_its_way.committing.pending.started
+        started = committing.pending.started
         try:
             result, done = committing.end(self.partitions)
         finally:
@@ -242,8 +241,7 @@ class CommitLoop:
         self.progress.committed(done.records, done.finished, done.failed)
         if self.metrics is not None:
             self.metrics.committed(time.monotonic() - started, done.produced)
-        assert self.assignment is not None
-        self.assignment.committed.update(done.offsets)
+        self.assignment.committed.update(done.offsets)  # type: ignore[union-attr]
         if self.on_commit:
             self.on_commit()
         if result.next_lost:
@@ -348,7 +346,7 @@ class CommitLoop:
         assert assignment is not None
         idle = 0.0
         while not stop.is_set() and not self.interrupt.is_set():
-            if self.committing is not None and self.committing.on_its_way.committing.ready():  # type: ignore[union-attr]
+            if self.committing is not None and self.committing.pending.ready():
                 self.end_commit()
             started = assignment.poll()
             if assignment.failures >= recovery.FETCH_FAILURES_BEFORE_REPLACE:
@@ -391,34 +389,9 @@ class CommitLoop:
             if msgs:
                 idle = 0.0
             else:
-                idle = min(IDLE_MAX, idle + 0.001)
-                await self._nap(idle)
+                idle = min(IDLE_MAX, idle + 0.001)  # (less when the commit on its way ends sooner:)
+                await (asyncio.sleep(idle) if self.committing is None else self.committing.pending.nap(idle))
 
-    async def _nap(self, seconds: float) -> None:
-        """Sleep up to `seconds`, less when the commit on its way ends."""
-        if self.committing is None:
-            await asyncio.sleep(seconds)
-            return
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
-        future = self.committing.on_its_way.committing.pending.future  # type: ignore[union-attr]
-
-        def wake(_: Any = None) -> None:
-            if not waiter.done():
-                waiter.set_result(None)
-
-        def wake_from_worker(_: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(wake)
-            except RuntimeError:
-                pass  # the loop is closed: nobody naps
-
-        timer = loop.call_later(seconds, wake)
-        future.add_done_callback(wake_from_worker)
-        try:
-            await waiter
-        finally:
-            timer.cancel()
 
     async def shutdown(self, grace: float = 5.0) -> None:
         """Finish what runs (up to `grace` s), commit, leave, close. Every

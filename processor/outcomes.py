@@ -15,7 +15,7 @@ from oncely import schemas
 from oncely.egress.dead_letters import dead_letter
 from oncely.logs import invocation_extra
 from oncely.processor import keys, requests
-from oncely.processor.invocation import BACKING_OFF, FAILED, Invocation, now_ms
+from oncely.processor.invocation import BACKING_OFF, FAILED, PAUSED, Invocation, now_ms
 from oncely.sdk.protocol import Outcome
 from oncely.shuffle.delivery import response
 from oncely.shuffle.ids import format_id
@@ -51,7 +51,20 @@ def apply(part: PartitionProcessor, inv: Invocation, outcome: Outcome) -> None:
         log.info("%s %s attempt %d failed, retrying in %d ms: %s", format_id(inv.id), inv.target,
                  inv.attempt, inv.retry_at_ms - now_ms(), outcome.error, extra=invocation_extra(inv, "retrying"))
     else:
-        part.pause(inv, outcome.error)
+        pause(part, inv, outcome.error)
+
+
+def pause(part: PartitionProcessor, inv: Invocation, error: str | None) -> None:
+    """It stays, holding its key, until an operator resumes (or kills) it."""
+    part.ahead.spill()  # Invokes behind its key may now wait for days: not in memory only
+    inv.phase = PAUSED
+    inv.error = error
+    part.n_paused += 1
+    part.stats.paused += 1
+    if part.metrics is not None:
+        part.metrics.outcome(inv, "paused")
+    part.writer.changed(inv)
+    log.error("%s %s paused: %s", format_id(inv.id), inv.target, error, extra=invocation_extra(inv, "paused"))
 
 
 def complete(part: PartitionProcessor, inv: Invocation, outcome: Outcome) -> None:

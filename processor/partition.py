@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from oncely.logs import invocation_extra
 from oncely.processor import completions, controls, keys, loading, outcomes, requests
 from oncely.processor.effects import InvocationEffects
 from oncely.processor.inbox import ReadAhead, StoreQueue, ready_queue
@@ -287,17 +286,6 @@ class PartitionProcessor:
             log.exception("%s %s: applying its outcome failed", format_id(inv.id), inv.target)
             self.out.fault(inv.id, f"internal error applying its outcome ({outcome.status}): "
                                    f"{type(e).__name__}: {e}")
-
-    def pause(self, inv: Invocation, error: str | None) -> None:
-        self.ahead.spill()  # Invokes behind its key may now wait for days: not in memory only
-        inv.phase = PAUSED
-        inv.error = error
-        self.n_paused += 1
-        self.stats.paused += 1
-        if self.metrics is not None:
-            self.metrics.outcome(inv, "paused")
-        self.writer.changed(inv)
-        log.error("%s %s paused: %s", format_id(inv.id), inv.target, error, extra=invocation_extra(inv, "paused"))
 
     def finish(self, inv: Invocation) -> None:
         """Forget a finished invocation and hand its key to the next in line."""

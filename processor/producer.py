@@ -21,21 +21,24 @@ delivery report per record, so it is done only after a transaction failed
 (`CAREFUL_TXNS`): the rewind replays what that transaction held, this time
 attributed, and the next failure names its owners.
 
+A commit is two calls: `start_commit` sends it on its way (a `Pending` job
+on the worker), `end_commit` takes its outcome. librdkafka accepts no
+records in between, so records produced meanwhile wait here (`_held`) and
+go into the next transaction once it begins, or are dropped with it.
+
 Every blocking call runs on this producer's `Worker` (see worker.py).
 """
 
 from __future__ import annotations
 
-import enum
-from collections import Counter
 import logging
 import threading
-from dataclasses import dataclass, field
 from typing import Any, Callable, Collection
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
-from oncely.processor.worker import Pending, Stuck, Worker
+from oncely.processor.txn_state import CommitResult, Committing, GiveUp, OpenTxn, Outcome, TxnStats
+from oncely.processor.worker import Stuck, Worker
 
 log = logging.getLogger("oncely.producer")
 
@@ -55,61 +58,6 @@ MAX_ABANDONED = 3
 CAREFUL_TXNS = 10
 
 
-class Outcome(enum.Enum):
-    COMMITTED = "committed"
-    REWIND = "rewind"
-    REPLACE = "replace"
-
-
-class GiveUp(Exception):
-    """The process cannot get a working producer; exit and be restarted."""
-
-
-@dataclass
-class TxnStats:
-    commits: int = 0
-    aborts: int = 0
-    replacements: int = 0
-    abandoned: int = 0
-    replaced_for: Counter = field(default_factory=Counter)
-
-
-@dataclass
-class _Open:
-    """What the open transaction holds."""
-
-    produced: int = 0
-    error: KafkaError | None = None        # a produce() that failed at once
-    faults: list[tuple[bytes, str]] = field(default_factory=list)  # (owner, why)
-    # Owned records not delivered (yet): seq -> (owner, topic).
-    unacked: dict[int, tuple[bytes, str]] = field(default_factory=dict)
-    seq: int = 0
-
-
-@dataclass
-class CommitResult:
-    outcome: Outcome
-    why: str = ""
-    faults: list[tuple[bytes, str]] = field(default_factory=list)  # owners whose records failed
-    # Owned records still undelivered when the commit failed (owner, topic):
-    # a topic deleted since start shows only as records that never leave.
-    undelivered: list[tuple[bytes, str]] = field(default_factory=list)
-    # Committed, but the next transaction's records made meanwhile were lost
-    # with a producer that could not begin it: the caller rewinds.
-    next_lost: bool = False
-
-
-@dataclass
-class Committing:
-    """A commit on its way (`TxnProducer.start_commit`)."""
-
-    pending: Pending[None]
-    stage: list[str]  # the call it is in, for the error message
-
-    def ready(self) -> bool:
-        return self.pending.ready()
-
-
 class TxnProducer:
     def __init__(self, conf: dict[str, Any], bound: float, call_timeout: float, interrupt: threading.Event) -> None:
         self.conf = conf
@@ -117,11 +65,11 @@ class TxnProducer:
         self.call_timeout = call_timeout  # librdkafka's own timeout for it
         self.interrupt = interrupt
         self.stats = TxnStats()
-        self.txn = _Open()
+        self.txn = OpenTxn()
         self._producer: Producer | None = None
         self._worker: Worker | None = None
         self.careful = 0  # transactions left that attribute their records (after a failure)
-        self.committing: _Open | None = None  # the transaction whose commit is on its way
+        self.committing: OpenTxn | None = None  # the transaction whose commit is on its way
         self._held: list[tuple[Any, ...]] = []  # records of the open one, produced once it begins
 
     # -- lifecycle ---------------------------------------------------------------
@@ -146,7 +94,7 @@ class TxnProducer:
                 worker.close()
                 raise GiveUp(f"cannot start a transactional producer: {e.args[0]}") from None
             self._producer, self._worker = p, worker
-            self.txn = _Open()
+            self.txn = OpenTxn()
             return
 
     def _init(self, worker: Worker, p: Producer) -> None:
@@ -352,7 +300,7 @@ class TxnProducer:
             stage[0] = "commit_transaction"
             p.commit_transaction(timeout)  # it flushes first; a record that failed makes it abortable
 
-        self.committing, self.txn = txn, _Open()
+        self.committing, self.txn = txn, OpenTxn()
         return Committing(worker.start(commit, self.bound), stage)
 
     def end_commit(self, committing: "Committing") -> CommitResult:
@@ -443,7 +391,7 @@ class TxnProducer:
 
     def _begin(self) -> bool:
         """Open the next transaction; False: it took a new producer."""
-        self.txn = _Open()
+        self.txn = OpenTxn()
         p, worker = self._producer, self._worker
         assert p is not None and worker is not None
         try:

@@ -20,7 +20,9 @@ from typing import Any, Iterable
 from confluent_kafka import TopicPartition
 
 from oncely.processor.partition import PartitionProcessor
-from oncely.processor.producer import CommitResult, Committing, Outcome, TxnProducer
+from oncely.processor.producer import TxnProducer
+from oncely.processor.txn_state import CommitResult, Committing, Outcome
+from oncely.processor.worker import Pending
 
 TP = tuple[str, int]
 
@@ -55,6 +57,12 @@ class Transaction:
         self.records = 0
         self.fault: str | None = None
         self.on_its_way: _OnItsWay | None = None  # its commit, once started
+
+    @property
+    def pending(self) -> Pending[None]:
+        """The broker half of its commit, on its way."""
+        assert self.on_its_way is not None
+        return self.on_its_way.committing.pending
 
     def consumed_record(self, topic: str, partition: int, offset: int) -> None:
         self.consumed[(topic, partition)] = offset + 1

@@ -18,13 +18,14 @@ nothing waits for it at exit.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 log = logging.getLogger("oncely.worker")
 
@@ -129,3 +130,25 @@ class Pending(Generic[T]):
                     worker._abandon(during, elapsed, interrupted=True)
                 if elapsed >= self.bound:
                     worker._abandon(during, elapsed, interrupted=False)
+
+    async def nap(self, seconds: float) -> None:
+        """Sleep on the event loop up to `seconds`, less when the call ends sooner."""
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+
+        def wake() -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        def wake_from_worker(_: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(wake)
+            except RuntimeError:
+                pass  # the loop is closed: nobody naps
+
+        timer = loop.call_later(seconds, wake)
+        self.future.add_done_callback(wake_from_worker)
+        try:
+            await waiter
+        finally:
+            timer.cancel()

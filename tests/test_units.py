@@ -188,6 +188,37 @@ def test_overlay_net_effects(tmp_path: Path) -> None:
     store.close()
 
 
+def test_a_frozen_overlay_is_read_beneath_the_new_one_and_committed_alone(tmp_path: Path) -> None:
+    """While a commit is on its way (commit_loop.py) its overlay is frozen:
+    reads see new over frozen over RocksDB, RocksDB gets only the frozen one,
+    and dropping the overlays is a rewind to RocksDB."""
+    store = PartitionStore(tmp_path / "s", "app", 4, 1)
+    store.open()
+    store.put(b"sA", b"1")
+    store.put(b"sB", b"1")
+    store.commit(1)
+    store.put(b"sA", b"2")
+    store.delete(b"sB")
+    store.put_fresh(b"sC", b"2")
+    store.freeze()  # the commit carrying A=2, B deleted, C=2 is on its way
+    assert not store.has_changes()
+    store.put(b"sA", b"3")
+    store.put_fresh(b"sD", b"3")
+    store.delete(b"sC")  # fresh in the frozen overlay, not in this one: a tombstone
+    assert store.overlay == {b"sA": b"3", b"sD": b"3", b"sC": None}
+    assert [store.get(k) for k in (b"sA", b"sB", b"sC", b"sD")] == [b"3", None, None, b"3"]
+    assert store.scan(b"s") == [(b"sA", b"3"), (b"sD", b"3")]
+    store.commit(2)  # the frozen overlay only
+    assert store.committed_get(b"sA") == b"2" and store.committed_get(b"sC") == b"2"
+    assert store.committed_get(b"sB") is None and store.committed_get(b"sD") is None
+    assert store.scan(b"s") == [(b"sA", b"3"), (b"sD", b"3")], "the open overlay still applies"
+    store.freeze()
+    store.put(b"sE", b"4")
+    store.drop_overlay()  # the commit failed: back to RocksDB
+    assert store.scan(b"s") == [(b"sA", b"2"), (b"sC", b"2")]
+    store.close()
+
+
 def test_store_from_another_app_is_wiped(tmp_path: Path) -> None:
     store = PartitionStore(tmp_path / "s", "app", 4, 1)
     store.open()
