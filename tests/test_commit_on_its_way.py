@@ -8,8 +8,9 @@ would), on a real broker:
 
 - while it is on its way, handlers keep running and their sums end exact;
 - when that slow commit then fails (an abortable error, so the producer
-  really aborts it), what ran meanwhile is dropped with it, the partitions
-  rewind, and the sums are still exact: nothing counted twice, nothing lost.
+  really aborts it), what ran meanwhile (state, and the outputs held for
+  the next transaction) is dropped with it, the partitions rewind, and the
+  sums and outputs are still exact: nothing counted twice, nothing lost.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import orjson
 from confluent_kafka import KafkaError, KafkaException
 
 import oncely
-from oncely.testing import unique_name
+from oncely.testing import create_topic, read_to_end, unique_name
 from support import CounterTraffic, InProcessProcessor, wait_until
 
 SLOW = 2.0
@@ -30,14 +32,27 @@ SLOW = 2.0
 
 def _app(name: str, kafka: str, state_dir: Path, runs: list[float]) -> oncely.App:
     app = oncely.App(name, partitions=4, bootstrap=kafka, state_dir=str(state_dir))
+    app.sink(f"{name}.out")
     counter = app.keyed("counter")
 
     @counter.handler
     async def add(ctx: oncely.Context, amount: int) -> None:
         runs.append(time.monotonic())
-        ctx.set("n", ctx.get("n", 0) + amount)
+        n = ctx.get("n", 0) + amount
+        ctx.set("n", n)
+        ctx.emit(f"{name}.out", n, key=ctx.key)  # a record made while a commit is on its way waits for the next
 
     return app
+
+
+def _emitted_exactly_once(kafka: str, name: str, sums: dict[bytes, int]) -> None:
+    """Each key's outputs are its running totals, each once, in order."""
+    seen: dict[bytes, list[int]] = {}
+    for r in read_to_end(kafka, f"{name}.out"):
+        seen.setdefault(r.key, []).append(orjson.loads(r.value))
+    for key, totals in seen.items():
+        assert totals == sorted(set(totals)), f"{key!r}: an output twice or out of order: {totals}"
+    assert {k: v[-1] for k, v in seen.items()} == sums, "the last output of a key is not its sum"
 
 
 class _SlowWorker:
@@ -96,6 +111,7 @@ def _feed(traffic: CounterTraffic, stop: threading.Event) -> threading.Thread:
 
 def _run_with_one_slow_commit(kafka: str, tmp_path: Path, fail: bool) -> tuple[list[float], list[float], Any]:
     name = unique_name("on-its-way")
+    create_topic(kafka, f"{name}.out", 2)
     runs: list[float] = []
     runner = InProcessProcessor(_app(name, kafka, tmp_path, runs)).start()
     traffic = CounterTraffic(kafka, name, keys=30, seed=3)
@@ -114,6 +130,7 @@ def _run_with_one_slow_commit(kafka: str, tmp_path: Path, fail: bool) -> tuple[l
     finally:
         stop.set()
         runner.stop()
+    _emitted_exactly_once(kafka, name, traffic.sums)
     return runs, window, aborts
 
 
