@@ -184,11 +184,6 @@ class TxnProducer:
             self._held.append((topic, key, value, headers, partition, owner, on_delivery))
             self.txn.produced += 1
             return
-        if self._send(topic, key, value, headers, partition, owner, on_delivery):
-            self.txn.produced += 1
-
-    def _send(self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]] | None,
-              partition: int | None, owner: bytes | None, on_delivery: Callable[[Any, Any], None] | None) -> bool:
         if owner is not None and self.careful:
             on_delivery = self._attributed(owner, topic, on_delivery)
         p = self._producer
@@ -202,8 +197,9 @@ class TxnProducer:
             else:
                 p.produce(topic, value, key, part, on_delivery=on_delivery, headers=headers or None)
         except (BufferError, KafkaException) as e:
-            return self._produce_slow(e, p, topic, key, value, headers or None, part, owner, on_delivery)
-        return True
+            if not self._produce_slow(e, p, topic, key, value, headers or None, part, owner, on_delivery):
+                return
+        self.txn.produced += 1
 
     def produce_all(self, topic: str, partition: int, records: Collection[tuple[bytes, bytes | None]],
                     on_last: Callable[[Any, Any], None] | None = None) -> None:
@@ -337,10 +333,10 @@ class TxnProducer:
             # A new producer: the records made meanwhile are gone with the
             # old one, so the caller rewinds after applying this commit.
             return CommitResult(Outcome.COMMITTED, next_lost=produced > 0)
-        self.txn.produced = produced
-        send = self._send
+        produce = self.produce
         for record in held:
-            send(*record)
+            produce(*record)
+        self.txn.produced = produced  # (counted when held)
         return CommitResult(Outcome.COMMITTED)
 
     def _classify(self, err: KafkaError, during: str) -> Outcome:
