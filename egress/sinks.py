@@ -146,7 +146,9 @@ class Sinks:
         limit = min(self.client_max, self.topic_max.get(topic, self.client_max)) - RECORD_OVERHEAD
         if len(data) > limit:
             raise RecordTooLarge(f"ctx.emit({topic!r}): the value", len(data), limit, topic)
-        return topic, record_key(key), data, headers_of(headers)
+        kt = type(key)  # the common keys without a call: bytes, str, None
+        kb = key if kt is bytes or key is None else key.encode() if kt is str else record_key(key)
+        return topic, kb, data, headers_of(headers) if headers else None
 
     def _require(self, topic: str) -> None:
         if topic in self._known:

@@ -56,7 +56,9 @@ class LocalExecutor:
         if self._eager:
             task = loop.create_task(coro)
         else:
-            task, slot = self._take_spare(loop)
+            task, slot = self._spare, self._slot
+            if task is None or slot is None or task.done() or task.cancelling() or task.get_loop() is not loop:
+                task, slot = self._take_spare(loop)
             context = contextvars.copy_context()
             self._eager = True
             try:
@@ -87,11 +89,10 @@ class LocalExecutor:
         return task
 
     def _take_spare(self, loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Task[Outcome], asyncio.Future[_Rest]]:
-        task, slot = self._spare, self._slot
-        if task is None or slot is None or task.done() or task.cancelling() or task.get_loop() is not loop:
-            slot = loop.create_future()
-            task = loop.create_task(_adoptable(slot))
-            self._spare, self._slot = task, slot
+        """A new spare task (the last one was adopted, or its loop ended)."""
+        slot = loop.create_future()
+        task = loop.create_task(_adoptable(slot))
+        self._spare, self._slot = task, slot
         return task, slot
 
     def cancel_spare(self) -> None:

@@ -40,7 +40,15 @@ def _lp(b: bytes) -> bytes:
 
 def service_key(service: str, key: bytes) -> bytes:
     """The (service, key) part shared by state, inbox and lock keys."""
-    return _lp(service.encode()) + _lp(key)
+    head = _SERVICE_HEADS.get(service)
+    if head is None:
+        head = _lp(service.encode())
+        if len(_SERVICE_HEADS) < 1024:
+            _SERVICE_HEADS[service] = head
+    return head + _U32.pack(len(key)) + key
+
+
+_SERVICE_HEADS: dict[str, bytes] = {}  # service name -> its length-prefixed UTF-8 (a few per app)
 
 
 def state(sk: bytes, name: str) -> bytes:

@@ -30,6 +30,7 @@ def load(part: "PartitionProcessor") -> None:
     part.doomed = {k[1:]: v.decode() for k, v in store.scan(keys.DOOMED)}
     part.timers.load()
     part.queued = store.count_committed(keys.INBOX) + store.count_committed(keys.READY)
+    part.waiters = store.count_committed(keys.WAITER)
     suspended: set[bytes] = set()
     for k, v in store.scan(keys.STATUS):
         st = schemas.decode("invocation_status", v)

@@ -97,7 +97,11 @@ class LocalStarts:
             return False
         if not gate.caught_up:
             return False
-        return self._place(gate, routed.key, routed.invoke)
+        key = routed.key
+        if key in gate.keys:  # (as `_place` does, without a call on the hot path)
+            part.local_waits.wait_for_log(key, routed.invoke)
+            return True
+        return part.on_invoke(routed.invoke, part.ahead.read_to, local=True)
 
     def _place(self, gate: _Gate, key: bytes, invoke: dict[str, Any]) -> bool:
         """Start the Invoke here or let it wait here; False: neither."""

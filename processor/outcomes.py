@@ -81,9 +81,13 @@ def complete(part: PartitionProcessor, inv: Invocation, outcome: Outcome) -> Non
                 store.put(sk, value)
     for topic, key, value, headers in outcome.emits:
         part.out.produce(topic, key, value, headers, owner=inv.id)
-    respond(part, inv.invoke["caller"], inv.id, outcome.value, None)
-    requests.finished(part, inv, outcome.value, None)
-    remember(part, inv, failed=False, result=outcome.value, error=None)
+    invoke = inv.invoke
+    if invoke["caller"] is not None:
+        respond(part, invoke["caller"], inv.id, outcome.value, None)
+    if part.waiters or "reply" in invoke:  # someone outside waits for it (requests.py)
+        requests.finished(part, inv, outcome.value, None)
+    if invoke.get("idempotency_key") is not None:
+        remember(part, inv, failed=False, result=outcome.value, error=None)
     part.stats.completed += 1
     if part.metrics is not None:
         part.metrics.outcome(inv, "completed")

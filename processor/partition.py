@@ -26,7 +26,7 @@ from oncely.processor.effects import InvocationEffects
 from oncely.processor.inbox import ReadAhead, StoreQueue, ready_queue
 from oncely.processor.invocation import (BACKING_OFF, COMPLETED, FAILED, INBOXED, PAUSED, RUNNING, SUSPENDED,
                                          Invocation, PartitionStats, TxnOutput)
-from oncely.processor.key_queues import KeyQueues
+from oncely.processor.key_queues import KeyQueue, KeyQueues
 from oncely.processor.local_waits import LocalWaits
 from oncely.sdk.protocol import NOT_DECODED, Executor, HandlerCall, Limits, Outcome
 from oncely.processor.store import KeyState, PartitionStore
@@ -67,6 +67,7 @@ class PartitionProcessor:
         self.suspended = 0  # SUSPENDED invocations in the store
         self.n_paused = 0   # PAUSED ones in memory (they take no capacity)
         self.queued = 0     # INBOXED ones (INBOX and READY, held in memory or stored)
+        self.waiters = 0    # invocations with outside callers attached (keys.WAITER; requests.py)
         self.ahead = ReadAhead()  # waiting Invokes held in memory; what a re-read skips
         self.keys = KeyQueues(store, lambda: self.suspended > 0, self.ahead)
         self.ready: StoreQueue = ready_queue(store, self.ahead)
@@ -114,7 +115,7 @@ class PartitionProcessor:
         self.ahead = ReadAhead()
         self.keys.ahead = self.ahead
         self.ready = ready_queue(self.store, self.ahead)
-        self.suspended = self.n_paused = self.queued = 0
+        self.suspended = self.n_paused = self.queued = self.waiters = 0
 
     # -- input ----------------------------------------------------------------------
 
@@ -156,8 +157,8 @@ class PartitionProcessor:
         if local and sk is not None and sk in self.local_waits.by_key:
             self.local_waits.wait(sk, invoke)  # behind the key's earlier records waiting here
             return True
-        full = self._full() or bool(self.ready)
-        if full or (sk is not None and self.keys.is_held(sk)):
+        full = len(self.invocations) - self.n_paused >= self.max_inflight or self.ready.peek() is not None
+        if full or (sk is not None and (sk in self.keys.held or (self.suspended > 0 and self.keys.is_held(sk)))):
             if local:
                 if sk is None or sk not in self.keys.held:
                     return False  # no room, or held by a suspended invocation: the log
@@ -231,7 +232,7 @@ class PartitionProcessor:
         inv = Invocation(id=invoke["invocation_id"], invoke=invoke, sk=sk, seq=seq)
         self.invocations[inv.id] = inv
         if sk is not None:
-            self.keys.take(inv, inbox)
+            self.keys.held[sk] = KeyQueue(inv, inbox)  # it holds its key (KeyQueues.take, inlined)
         self.start(inv)
 
     def start(self, inv: Invocation) -> None:
@@ -292,13 +293,15 @@ class PartitionProcessor:
         self.writer.forget(inv)
         self.invocations.pop(inv.id, None)
         self.active.discard(inv)
-        self.waits.drop(inv)
+        waits = self.waits
+        if waits.futures or waits.idle:
+            waits.drop(inv)
         if inv.sk is not None:
             nxt = self.keys.release(inv, vacate=self.preparing)
-            if nxt is None and self.local_waits.n and inv.sk not in self.keys.held:
-                self._start_local(inv.sk)
-            else:
+            if nxt is not None:
                 self._hand_over(nxt)
+            elif self.local_waits.n and inv.sk not in self.keys.held:
+                self._start_local(inv.sk)
 
     def fill_vacant(self) -> None:
         """Start the next in line of every key left vacant while the commit was prepared."""

@@ -44,18 +44,23 @@ def finished(part: PartitionProcessor, inv: Invocation, value: bytes | None, err
     to = inv.invoke.get("reply")
     if to is not None:
         reply(part, to, inv.id, status, value, error)
+    if not part.waiters:
+        return  # (most invocations: no store lookup)
     wkey = keys.waiters(inv.id)
     raw = part.store.get(wkey)
     if raw is not None:
         part.store.delete(wkey)
+        part.waiters -= 1
         for request_id, partition in _WAITER.iter_unpack(raw):
             reply(part, {"request_id": request_id, "partition": partition}, inv.id, status, value, error)
 
 
 def add_waiter(part: PartitionProcessor, inv_id: bytes, to: dict[str, Any]) -> None:
     wkey = keys.waiters(inv_id)
-    old = part.store.get(wkey) or b""
-    part.store.put(wkey, old + _WAITER.pack(to["request_id"], to["partition"]))
+    old = part.store.get(wkey)
+    if old is None:
+        part.waiters += 1
+    part.store.put(wkey, (old or b"") + _WAITER.pack(to["request_id"], to["partition"]))
 
 
 def outcome(part: PartitionProcessor, inv_id: bytes) -> tuple[str, bytes | None, str | None] | None:

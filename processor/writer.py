@@ -61,7 +61,10 @@ class InvocationWriter:
 
     def changed(self, inv: Invocation) -> None:
         """Its status (phase, attempt, error) changed."""
-        self._of(inv).status_dirty = True
+        w = self._written.get(inv)
+        if w is None:
+            w = self._written[inv] = _Written()
+        w.status_dirty = True
         self.dirty.add(inv)
         if not self.net_effects:
             self.persist(inv)

@@ -107,6 +107,18 @@ class JournalContext(Context):
     def _record(self, entry: Entry) -> None:
         self._journal.append(entry)
 
+    def _op(self, kind: str, name: str = "") -> None:
+        """A step whose entry holds no result (get, set, emit, ...): checked
+        against the journal on replay, else appended. (`_step` and `_record`
+        in one call: the hot path makes three of these per record.)"""
+        i = self._index
+        if i < self._replay_len or self.diverged is not None or self.span is not None:
+            if self._step(kind, name) is None:
+                self._record(Entry(kind, name))
+            return
+        self._index = i + 1
+        self._journal.append(Entry(kind, name))
+
     def _effects(self, op: str) -> Effects:
         effects = self._call.effects
         if effects is None:
@@ -140,7 +152,8 @@ class JournalContext(Context):
             encoded = encode_value(result)
         except TypeError as e:
             raise TerminalError(f"ctx.run({name!r}) returned a value that is neither JSON nor bytes: {e}") from None
-        self._call.limits.check_state(f"ctx.run({name!r}): the result", len(encoded))
+        if len(encoded) > self._call.limits.state:
+            self._call.limits.check_state(f"ctx.run({name!r}): the result", len(encoded))
         self._record(Entry("run", name, value=encoded))
         return decode_value(encoded)  # type: ignore[no-any-return]
 
@@ -159,13 +172,11 @@ class JournalContext(Context):
         return self._rng
 
     def random(self) -> float:
-        if self._step("random") is None:
-            self._record(Entry("random"))
+        self._op("random")
         return self._random().random()
 
     def uuid(self) -> _uuid.UUID:
-        if self._step("uuid") is None:
-            self._record(Entry("uuid"))
+        self._op("uuid")
         return _uuid.UUID(bytes=self._random().randbytes(16), version=4)
 
     # -- output -------------------------------------------------------------------
@@ -176,8 +187,7 @@ class JournalContext(Context):
         # A value that cannot be emitted raises before taking an index, so a
         # handler that catches the error replays in step with its journal.
         record = self._call.effects.record(topic, value, key, headers)
-        if self._step("emit", topic) is None:
-            self._record(Entry("emit", topic))
+        self._op("emit", topic)
         self.emits.append(record)
 
     # -- messaging and time ---------------------------------------------------------
@@ -188,7 +198,8 @@ class JournalContext(Context):
         # A target that cannot be sent to raises before taking an index, so
         # a handler that catches the error replays in step with its journal.
         resolved = self._resolve("send", target, args, call=False)
-        self._call.limits.check_message(f"ctx.send({name}): the payload", len(resolved.payload))
+        if len(resolved.payload) > self._call.limits.message:
+            self._call.limits.check_message(f"ctx.send({name}): the payload", len(resolved.payload))
         entry = self._step("send", name)
         if entry is not None:
             return format_id(entry.value) if entry.value else ""
@@ -205,7 +216,8 @@ class JournalContext(Context):
     def call(self, target: Any, *args: Any) -> JournalFuture:
         name = _target_name(target, args)
         resolved = self._resolve("call", target, args, call=True)  # raises before taking an index
-        self._call.limits.check_message(f"ctx.call({name}): the payload", len(resolved.payload))
+        if len(resolved.payload) > self._call.limits.message:
+            self._call.limits.check_message(f"ctx.call({name}): the payload", len(resolved.payload))
         entry = self._step("call", name)
         index = self._index - 1
         effects = self._effects("call")
@@ -291,17 +303,15 @@ class KeyedJournalContext(JournalContext, KeyedContext):
     def state_changes(self) -> tuple[dict[str, bytes | None], bool]:
         return self._writes, self._cleared_all
 
-    def _committed(self, name: str) -> bytes | None:
-        state = self._call.state
-        return None if state is None else state.get(name)
-
     def get(self, name: str, default: Any = None) -> Any:
-        if self._step("get", name) is None:
-            self._record(Entry("get", name))
-        if name in self._writes:
-            raw = self._writes[name]
+        self._op("get", name)
+        writes = self._writes
+        if name in writes:
+            raw = writes[name]
+        elif self._cleared_all or (state := self._call.state) is None:
+            raw = None
         else:
-            raw = None if self._cleared_all else self._committed(name)
+            raw = state.get(name)  # committed, through the store's overlays
         return default if raw is None else decode_value(raw)
 
     def set(self, name: str, value: Any) -> None:
@@ -311,25 +321,23 @@ class KeyedJournalContext(JournalContext, KeyedContext):
             encoded = encode_value(value)
         except TypeError as e:
             raise UsageError(f"ctx.set({name!r}): the value is neither JSON-serialisable nor bytes: {e}") from None
-        self._call.limits.check_state(f"ctx.set({name!r}): the value", len(encoded))
-        if self._step("set", name) is None:
-            self._record(Entry("set", name))
+        limits = self._call.limits
+        if len(encoded) > limits.state:  # (the message is made only when it is needed)
+            limits.check_state(f"ctx.set({name!r}): the value", len(encoded))
+        self._op("set", name)
         self._writes[name] = encoded
 
     def clear(self, name: str) -> None:
-        if self._step("clear", name) is None:
-            self._record(Entry("clear", name))
+        self._op("clear", name)
         self._writes[name] = None
 
     def clear_all(self) -> None:
-        if self._step("clear_all") is None:
-            self._record(Entry("clear_all"))
+        self._op("clear_all")
         self._writes = {}
         self._cleared_all = True
 
     def state_keys(self) -> list[str]:
-        if self._step("state_keys") is None:
-            self._record(Entry("state_keys"))
+        self._op("state_keys")
         state = self._call.state
         names = set() if self._cleared_all or state is None else set(state.names())
         for n, v in self._writes.items():

@@ -17,6 +17,8 @@ from oncely.sdk.journal import context_for
 from oncely.sdk.protocol import NOT_DECODED, HandlerCall, Outcome, encode_value
 from oncely.shuffle.ids import format_id
 
+_NONE = encode_value(None)
+
 if TYPE_CHECKING:
     from oncely.app import App, Handler
     from oncely.observe.tracing import InvocationTracer
@@ -109,13 +111,16 @@ async def _run(app: App, call: HandlerCall, handler: Handler, ctx: JournalContex
     if ctx.diverged is not None:
         # The handler caught the error itself; still never continue.
         return Outcome("paused", error=str(ctx.diverged))
-    try:
-        encoded = encode_value(value)
-    except TypeError as e:
-        return Outcome("terminal", error=f"the handler's return value is neither JSON nor bytes: {e}")
-    try:
-        call.limits.check_message("the handler's return value", len(encoded))
-    except TerminalError as e:
-        return Outcome("terminal", error=e.message)
+    if value is None:
+        encoded = _NONE  # most handlers return nothing
+    else:
+        try:
+            encoded = encode_value(value)
+        except TypeError as e:
+            return Outcome("terminal", error=f"the handler's return value is neither JSON nor bytes: {e}")
+        try:
+            call.limits.check_message("the handler's return value", len(encoded))
+        except TerminalError as e:
+            return Outcome("terminal", error=e.message)
     writes, cleared = ctx.state_changes()
     return Outcome("completed", value=encoded, state=writes, cleared_all=cleared, emits=ctx.emits)
