@@ -169,6 +169,8 @@ NOT_DECODED: Any = object()
 
 @dataclass(slots=True)
 class HandlerCall:
+    # PartitionProcessor.start builds it positionally (the hot path): a new
+    # field goes last, or that call changes with it.
     invocation_id: bytes
     service: str
     handler: str
