@@ -229,7 +229,7 @@ class PartitionProcessor:
 
     def _begin(self, invoke: dict[str, Any], seq: int, sk: bytes | None, inbox: StoreQueue | None = None) -> None:
         """A new invocation starts (and takes its key)."""
-        inv = Invocation(id=invoke["invocation_id"], invoke=invoke, sk=sk, seq=seq)
+        inv = Invocation(invoke["invocation_id"], invoke, sk, seq)
         self.invocations[inv.id] = inv
         if sk is not None:
             self.keys.held[sk] = KeyQueue(inv, inbox)  # it holds its key (KeyQueues.take, inlined)
