@@ -330,3 +330,42 @@ def test_attach_after_a_restart_and_awakeables_over_http(kafka: str, tmp_path: P
     finally:
         gw.stop()
         assert proc.stop() == 0, proc.log_text()[-3000:]
+
+
+def test_a_caller_attached_while_it_runs_is_answered_when_it_ends_also_after_a_kill9(kafka: str,
+                                                                                      tmp_path: Path) -> None:
+    """An attach that waits is remembered with the invocation (requests.py):
+    the transaction that finishes it answers, also when the processor was
+    killed -9 between the attach and the end (the restart finds the waiter
+    in the store; the standalone gateway keeps the request open). Not
+    answered, the attach would wait out its 60 s."""
+    app, port = unique_name("gwt"), _port()
+    env = _env(app)
+    proc = ProcessorProcess(SPEC, kafka, tmp_path / "state", env, tmp_path / "p.log").start()
+    gw = GatewayProcess(kafka, env, port, tmp_path / "gw.log")
+    client = Http(port)
+    try:
+        client.ready()
+        status, h, body = client("POST", "/waiter/wt/wait", None, {"Idempotency-Key": "t-wt", "x-oncely-wait": "0.5"})
+        assert status == 202, body
+        awk = wait_until(lambda: (r := client("GET", "/restate/state/ids/wt/id"))[0] == 200 and json.loads(r[2]),
+                         30, 0.2, "the awakeable")
+        attached: list[tuple[float, Any]] = []
+        waiting = threading.Thread(target=lambda: attached.append(
+            (time.monotonic(), client("GET", h["location"], headers={"x-oncely-wait": "60"}, timeout=90))))
+        waiting.start()
+        time.sleep(1.5)  # the attach is applied and committed (commits every 50 ms)
+        proc.kill9()
+        proc.start()
+        status, _, body = client("POST", f"/restate/awakeables/{awk}/resolve", {"v": 7}, {"x-oncely-wait": "60"},
+                                 timeout=90)
+        assert status == 200, body
+        resolved = time.monotonic()
+        waiting.join(90)
+        assert attached, "the attached caller got no answer"
+        at, (status, _, body) = attached[0]
+        assert (status, json.loads(body)) == (200, {"got": {"v": 7}}), body
+        assert at - resolved < 20, f"answered {at - resolved:.1f} s after the end, not by its transaction"
+    finally:
+        gw.stop()
+        assert proc.stop() == 0, proc.log_text()[-3000:]
