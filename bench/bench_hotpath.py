@@ -45,6 +45,7 @@ sys.path.insert(0, str(BENCH))
 
 import peer_oncely  # noqa: E402  (the app, with the names set above)
 
+from oncely.driver import _Message as DriverMessage  # noqa: E402
 from oncely.egress.sinks import Sinks  # noqa: E402
 from oncely.processor import dispatch  # noqa: E402
 from oncely.processor.local_start import LocalStarts  # noqa: E402
@@ -55,31 +56,14 @@ from oncely.sdk.protocol import CLIENT_MAX_BYTES, limits_for  # noqa: E402
 
 KEYS = 1000
 SOURCE_PARTITIONS = 8
+SOURCE = os.environ["BENCH_SOURCE"]
 
 
-class _Message:
-    """A source record as the commit loop reads it (the confluent_kafka.Message API)."""
+class _Message(DriverMessage):
+    """A source record as the commit loop reads it: the TestDriver's log
+    record plus what a subscription's route reads besides."""
 
-    __slots__ = ("_partition", "_offset", "_key", "_value")
-    _topic = os.environ["BENCH_SOURCE"]
-
-    def __init__(self, partition: int, offset: int, key: bytes, value: bytes) -> None:
-        self._partition, self._offset, self._key, self._value = partition, offset, key, value
-
-    def topic(self) -> str:
-        return self._topic
-
-    def partition(self) -> int:
-        return self._partition
-
-    def offset(self) -> int:
-        return self._offset
-
-    def key(self) -> bytes:
-        return self._key
-
-    def value(self) -> bytes:
-        return self._value
+    __slots__ = ()
 
     def headers(self) -> None:
         return None
@@ -172,7 +156,7 @@ def _records(n: int, start: int) -> list[_Message]:
     msgs = []
     for i in range(start, start + n):
         k = b"c%d" % (i % KEYS)
-        msgs.append(_Message(i % SOURCE_PARTITIONS, i // SOURCE_PARTITIONS, k,
+        msgs.append(_Message(SOURCE, i % SOURCE_PARTITIONS, i // SOURCE_PARTITIONS, k,
                              b'{"customer": "%s", "amount": 1, "i": %d, "ts": %.6f}' % (k, i, 1.7e9 + i)))
     return msgs
 
