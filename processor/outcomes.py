@@ -81,7 +81,7 @@ def complete(part: PartitionProcessor, inv: Invocation, outcome: Outcome) -> Non
                 store.put(sk, value)
     for topic, key, value, headers in outcome.emits:
         part.out.produce(topic, key, value, headers, owner=inv.id)
-    invoke = inv.invoke
+    invoke = inv.invoke  # (the checks of respond, requests.finished and remember, inlined)
     if invoke["caller"] is not None:
         respond(part, invoke["caller"], inv.id, outcome.value, None)
     if part.waiters or "reply" in invoke:  # someone outside waits for it (requests.py)

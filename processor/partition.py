@@ -157,6 +157,7 @@ class PartitionProcessor:
         if local and sk is not None and sk in self.local_waits.by_key:
             self.local_waits.wait(sk, invoke)  # behind the key's earlier records waiting here
             return True
+        # (`_full()`, `bool(self.ready)` and `KeyQueues.is_held`, inlined: once per record)
         full = len(self.invocations) - self.n_paused >= self.max_inflight or self.ready.peek() is not None
         if full or (sk is not None and (sk in self.keys.held or (self.suspended > 0 and self.keys.is_held(sk)))):
             if local:
@@ -294,7 +295,7 @@ class PartitionProcessor:
         self.invocations.pop(inv.id, None)
         self.active.discard(inv)
         waits = self.waits
-        if waits.futures or waits.idle:
+        if waits.futures or waits.idle:  # (`Waits.drop` has nothing to do otherwise)
             waits.drop(inv)
         if inv.sk is not None:
             nxt = self.keys.release(inv, vacate=self.preparing)
