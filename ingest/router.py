@@ -113,7 +113,7 @@ def route(app: str, partitions: int, sub: Subscription, msg: Any, id_salt: str |
             idem = _coordinates(rec)  # type: ignore[arg-type]
     invoke = invoke_body(
         inv_id, service, handler, kb, raw if raw is not None else b"", sub.decoder.payload_format,
-        idempotency_key=idem, idempotency_retention_ms=sub.retention_ms if idem is not None else None,
+        idempotency_key=idem, idempotency_retention_ms=sub.retention_ms,
         source={"topic": topic, "partition": source_partition, "offset": offset, "timestamp_ms": ts,
                 "key": rkey, "headers": [{"name": n, "value": v} for n, v in headers] if headers else []},
         subscription=sub.name if sub.decoder.reencode else None,

@@ -4,6 +4,7 @@ record is decoded, keyed and deduplicated."""
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import re
 import json
@@ -209,6 +210,8 @@ class Subscription:
     def keyed(self) -> bool:
         return self.target.service.keyed
 
-    @property
+    @functools.cached_property
     def retention_ms(self) -> int:
+        """How long a finished record is remembered (its dedup entry, or its
+        retained failure); made once, read for every record."""
         return int(self.retention.total_seconds() * 1000)
