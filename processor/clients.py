@@ -123,10 +123,16 @@ class KafkaClients:
 
 def close_clients(loop: CommitLoop) -> None:
     """Close every client of a stopping loop, each close bounded (a close
-    during a broker outage must not hang the exit)."""
+    during a broker outage must not hang the exit); the consumer leaves its
+    group first (rebalance.py says why)."""
+    closer = Worker("close", loop.interrupt)
+    if loop.consumer is not None and loop.member is not None:
+        try:
+            loop.member.leave(closer, loop.bound)
+        except Exception as e:  # Stuck included: the close below is bounded too
+            log.warning("leaving the group: %s", e)
     if loop.assignment is not None:
         loop.assignment.close()
-    closer = Worker("close", loop.interrupt)
     if loop.consumer is not None:
         consumer = loop.consumer
         loop.consumer = None

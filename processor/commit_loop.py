@@ -15,6 +15,7 @@ Who owns what:
 - transaction.py: one interval's transaction (offsets, changelog, commit);
 - producer.py: the producer and librdkafka's errors → COMMITTED / REWIND / REPLACE;
 - assignment.py: partitions from assigned to running, revocation, rewind;
+- rebalance.py: the group's callbacks, and leaving the group at a stop;
 - recovery.py: what the loop does when a Kafka client fails;
 - dispatch.py: each record read, to its partition or to the log;
 - pacing.py: input backpressure, and the drain before a commit;
@@ -33,7 +34,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException
 
 from oncely.egress.sinks import Sinks
 from oncely.processor import dispatch, recovery
@@ -47,6 +48,7 @@ from oncely.processor.partition import PartitionProcessor
 from oncely.processor.producer import TxnProducer
 from oncely.processor.txn_state import CommitResult, Outcome
 from oncely.processor.progress import Progress
+from oncely.processor.rebalance import GroupMember
 from oncely.sdk.protocol import CLIENT_MAX_BYTES, limits_for
 from oncely.processor.restore import Restorer
 from oncely.processor.store import PartitionStore
@@ -102,13 +104,14 @@ class CommitLoop:
         self.rewinds = 0
         self.consumer_restarts = 0
         self._last_commit = time.monotonic()
-        self._stopping = False
+        self.stopping = False  # set by shutdown: rebalance callbacks then only let go
         self.pacing = Pacing(self)
         self.lock: StateDirLock | None = None
         self.txn: TxnProducer | None = None
         self.open: Transaction | None = None
         self.committing: Transaction | None = None  # the one whose commit is on its way
         self.consumer: Consumer | None = None
+        self.member: GroupMember | None = None
         self.restorer: Restorer | None = None
         self.assignment: Assignment | None = None
         self.on_commit: Callable[[], None] | None = None  # test hook
@@ -156,43 +159,10 @@ class CommitLoop:
         assert self.open is not None
         self.open.fault = why
 
-    # -- rebalance callbacks (run inside consumer.consume) ---------------------------
-
-    def _on_assign(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
-        if self._stopping or self.assignment is None:
-            return
-        log.info("assigned %s", sorted((t.topic, t.partition) for t in tps))
-        self.assignment.assign([(t.topic, t.partition) for t in tps])
-
-    def _on_revoke(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
-        log.info("revoking %s", sorted((t.topic, t.partition) for t in tps))
-        if self.txn is not None and self.txn.ready and not self._stopping:
-            # Commit everything (the revoked partitions' progress included)
-            # while our generation is still valid.
-            self.commit(force=True)
-        self._forget([(t.topic, t.partition) for t in tps])
-
-    def _on_lost(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
-        log.warning("assignment lost: %s", sorted((t.topic, t.partition) for t in tps))
-        if self.committing is not None:
-            self.end_commit()  # started while the generation was ours: its outcome stands
-        self._forget([(t.topic, t.partition) for t in tps])
-        # Nothing of the open transaction may be committed now: our group
-        # generation is gone. Abort and rewind what we still own.
-        if self.txn is not None and self.txn.ready:
-            self.settle(self.txn.abort("assignment lost"))
-
-    def _forget(self, tps: list[tuple[str, int]]) -> None:
-        assert self.assignment is not None and self.open is not None
-        self.open.forget(tps)
-        self.pacing.paused_sources.difference_update(tps)
-        self.assignment.revoke(tps)
-
     def subscribe(self, consumer: Consumer) -> None:
         self.consumer = consumer
         self.pacing.paused_sources.clear()
-        consumer.subscribe([self.app.log_topic, *self.sources], on_assign=self._on_assign,
-                           on_revoke=self._on_revoke, on_lost=self._on_lost)
+        self.member = GroupMember(self, consumer)  # its rebalance callbacks: rebalance.py
 
     # -- commit ---------------------------------------------------------------------
 
@@ -396,7 +366,7 @@ class CommitLoop:
     async def shutdown(self, grace: float = 5.0) -> None:
         """Finish what runs (up to `grace` s), commit, leave, close. Every
         step is bounded: a stop during a broker outage still ends."""
-        self._stopping = True
+        self.stopping = True
         deadline = time.monotonic() + grace
         txn = self.txn
         try:

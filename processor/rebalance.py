@@ -1,0 +1,109 @@
+"""The consumer's group membership: the rebalance callbacks, and leaving.
+
+The callbacks run inside whichever consumer call serves them (consume on
+the loop thread; poll or close on a worker), so they never block on Kafka
+themselves: they commit (on a revocation, while the generation is still
+ours), then tell the `Assignment` what changed.
+
+librdkafka's assignment holds only the partitions being read (a recovering
+one is not assigned in the consumer: assignment.py), so every callback
+unassigns or assigns exactly those itself; confluent-kafka's fallback would
+assign everything the group gave.
+
+Leaving: a consumer closed while it still owns partitions, or while an
+assignment is on its way, can hang inside close with the GIL held (an
+`incremental_unassign` in the revoke callback of the close never returned,
+seen in CI; cf. librdkafka #4527). So the stop first unsubscribes and serves
+the callbacks on a worker until the group has taken everything back; the
+close that follows has nothing left to revoke.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from confluent_kafka import Consumer, TopicPartition
+
+from oncely.processor.worker import Worker
+
+if TYPE_CHECKING:
+    from oncely.processor.commit_loop import CommitLoop
+
+log = logging.getLogger("oncely.commit")
+
+TP = tuple[str, int]
+# The longest a stop waits for the group to take its partitions back (a
+# broker outage must not hold the exit); then the close goes on anyway.
+LEAVE_BOUND = 3.0
+_LEAVE_POLL = 0.05
+
+
+class GroupMember:
+    """One subscribed consumer's membership: what the group gave it, and
+    the callbacks that hand those changes to the commit loop."""
+
+    def __init__(self, loop: "CommitLoop", consumer: Consumer) -> None:
+        self.loop = loop
+        self.consumer = consumer
+        self.owned: set[TP] = set()  # what the group gave and has not taken back
+        consumer.subscribe([loop.app.log_topic, *loop.sources], on_assign=self._on_assign,
+                           on_revoke=self._on_revoke, on_lost=self._on_lost)
+
+    def _on_assign(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
+        loop = self.loop
+        given = [(t.topic, t.partition) for t in tps]
+        self.owned.update(given)
+        if loop.stopping or loop.assignment is None:
+            consumer.incremental_assign([])  # leaving: nothing is read any more
+            return
+        log.info("assigned %s", sorted(given))
+        loop.assignment.assign(given)
+
+    def _on_revoke(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
+        loop = self.loop
+        log.info("revoking %s", sorted((t.topic, t.partition) for t in tps))
+        if loop.txn is not None and loop.txn.ready and not loop.stopping:
+            # Commit everything (the revoked partitions' progress included)
+            # while our generation is still valid.
+            loop.commit(force=True)
+        self._forget(tps)
+
+    def _on_lost(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
+        loop = self.loop
+        log.warning("assignment lost: %s", sorted((t.topic, t.partition) for t in tps))
+        if loop.committing is not None:
+            loop.end_commit()  # started while the generation was ours: its outcome stands
+        self._forget(tps)
+        # Nothing of the open transaction may be committed now: our group
+        # generation is gone. Abort and rewind what we still own.
+        if loop.txn is not None and loop.txn.ready:
+            loop.settle(loop.txn.abort("assignment lost"))
+
+    def _forget(self, tps: list[TopicPartition]) -> None:
+        loop = self.loop
+        gone = [(t.topic, t.partition) for t in tps]
+        self.owned.difference_update(gone)
+        assert loop.assignment is not None and loop.open is not None
+        loop.open.forget(gone)
+        loop.pacing.paused_sources.difference_update(gone)
+        loop.assignment.revoke(gone)
+
+    def leave(self, worker: Worker, bound: float) -> None:
+        """Unsubscribe and serve the callbacks until the group has taken
+        back every partition (at most LEAVE_BOUND s, or until a stop
+        request): the close that follows then revokes nothing."""
+        consumer = self.consumer
+        worker.call(consumer.unsubscribe, bound, "leaving the group")
+        deadline = time.monotonic() + LEAVE_BOUND
+        while not self.loop.interrupt.is_set():
+            # Served until a poll finds nothing: an assignment already on
+            # its way is taken (and given back) here, not inside close.
+            taken = worker.call(lambda: consumer.consume(500, _LEAVE_POLL), bound, "leaving the group")
+            if not taken and not self.owned:
+                return
+            if time.monotonic() > deadline:
+                log.warning("leaving the group: %d partition(s) not taken back within %.0f s; closing anyway",
+                            len(self.owned), LEAVE_BOUND)
+                return
