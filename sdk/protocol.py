@@ -170,7 +170,7 @@ NOT_DECODED: Any = object()
 @dataclass(slots=True)
 class HandlerCall:
     # PartitionProcessor.start builds it positionally (the hot path): a new
-    # field goes last, or that call changes with it.
+    # field goes last, or that call changes with it (a unit test checks the order).
     invocation_id: bytes
     service: str
     handler: str

@@ -592,3 +592,14 @@ def test_the_transactional_producer_retries_a_commit_behind_its_predecessor_quic
     mine = oncely.App("units-backoff", partitions=1, bootstrap="127.0.0.1:1", kafka={"retry.backoff.ms": 500})
     conf = KafkaClients(mine, mine.config, tmp_path).producer_conf("tid")
     assert conf["retry.backoff.ms"] == 500 and "retry.backoff.max.ms" not in conf
+
+
+def test_handler_call_fields_are_in_the_order_the_partition_builds_them() -> None:
+    """PartitionProcessor.start builds HandlerCall positionally (the hot
+    path): a field added anywhere but last would shift every argument after
+    it into the wrong field, silently."""
+    import dataclasses
+
+    assert [f.name for f in dataclasses.fields(HandlerCall)] == [
+        "invocation_id", "service", "handler", "key", "payload", "payload_format", "attempt", "journal", "state",
+        "source", "subscription", "effects", "limits", "traceparent", "created_at_ms", "deployment", "input"]
