@@ -242,7 +242,9 @@ class Assignment:
             store.close()
 
     def close(self) -> None:
-        """Stop every partition and close every store (shutdown)."""
+        """Stop every partition and close every store (shutdown), and let go
+        of the consumer (a static member's is dropped: rebalance.py)."""
+        self.consumer = None  # type: ignore[assignment]
         self.local.reset()
         for part in self.partitions.values():
             part.close()

@@ -16,6 +16,7 @@ from confluent_kafka.admin import AdminClient
 
 from oncely.logs import kafka_conf_logging
 from oncely.processor.identity import group_instance_id
+from oncely.processor.rebalance import drop, referenced_elsewhere
 from oncely.processor.worker import Stuck, Worker
 
 if TYPE_CHECKING:
@@ -123,27 +124,36 @@ class KafkaClients:
 
 def close_clients(loop: CommitLoop) -> None:
     """Close every client of a stopping loop, each close bounded (a close
-    during a broker outage must not hang the exit); the consumer leaves its
-    group first (rebalance.py says why)."""
+    during a broker outage must not hang the exit). The consumer goes as
+    rebalance.py says: a static member is dropped without a close, any other
+    member (or one something still refers to) leaves the group first."""
     closer = Worker("close", loop.interrupt)
-    if loop.consumer is not None and loop.member is not None:
+    member, loop.member = loop.member, None
+    held = [loop.consumer] if loop.consumer is not None else []
+    loop.consumer = None
+    # Dropped when nothing but the assignment (about to let go) holds it.
+    dropping = bool(held) and loop.cfg.static_membership and loop.assignment is not None and \
+        not referenced_elsewhere(held, known=1)
+    if held and member is not None and not dropping:
         try:
-            loop.member.leave(closer, loop.bound)
+            member.leave(held[0], closer, loop.bound)
         except Exception as e:  # Stuck included: the close below is bounded too
             log.warning("leaving the group: %s", e)
     if loop.assignment is not None:
-        loop.assignment.close()
-    if loop.consumer is not None:
-        consumer = loop.consumer
-        loop.consumer = None
+        loop.assignment.close()  # (lets go of the consumer too)
+    if held:
         try:
-            closer.call(consumer.close, loop.bound, "closing the consumer")
+            if not (dropping and drop(held, closer, loop.bound)):
+                if dropping:
+                    log.warning("the consumer could not be dropped (still referenced): closing it")
+                closer.call(held[0].close, loop.bound, "closing the consumer")
         except Stuck as e:
             log.warning("%s", e)
             if loop.txn is not None:
                 loop.txn.stats.abandoned += 1
         except Exception as e:  # leaving the group is best effort
             log.warning("closing the consumer: %s", e)
+        held.clear()
     if loop.txn is not None:
         loop.txn.close()
     if loop.restorer is not None:

@@ -10,17 +10,18 @@ one is not assigned in the consumer: assignment.py), so every callback
 unassigns or assigns exactly those itself; confluent-kafka's fallback would
 assign everything the group gave.
 
-Leaving: a consumer closed while it still owns partitions, or while an
-assignment is on its way, can hang inside close with the GIL held (an
-`incremental_unassign` in the revoke callback of the close never returned,
-seen in CI; cf. librdkafka #4527). So the stop first unsubscribes and serves
-the callbacks on a worker until the group has taken everything back; the
-close that follows has nothing left to revoke.
+A stop must not close a consumer that may still have a rebalance to serve:
+librdkafka's close can then hang for good with the GIL held (docs/design.md,
+"Failover"). So a static member is dropped without a close (`drop`: no
+callback, no LeaveGroup, as KIP-345 wants), and any other member first
+unsubscribes and serves its callbacks until the group has taken everything
+back (`leave`); the close that follows has nothing left to revoke.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -45,8 +46,9 @@ class GroupMember:
     the callbacks that hand those changes to the commit loop."""
 
     def __init__(self, loop: "CommitLoop", consumer: Consumer) -> None:
+        # (The consumer is not kept here: it holds these callbacks, and a
+        # reference back would keep it alive after the loop let go of it.)
         self.loop = loop
-        self.consumer = consumer
         self.owned: set[TP] = set()  # what the group gave and has not taken back
         consumer.subscribe([loop.app.log_topic, *loop.sources], on_assign=self._on_assign,
                            on_revoke=self._on_revoke, on_lost=self._on_lost)
@@ -90,11 +92,10 @@ class GroupMember:
         loop.pacing.paused_sources.difference_update(gone)
         loop.assignment.revoke(gone)
 
-    def leave(self, worker: Worker, bound: float) -> None:
+    def leave(self, consumer: Consumer, worker: Worker, bound: float) -> None:
         """Unsubscribe and serve the callbacks until the group has taken
         back every partition (at most LEAVE_BOUND s, or until a stop
         request): the close that follows then revokes nothing."""
-        consumer = self.consumer
         worker.call(consumer.unsubscribe, bound, "leaving the group")
         deadline = time.monotonic() + LEAVE_BOUND
         while not self.loop.interrupt.is_set():
@@ -107,3 +108,20 @@ class GroupMember:
                 log.warning("leaving the group: %d partition(s) not taken back within %.0f s; closing anyway",
                             len(self.owned), LEAVE_BOUND)
                 return
+
+
+def referenced_elsewhere(held: list[Consumer], known: int = 0) -> bool:
+    """Whether anything but `held` (and `known` other references we know
+    of) refers to the consumer in it: then it cannot be dropped."""
+    return sys.getrefcount(held[0]) > 2 + known  # (the list's and the argument's)
+
+
+def drop(held: list[Consumer], worker: Worker, bound: float) -> bool:
+    """Destroy the consumer in `held` (its only reference) on `worker`
+    without a close: confluent-kafka then destroys it with librdkafka's
+    NO_CONSUMER_CLOSE, which serves no callback and sends no LeaveGroup.
+    False (nothing done) when something else still refers to it."""
+    if referenced_elsewhere(held):
+        return False
+    worker.call(held.clear, bound, "dropping the consumer")
+    return True

@@ -1,6 +1,8 @@
 """Start an app's processor in this process and stop it again soon after,
 ROUNDS times (tests/test_group_leave.py): the stop lands while the consumer
-joins its group, is assigned, or restores. Prints each stop's duration.
+joins its group, is assigned, or restores. Every other round the app is not
+a static member (its stop leaves the group instead of dropping the
+consumer). Prints each stop's duration.
 
 Run as a process of its own: a close that hangs inside librdkafka with the
 GIL held stops every thread here, so only the parent can see it.
@@ -23,6 +25,7 @@ def main() -> None:
     for i in range(rounds):
         name = f"stop-soon-{uuid.uuid4().hex[:8]}"
         app = oncely.App(name, partitions=4, bootstrap=bootstrap, state_dir=state_dir)
+        app.config.static_membership = i % 2 == 0
         counter = app.keyed("counter")
 
         @counter.handler
@@ -33,7 +36,8 @@ def main() -> None:
         time.sleep(rng.uniform(0.0, max_delay))
         t0 = time.monotonic()
         proc.stop()
-        print(f"round {i}: stopped in {time.monotonic() - t0:.2f} s", flush=True)
+        print(f"round {i} (static member: {app.config.static_membership}): stopped in "
+              f"{time.monotonic() - t0:.2f} s", flush=True)
 
 
 if __name__ == "__main__":
