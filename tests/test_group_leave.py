@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from oncely.testing import unique_name
 from support import REPO, CounterTraffic, ProcessorProcess, wait_for_app_topics, wait_until
 
@@ -81,3 +83,31 @@ def test_processors_stopped_at_any_moment_of_a_rebalance_exit_promptly_and_lose_
         for p in procs:
             if p.alive():
                 p.kill9()
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_a_static_member_stays_in_its_group_after_a_stop_and_any_other_leaves(
+        kafka: str, tmp_path: Path, static: bool) -> None:
+    """KIP-345: a static member's stop drops its consumer without a
+    LeaveGroup, so its restart takes its partitions back without a
+    rebalance; a member without an instance id leaves at once."""
+    from confluent_kafka.admin import AdminClient
+
+    import oncely
+    from oncely.runtime import ProcessorThread
+
+    name = unique_name("member")
+    app = oncely.App(name, partitions=2, bootstrap=kafka, state_dir=str(tmp_path))
+    app.config.static_membership = static
+    counter = app.keyed("counter")
+
+    @counter.handler
+    async def add(ctx: oncely.Context, n: int) -> None:
+        ctx.set("n", ctx.get("n", 0) + n)
+
+    proc = ProcessorThread(app).start()
+    wait_until(lambda: proc.processor is not None and proc.processor.partitions, 60, 0.2, "the assignment")
+    proc.stop()
+    admin = AdminClient({"bootstrap.servers": kafka})  # (kept: the request dies with its client)
+    group = admin.describe_consumer_groups([name])[name].result(30)
+    assert len(group.members) == (1 if static else 0), (static, group.state, group.members)
