@@ -125,20 +125,25 @@ class KafkaClients:
 def close_clients(loop: CommitLoop) -> None:
     """Close every client of a stopping loop, each close bounded (a close
     during a broker outage must not hang the exit). The consumer goes as
-    rebalance.py says: a static member is dropped without a close, any other
-    member (or one something still refers to) leaves the group first."""
+    rebalance.py says: a static member that has joined is dropped without a
+    close, any other member (or one something still refers to) leaves the
+    group first."""
     closer = Worker("close", loop.interrupt)
     member, loop.member = loop.member, None
     held = [loop.consumer] if loop.consumer is not None else []
     loop.consumer = None
-    # Dropped when nothing but the assignment (about to let go) holds it.
-    dropping = bool(held) and loop.cfg.static_membership and loop.assignment is not None and \
-        not referenced_elsewhere(held, known=1)
-    if held and member is not None and not dropping:
+    # A static member that has joined is dropped when nothing but the
+    # assignment (about to let go) holds its consumer.
+    dropping = bool(held) and loop.cfg.static_membership and member is not None and member.assigned and \
+        loop.assignment is not None and not referenced_elsewhere(held, known=1)
+    if held and member is not None:
         try:
-            member.leave(held[0], closer, loop.bound)
-        except Exception as e:  # Stuck included: the close below is bounded too
-            log.warning("leaving the group: %s", e)
+            if dropping:
+                member.settle(held[0], closer, loop.bound)
+            else:
+                member.leave(held[0], closer, loop.bound)
+        except Exception as e:  # Stuck included: what follows is bounded too
+            log.warning("letting go of the group: %s", e)
     if loop.assignment is not None:
         loop.assignment.close()  # (lets go of the consumer too)
     if held:

@@ -10,12 +10,16 @@ one is not assigned in the consumer: assignment.py), so every callback
 unassigns or assigns exactly those itself; confluent-kafka's fallback would
 assign everything the group gave.
 
-A stop must not close a consumer that may still have a rebalance to serve:
-librdkafka's close can then hang for good with the GIL held (docs/design.md,
-"Failover"). So a static member is dropped without a close (`drop`: no
-callback, no LeaveGroup, as KIP-345 wants), and any other member first
-unsubscribes and serves its callbacks until the group has taken everything
-back (`leave`); the close that follows has nothing left to revoke.
+A stop must not end a consumer that still has a rebalance to serve: with
+an assignment waiting, librdkafka's close can hang for good with the GIL
+held, and its destroy hangs too (docs/design.md, "Failover"). So:
+
+- a static member that has been assigned first serves what the group sent
+  (`settle`, its partitions paused), then is dropped without a close
+  (`drop`: no callback, no LeaveGroup, as KIP-345 wants);
+- any other member (and a static one still joining) unsubscribes and serves
+  its callbacks until the group has taken everything back (`leave`); the
+  close that follows has nothing left to revoke.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ TP = tuple[str, int]
 # broker outage must not hold the exit); then the close goes on anyway.
 LEAVE_BOUND = 3.0
 _LEAVE_POLL = 0.05
+# The longest a static member's stop serves what the group sent before the drop.
+SETTLE_BOUND = 1.0
 
 
 class GroupMember:
@@ -50,6 +56,7 @@ class GroupMember:
         # reference back would keep it alive after the loop let go of it.)
         self.loop = loop
         self.owned: set[TP] = set()  # what the group gave and has not taken back
+        self.assigned = False  # the group has answered our join at least once
         consumer.subscribe([loop.app.log_topic, *loop.sources], on_assign=self._on_assign,
                            on_revoke=self._on_revoke, on_lost=self._on_lost)
 
@@ -57,6 +64,7 @@ class GroupMember:
         loop = self.loop
         given = [(t.topic, t.partition) for t in tps]
         self.owned.update(given)
+        self.assigned = True
         if loop.stopping or loop.assignment is None:
             consumer.incremental_assign([])  # leaving: nothing is read any more
             return
@@ -107,6 +115,18 @@ class GroupMember:
             if time.monotonic() > deadline:
                 log.warning("leaving the group: %d partition(s) not taken back within %.0f s; closing anyway",
                             len(self.owned), LEAVE_BOUND)
+                return
+
+
+    def settle(self, consumer: Consumer, worker: Worker, bound: float) -> None:
+        """Serve every callback the group has queued (an assignment on its
+        way is taken, as nothing, here: not inside the drop), with every
+        partition paused so that no record stands in between; at most
+        SETTLE_BOUND s."""
+        worker.call(lambda: consumer.pause(consumer.assignment()), bound, "pausing before the drop")
+        deadline = time.monotonic() + SETTLE_BOUND
+        while not self.loop.interrupt.is_set() and time.monotonic() < deadline:
+            if not worker.call(lambda: consumer.consume(500, _LEAVE_POLL), bound, "settling before the drop"):
                 return
 
 

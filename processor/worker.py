@@ -71,6 +71,9 @@ class Worker:
                 fut.set_result(fn())
             except BaseException as e:  # handed to the caller
                 fut.set_exception(e)
+            # Nothing of a finished call stays referenced while the next is
+            # awaited (a consumer is dropped by letting go of it: rebalance.py).
+            item = fut = fn = None
 
     def submit(self, fn: Callable[[], T]) -> "Future[T]":
         """Queue `fn`; the caller polls the future (see `call` for waiting)."""
