@@ -1,4 +1,4 @@
-"""Peer benchmark: oncely next to Quix Streams and the raw floor, one broker, one run.
+"""Peer benchmark: oncely next to Quix Streams, Kafka Streams and the raw floor, one broker, one run.
 
 The workload of issue 13: JSON orders over `--keys` keys on `--partitions`
 partitions; each system keeps a per-key running total (RocksDB + changelog)
@@ -6,6 +6,9 @@ and emits one output per input, exactly once, with 100 ms commits:
 
   raw     a transactional consume -> produce copy, no state (rawcopy.py): the floor
   quix    Quix Streams 3.x, processing_guarantee="exactly-once", commit_interval=0.1 (peer_quix.py)
+  streams Kafka Streams (the broker's release), exactly_once_v2, 1 stream thread, commit.interval.ms=100,
+          record cache off, a persistent key-value store with its changelog (java/PeerStreams.java,
+          built and started by peer_streams.py)
   oncely  subscription -> keyed handler -> ctx.emit (peer_oncely.py, under `oncely run`)
 
 Each system runs in its own process, so its CPU time is its own. Measured
@@ -26,7 +29,7 @@ from outside, by a read_committed reader of the output topic:
   exact         every input appears once in the output, and each key's final
                 running total equals its number of records.
 
-Ratios oncely/quix and oncely/raw come from the same run; on a shared
+Ratios oncely/quix, oncely/streams and oncely/raw come from the same run; on a shared
 2-core machine only those are worth quoting.
 
 --profile runs only oncely's throughput run, with py-spy attached from the
@@ -34,13 +37,18 @@ SIGCONT on, and prints the top frames by own and cumulative time
 (profile_frames.py).
 
 Usage: python bench/bench_peers.py [--bootstrap HOST:PORT] [--records 100000]
-       [--systems raw,quix,oncely] [--repeat 1] [--rate 1000] [--latency-seconds 10]
+       [--systems raw,quix,streams,oncely] [--repeat 1] [--rate 1000] [--latency-seconds 10]
        [--quix-python PATH] [--profile] [--top 25]
 Without --bootstrap (or ONCELY_KAFKA_BOOTSTRAP) a local broker is started.
 Quix Streams pins confluent-kafka<2.13, so it lives in its own virtualenv:
 --quix-python, $ONCELY_BENCH_QUIX_PYTHON, this interpreter if it has
 quixstreams, else <oncely cache>/bench-quix-venv, created on first use from
 the `bench-quix` extra of pyproject.toml.
+Kafka Streams needs a JDK (17+) and Maven: peer_streams.py resolves its jars
+into <oncely cache>/bench-streams-<version> and compiles the peer there,
+once, before anything is measured (without them streams is skipped). Its
+JIT is still compiling in the first tens of thousands of records, so short
+--records runs understate it.
 """
 
 from __future__ import annotations
@@ -62,12 +70,15 @@ from pathlib import Path
 
 import orjson
 
+import peer_streams
 from harness import BENCH, Broker, Child, OutputReader, Pacer, fmt, fresh_topics, median, pct, preload, table, wait_for
+from oncely.kafka_jars import LocalKafkaError
 from oncely.local_kafka import default_cache_dir
 
 SYSTEMS = {
     "raw": "raw transactional copy (no state)",
     "quix": "Quix Streams, exactly-once, commit 0.1 s",
+    "streams": f"Kafka Streams {peer_streams.KAFKA_VERSION}, exactly_once_v2, 1 thread, cache off",
     "oncely": "oncely subscription → keyed handler → emit",
 }
 
@@ -89,8 +100,9 @@ class Result:
 class Bench:
     """One run: the broker, the work directory and the choices of the command line."""
 
-    def __init__(self, args: argparse.Namespace, broker: Broker, quix_python: str | None) -> None:
-        self.args, self.broker, self.quix_python = args, broker, quix_python
+    def __init__(self, args: argparse.Namespace, broker: Broker, quix_python: str | None,
+                 streams_jvm: list[str] | None = None) -> None:
+        self.args, self.broker, self.quix_python, self.streams_jvm = args, broker, quix_python, streams_jvm
         self.work = Path(tempfile.mkdtemp(prefix="oncely-bench-peers-"))
         self.log = self.work / "children.log"
 
@@ -107,6 +119,10 @@ class Bench:
             assert self.quix_python
             argv = [self.quix_python, str(BENCH / "peer_quix.py"), "--bootstrap", b, "--source", source,
                     "--out", out, "--group", run, "--state-dir", str(state)]
+            return Child(run, argv, self.log)
+        if system == "streams":
+            assert self.streams_jvm
+            argv = peer_streams.command(self.streams_jvm, b, source, out, run, state)
             return Child(run, argv, self.log)
         env = {"BENCH_APP": run, "BENCH_SOURCE": source, "BENCH_OUT": out,
                "BENCH_PARTITIONS": str(self.args.partitions),
@@ -269,7 +285,7 @@ def print_results(results: dict[str, Result], args: argparse.Namespace, title: s
     on = results.get("oncely")
     if on:
         ratios = []
-        for peer in ("quix", "raw"):
+        for peer in ("quix", "streams", "raw"):
             p = results.get(peer)
             if p:
                 ratios.append((f"oncely/{peer}", ratio(on.rate, p.rate), ratio(on.cpu_per_1k, p.cpu_per_1k),
@@ -289,7 +305,8 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=100_000)
     ap.add_argument("--keys", type=int, default=1000)
     ap.add_argument("--partitions", type=int, default=8)
-    ap.add_argument("--systems", default="raw,quix,oncely", help="comma-separated subset of raw,quix,oncely")
+    ap.add_argument("--systems", default="raw,quix,streams,oncely",
+                    help="comma-separated subset of raw,quix,streams,oncely")
     ap.add_argument("--repeat", type=int, default=1, help="runs of everything; the table shows medians")
     ap.add_argument("--rate", type=int, default=1000, help="paced rate of the latency runs (records/s)")
     ap.add_argument("--latency-seconds", type=float, default=10.0)
@@ -310,8 +327,15 @@ def main() -> None:
     if "quix" in systems and not quix:
         print("quixstreams not found (and --no-quix-install): skipping quix")
         systems.remove("quix")
+    streams_jvm = None
+    if "streams" in systems:
+        try:
+            streams_jvm = peer_streams.prepare()
+        except (peer_streams.StreamsPeerError, LocalKafkaError) as e:
+            print(f"Kafka Streams peer not built: skipping streams\n{e}")
+            systems.remove("streams")
     broker = Broker(args.bootstrap)
-    bench = Bench(args, broker, quix)
+    bench = Bench(args, broker, quix, streams_jvm)
     print(f"bootstrap {broker.bootstrap}; logs and state in {bench.work}; quix python {quix or '—'}", flush=True)
     runs: dict[str, list[Result]] = {s: [] for s in SYSTEMS if s in systems}
     try:
