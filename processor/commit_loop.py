@@ -15,7 +15,7 @@ Who owns what:
 - transaction.py: one interval's transaction (offsets, changelog, commit);
 - producer.py: the producer and librdkafka's errors → COMMITTED / REWIND / REPLACE;
 - assignment.py: partitions from assigned to running, revocation, rewind;
-- rebalance.py: the group's callbacks, and leaving the group at a stop;
+- rebalance.py: the group's callbacks, and letting go of the consumer at a stop;
 - recovery.py: what the loop does when a Kafka client fails;
 - dispatch.py: each record read, to its partition or to the log;
 - pacing.py: input backpressure, and the drain before a commit;

@@ -117,7 +117,6 @@ class GroupMember:
                             len(self.owned), LEAVE_BOUND)
                 return
 
-
     def settle(self, consumer: Consumer, worker: Worker, bound: float) -> None:
         """Serve every callback the group has queued (an assignment on its
         way is taken, as nothing, here: not inside the drop), with every
