@@ -11,7 +11,7 @@ from pathlib import Path
 
 import fastavro
 import orjson
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 import oncely
 from oncely.egress import dead_letters as dl
@@ -57,20 +57,30 @@ def test_enriched_orders_exactly_once_under_kill9(kafka: str, tmp_path: Path) ->
     try:
         wait_for_app_topics(kafka, app)
         batches, size = 10, len(records) // 10
+        watcher = Consumer({"bootstrap.servers": kafka, "group.id": unique_name("watch")})
+
+        def produced() -> int:
+            """Output records written so far, committed or not (the high
+            watermarks): cheap enough to poll every few ms, where reading
+            the committed output took long enough for a fast processor to
+            finish the whole batch (and the kill then hit no open work)."""
+            return sum(watcher.get_watermark_offsets(TopicPartition(out, p), timeout=5)[1] for p in range(3))
+
         for b in range(batches):
-            before = len(read_to_end(kafka, out))
+            before = produced()
             _send(kafka, source, records[b * size:(b + 1) * size])
             if b in (2, 5, 8):
                 # Kill while this run works on the batch just sent.
                 wait_until(lambda: "running [('" in proc.log_text().split("===== start")[-1], 60, 0.1,
                            "the processor to own partitions")
-                # A third of the batch committed: the rest is being worked on
-                # (in open transactions, or held while a commit is on its way).
-                wait_until(lambda: len(read_to_end(kafka, out)) >= before + size // 3, 60, 0.05,
-                           "a third of this batch's output committed")
-                time.sleep(rng.uniform(0.0, 0.05))
+                # Some of the batch's output written: the rest is being worked
+                # on (in open transactions, or held while a commit is on its way).
+                wait_until(lambda: produced() >= before + size // 10, 60, 0.005,
+                           "a tenth of this batch's output written")
+                time.sleep(rng.uniform(0.0, 0.02))
                 proc.kill9()
                 proc.start()
+        watcher.close()
         got = wait_until(lambda: (r := read_to_end(kafka, out)) and len(r) >= len(orders) and r, 300, 2.0,
                          "every enriched order")
         # Anything extra would be committed with the offsets of its input:
