@@ -29,7 +29,9 @@ def replace_consumer(loop: CommitLoop, why: str) -> None:
     """A consumer with a fatal error (e.g. a static member fenced after its
     session expired in a broker outage) reads nothing more: abort the open
     transaction (our membership is gone), drop the consumer and join the
-    group with a new one."""
+    group with a new one. The close serves no callback: librdkafka's close
+    of a consumer with a fatal error returns that error at once, and the
+    destroy after it runs without a consumer close (design.md, Failover)."""
     log.error("replacing the consumer: %s", why)
     if loop.committing is not None:
         loop.end_commit()  # its outcome first: it carries offsets of the old membership
