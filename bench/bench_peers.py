@@ -158,6 +158,7 @@ class Bench:
             child.signal(signal.SIGSTOP)  # a few seconds: well within session and transaction timeouts
             preload(self.broker.bootstrap, source, a.records, a.keys, a.partitions, first=warm)
             t0, cpu0, broker0 = time.time(), child.cpu(), self.broker.cpu()
+            threads0 = {t.id: t.user_time + t.system_time for t in child.ps.threads()}  # (CPU per thread)
             child.signal(signal.SIGCONT)
             if profile is not None:
                 from profile_frames import attach
@@ -165,6 +166,11 @@ class Bench:
             if not reader.wait_count(total, a.timeout):
                 raise TimeoutError(f"{reader.count - warm} of {a.records} outputs within {a.timeout:.0f} s")
             t_n, cpu, broker_cpu = reader.seen.times[total - 1], child.cpu(), self.broker.cpu()
+            # Whether the busiest thread (the loop) is CPU-bound, or waits.
+            busy = sorted((t.user_time + t.system_time - threads0.get(t.id, 0.0) for t in child.ps.threads()),
+                          reverse=True)
+            print(f"  {system}: CPU of its busiest threads over the run's wall time: "
+                  f"{', '.join(f'{b / (t_n - t0):.2f}' for b in busy[:3])}")
             res.rate = a.records / (t_n - t0)
             res.cpu_per_1k = (cpu - cpu0) / a.records * 1000
             res.broker_per_1k = (broker_cpu - broker0) / a.records * 1000

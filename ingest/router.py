@@ -7,12 +7,13 @@ without encoding them at all (processor/local_start.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from time import time
 from typing import Any
 
 from oncely.egress.dead_letters import dead_letter
 from oncely.ingest.subscription import SourceRecord, Subscription, idempotency_text
 from oncely.observe.tracing import header_traceparent
-from oncely.shuffle.envelope import DECODED, encode_invoke, invoke_body
+from oncely.shuffle.envelope import DECODED, encode_invoke
 from oncely.shuffle.ids import idempotent_id, source_record_id
 from oncely.shuffle.routing import partition_for
 from oncely.shuffle.targets import key_bytes
@@ -72,13 +73,12 @@ def route(app: str, partitions: int, sub: Subscription, msg: Any, id_salt: str |
     headers = tuple(raw_headers) if raw_headers else ()
     ts = msg.timestamp()[1]
     topic, source_partition, offset = msg.topic(), msg.partition(), msg.offset()
-    target = sub.target
-    service, handler = target.service.name, target.name
+    service, handler, keyed, target_name, payload_format, reencoded_by = sub.invoke_fields
     # The record as key and idempotency functions see it; most subscriptions have neither.
     rec = SourceRecord(topic, source_partition, offset, ts, rkey, headers, value) if (
         sub.key is not None or sub.idempotency is not None or id_salt is not None or replayed) else None
     kb: bytes | None = None
-    if target.service.keyed:
+    if keyed:
         if sub.key is not None:
             try:
                 kb = key_bytes(sub.key(rec))
@@ -108,18 +108,23 @@ def route(app: str, partitions: int, sub: Subscription, msg: Any, id_salt: str |
         inv_id = idempotent_id(service, handler, kb, idem)
     else:
         # The id comes from the coordinates: a replay of the record is the same invocation.
-        inv_id = source_record_id(topic, source_partition, offset, f"{service}/{handler}")
+        inv_id = source_record_id(topic, source_partition, offset, target_name)
         if replayed:
             idem = _coordinates(rec)  # type: ignore[arg-type]
-    invoke = invoke_body(
-        inv_id, service, handler, kb, raw if raw is not None else b"", sub.decoder.payload_format,
-        idempotency_key=idem, idempotency_retention_ms=sub.retention_ms,
-        source={"topic": topic, "partition": source_partition, "offset": offset, "timestamp_ms": ts,
-                "key": rkey, "headers": [{"name": n, "value": v} for n, v in headers] if headers else []},
-        subscription=sub.name if sub.decoder.reencode else None,
-        traceparent=header_traceparent(headers) if headers else None,
-    )
-    invoke[DECODED] = value
+    # invoke_body's dict, made here without its keyword call (once per record;
+    # a unit test holds the two to the same fields).
+    invoke = {
+        "invocation_id": inv_id, "service": service, "handler": handler, "key": kb,
+        "payload": raw if raw is not None else b"", "payload_format": payload_format, "idempotency_key": idem,
+        "idempotency_retention_ms": sub.retention_ms, "caller": None,
+        "source": {"topic": topic, "partition": source_partition, "offset": offset, "timestamp_ms": ts, "key": rkey,
+                   "headers": [{"name": n, "value": v} for n, v in headers] if headers else []},
+        "subscription": reencoded_by, "created_at_ms": int(time() * 1000), DECODED: value,
+    }
+    if headers:
+        traceparent = header_traceparent(headers)
+        if traceparent is not None:
+            invoke["traceparent"] = traceparent
     routing = kb if kb is not None else inv_id
     return Routed(partition_for(routing, partitions), routing, invoke, inv_id)
 

@@ -215,3 +215,13 @@ class Subscription:
         """How long a finished record is remembered (its dedup entry, or its
         retained failure); made once, read for every record."""
         return int(self.retention.total_seconds() * 1000)
+
+    @functools.cached_property
+    def invoke_fields(self) -> tuple[str, str, bool, str, str, str | None]:
+        """What every Invoke of this subscription has in common: service,
+        handler, keyed, "service/handler" (in source-record ids), payload
+        format, and the subscription's name when the executor decodes the
+        raw value again. Made once, read for every record."""
+        service = self.target.service
+        return (service.name, self.target.name, service.keyed, f"{service.name}/{self.target.name}",
+                self.decoder.payload_format, self.name if self.decoder.reencode else None)

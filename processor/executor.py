@@ -49,10 +49,15 @@ class LocalExecutor:
         self._eager = False  # inside an eager first step or its outcome
         self._spare: asyncio.Task[Outcome] | None = None
         self._slot: asyncio.Future[_Rest] | None = None  # what the spare waits for
+        # The loop it runs on, kept: asyncio.get_running_loop() makes a
+        # getpid() system call on every call (CPython 3.11), once per record.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, call: HandlerCall, done: Callable[[Outcome], None]) -> asyncio.Task[Outcome] | None:
         coro = run_handler(self.app, call)
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None or not loop.is_running():  # (the executor outlived its loop: tests do)
+            loop = self._loop = asyncio.get_running_loop()
         if self._eager:
             task = loop.create_task(coro)
         else:

@@ -41,7 +41,7 @@ class TxnOutput(Protocol):
         transaction; the invocation fails with `why` when it next starts."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Invocation:
     id: bytes
     invoke: dict[str, Any]

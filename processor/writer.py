@@ -44,7 +44,9 @@ class InvocationWriter:
         self.store = store
         self.net_effects = net_effects
         self._holds_lock = holds_lock
-        self._written: dict[Invocation, _Written] = {}
+        # None: in memory, nothing written yet (most invocations end so,
+        # within one commit: no record made for them on the hot path).
+        self._written: dict[Invocation, _Written | None] = {}
         self.dirty: set[Invocation] = set()
         # Without net effects a later delete leaves a tombstone instead of nothing.
         self._put_new = store.put_fresh if net_effects else store.put
@@ -61,10 +63,9 @@ class InvocationWriter:
 
     def changed(self, inv: Invocation) -> None:
         """Its status (phase, attempt, error) changed."""
-        w = self._written.get(inv)
-        if w is None:
-            w = self._written[inv] = _Written()
-        w.status_dirty = True
+        w = self._written.setdefault(inv, None)
+        if w is not None:
+            w.status_dirty = True
         self.dirty.add(inv)
         if not self.net_effects:
             self.persist(inv)

@@ -332,7 +332,7 @@ def test_a_local_invoke_is_the_invoke_the_log_would_carry() -> None:
     decode from the log record."""
     from oncely import schemas
     from oncely.ingest.router import Routed, route
-    from oncely.shuffle.envelope import DECODED
+    from oncely.shuffle.envelope import DECODED, invoke_body
 
     app = build("unit", "src", "out", partitions=4)
     sub = app.subscriptions[0]
@@ -342,3 +342,5 @@ def test_a_local_invoke_is_the_invoke_the_log_would_carry() -> None:
         local = dict(routed.invoke)
         assert local.pop(DECODED) == {"k": "k1", "n": 3}  # the handler's first run takes it as its input
         assert schemas.decode("log_record", routed.value)["body"] == ("oncely.Invoke", local)
+        # route builds invoke_body's dict itself: the same fields.
+        assert set(local) - {"traceparent"} == set(invoke_body(b"\0" * 16, "s", "h", None, b"", "JSON"))
