@@ -29,7 +29,7 @@ from oncely.gateway.admin_ops import PHASES, InvocationOps, parse_limit
 from oncely.gateway.handlers import json_response
 from oncely.gateway.kafka import GatewayKafka
 from oncely.gateway.paths import HttpError
-from oncely.gateway.routes import Route
+from oncely.gateway.routes import Route, application
 
 if TYPE_CHECKING:
     from oncely.app import App
@@ -253,13 +253,7 @@ class AdminServer:
     async def start(self) -> "AdminServer":
         if self._own_kafka:
             await self.kafka.start()
-
-        @web.middleware
-        async def every_request(request: web.Request, handler: Any) -> web.StreamResponse:
-            del handler
-            return await self.dispatch(request)
-
-        app = web.Application(client_max_size=64 * 1024, middlewares=[every_request])
+        app = application(self.dispatch, 64 * 1024)  # every request goes to dispatch
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)

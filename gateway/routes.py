@@ -10,6 +10,9 @@ method wins; a path that fits only other methods is a 405.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
 
 JSON_BODY = ("application/json", "application/octet-stream")
 
@@ -122,3 +125,29 @@ def find(method: str, segs: list[bytes]) -> tuple[Route, dict[str, bytes]] | lis
         if r.method not in allowed:
             allowed.append(r.method)
     return allowed
+
+
+def application(dispatch: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                client_max_size: int) -> web.Application:
+    """An aiohttp application whose every request goes to `dispatch`.
+
+    Our routes are matched by `dispatch`, not by aiohttp's router (it
+    matches decoded paths: a key holding "%2F" or "%0A" would not match), so
+    a middleware takes every request. aiohttp's router still resolves each
+    one first: left without a route, it makes a 404 for every request, whose
+    objects form a reference cycle (measured: 6 cyclic objects per call, and
+    30-40k of them freed by one 70-80 ms collection under 500 calls/s). The
+    catch-all route below matches every path, so nothing is made; its own
+    handler is never called."""
+
+    @web.middleware
+    async def every_request(request: web.Request, handler: Any) -> web.StreamResponse:
+        del handler
+        return await dispatch(request)
+
+    async def unused(request: web.Request) -> web.StreamResponse:
+        return await dispatch(request)
+
+    app = web.Application(client_max_size=client_max_size, middlewares=[every_request])
+    app.router.add_route("*", r"/{path:[\s\S]*}", unused)
+    return app

@@ -98,14 +98,7 @@ class GatewayServer:
 
     async def start(self) -> "GatewayServer":
         await self.kafka.start()
-        @web.middleware
-        async def every_request(request: web.Request, handler: Any) -> web.StreamResponse:
-            del handler  # no aiohttp routes: every request is ours
-            return await self.dispatch(request)
-
-        # No aiohttp routes: its router matches decoded paths (a key holding
-        # "%2F" or "%0A" would not match); the middleware sees every request.
-        app = web.Application(client_max_size=self.gateway.max_body, middlewares=[every_request])
+        app = routes.application(self.dispatch, self.gateway.max_body)  # every request goes to dispatch
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, backlog=1024)
