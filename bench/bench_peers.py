@@ -71,7 +71,8 @@ from pathlib import Path
 import orjson
 
 import peer_streams
-from harness import BENCH, Broker, Child, OutputReader, Pacer, fmt, fresh_topics, median, pct, preload, table, wait_for
+from harness import (BENCH, Broker, Child, OutputReader, Pacer, delete_topics_naming, fmt, fresh_topics, median, pct,
+                     preload, table, wait_for)
 from oncely.kafka_jars import LocalKafkaError
 from oncely.local_kafka import default_cache_dir
 
@@ -185,6 +186,7 @@ class Bench:
             time.sleep(1.0)  # the reader sees anything (wrongly) committed late
             reader.stop()
             shutil.rmtree(self.work / child.name, ignore_errors=True)
+            delete_topics_naming(self.broker.bootstrap, child.name, source, out)
         res.exact = exactly_once(reader.seen.values, total, a.keys, stateful=system != "raw")
 
     def latency(self, system: str, res: Result) -> None:
@@ -227,6 +229,7 @@ class Bench:
             child.terminate()
             reader.stop()
             shutil.rmtree(self.work / child.name, ignore_errors=True)
+            delete_topics_naming(self.broker.bootstrap, child.name, source, out)
 
 
 def exactly_once(values: list[bytes], records: int, keys: int, stateful: bool) -> str:
