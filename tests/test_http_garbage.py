@@ -65,7 +65,7 @@ def test_ingress_and_admin_requests_leave_no_cyclic_garbage(kafka: str) -> None:
     ensure_topics(AdminClient({"bootstrap.servers": kafka}), app)
     ingress = GatewayThread(app, "127.0.0.1:0")
     server = ingress.start()
-    admin = AdminServer(app, "127.0.0.1:0")  # on the ingress thread's loop, as `oncely run --admin` has it
+    admin = AdminServer(app, "127.0.0.1:0")  # here on the ingress thread's loop (`oncely run` uses its own)
     asyncio.run_coroutine_threadsafe(admin.start(), ingress.loop).result(60)
     try:
         base, admin_base = f"http://127.0.0.1:{server.port}", f"http://127.0.0.1:{admin.port}"
