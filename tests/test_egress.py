@@ -66,6 +66,7 @@ def test_enriched_orders_exactly_once_under_kill9(kafka: str, tmp_path: Path) ->
             finish the whole batch (and the kill then hit no open work)."""
             return sum(watcher.get_watermark_offsets(TopicPartition(out, p), timeout=5)[1] for p in range(3))
 
+        interrupted = 0  # kills that left their batch unfinished
         for b in range(batches):
             before = produced()
             _send(kafka, source, records[b * size:(b + 1) * size])
@@ -79,6 +80,10 @@ def test_enriched_orders_exactly_once_under_kill9(kafka: str, tmp_path: Path) ->
                            "a tenth of this batch's output written")
                 time.sleep(rng.uniform(0.0, 0.02))
                 proc.kill9()
+                # Did the kill interrupt the batch? With the process dead,
+                # what is committed of it can be counted at leisure.
+                if len(read_to_end(kafka, out)) < (b + 1) * size:
+                    interrupted += 1
                 proc.start()
         watcher.close()
         got = wait_until(lambda: (r := read_to_end(kafka, out)) and len(r) >= len(orders) and r, 300, 2.0,
@@ -98,11 +103,16 @@ def test_enriched_orders_exactly_once_under_kill9(kafka: str, tmp_path: Path) ->
     assert {v["id"]: v["running_total"] for v in values} == expected
     assert all(r.key == orjson.loads(r.value)["customer"].encode() for r in got)
     assert all(r.header("source") == b"oncely" for r in got)
-    # The kills hit open transactions with output in them: read_uncommitted
-    # shows those aborted records, read_committed (above) never does.
+    # The kills hit work in progress: its batch not yet all committed (its
+    # records in open transactions, held while a commit was on its way, or
+    # not yet read). Aborted output shows under read_uncommitted only when
+    # a kill found records already in an open transaction, which a fast
+    # processor often leaves no time for (CI: 0 aborted in one run), so
+    # that is printed, not required.
+    assert interrupted >= 2, f"only {interrupted} of 3 kills found their batch unfinished"
     uncommitted = read_to_end(kafka, out, isolation="read_uncommitted")
-    assert len(uncommitted) > len(got)
-    print(f"read_committed {len(got)} records, read_uncommitted {len(uncommitted)}")
+    print(f"{interrupted} of 3 kills mid-batch; read_committed {len(got)} records, "
+          f"read_uncommitted {len(uncommitted)}")
 
 
 def _avro(value: bytes) -> dict:
