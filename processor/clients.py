@@ -68,14 +68,16 @@ class KafkaClients:
         if not BACKOFF.keys() & base.keys():  # a user's setting of either wins
             base = {**BACKOFF, **base}
         return {
+            # Defaults a user's settings override (ONCELY_KAFKA_COMPRESSION_TYPE=lz4, ...).
+            "linger.ms": 5,
+            "queue.buffering.max.messages": 1_000_000,
+            "compression.type": "lz4",
             **base,
+            # What exactly-once and the processor's bounds rest on: not overridable.
             "transactional.id": transactional_id,
             "enable.idempotence": True,
             "transaction.timeout.ms": self.cfg.transaction_timeout_ms,
             "message.timeout.ms": self.cfg.transaction_timeout_ms,
-            "linger.ms": 5,
-            "queue.buffering.max.messages": 1_000_000,
-            "compression.type": "lz4",
             # Keyed records land where Kafka's Java clients would put them.
             "partitioner": "murmur2_random",
         }

@@ -596,6 +596,23 @@ def test_the_transactional_producer_retries_a_commit_behind_its_predecessor_quic
     assert conf["retry.backoff.ms"] == 500 and "retry.backoff.max.ms" not in conf
 
 
+def test_a_users_producer_tuning_wins_but_not_what_exactly_once_rests_on(tmp_path: Path) -> None:
+    """linger.ms, compression and queue sizes are defaults a user may change
+    (compression.type=none on a local broker); the transactional settings
+    are always oncely's."""
+    from oncely.processor.clients import KafkaClients
+
+    app = oncely.App("units-tuning", partitions=1, bootstrap="127.0.0.1:1")
+    conf = KafkaClients(app, app.config, tmp_path).producer_conf("tid")
+    assert (conf["compression.type"], conf["linger.ms"]) == ("lz4", 5)
+    mine = oncely.App("units-tuning", partitions=1, bootstrap="127.0.0.1:1",
+                      kafka={"compression.type": "zstd", "linger.ms": 20, "message.timeout.ms": 5})
+    conf = KafkaClients(mine, mine.config, tmp_path).producer_conf("tid")
+    assert (conf["compression.type"], conf["linger.ms"]) == ("zstd", 20)
+    assert conf["transactional.id"] == "tid" and conf["enable.idempotence"] is True
+    assert conf["message.timeout.ms"] == mine.config.transaction_timeout_ms
+
+
 def test_handler_call_fields_are_in_the_order_the_partition_builds_them() -> None:
     """PartitionProcessor.start builds HandlerCall positionally (the hot
     path): a field added anywhere but last would shift every argument after
