@@ -43,6 +43,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("oncely.partition")
 
 
+class _Starting:
+    """`Invocation.running` while the executor runs its first step."""
+
+    def cancel(self) -> None:
+        pass
+
+
+_STARTING = _Starting()
+
+
 class PartitionProcessor:
     def __init__(self, app: "App", partition: int, store: PartitionStore, executor: Executor, out: TxnOutput,
                  net_effects: bool = True, sinks: "Sinks | None" = None, poisoned: dict[bytes, str] | None = None,
@@ -249,7 +259,6 @@ class PartitionProcessor:
         if inv.phase == PAUSED:
             self.n_paused -= 1
         inv.phase = RUNNING
-        self.writer.changed(inv)
         invoke = inv.invoke
         # Positional, in HandlerCall's field order (half the cost of keywords, once per record):
         call = HandlerCall(
@@ -260,14 +269,20 @@ class PartitionProcessor:
             invoke.get("traceparent"), invoke.get("created_at_ms"), inv.deployment,
             invoke.pop(DECODED, NOT_DECODED),  # input
         )
-        self.active.add(inv)
         if self.metrics is not None:
             self.metrics.started(inv)
         inv.run += 1
         run = inv.run
+        inv.running = _STARTING  # until its outcome is applied (which may be before `start` returns)
         running = self.executor.start(call, lambda outcome: self._apply_outcome(inv, outcome, run))
-        if inv.run == run and running is not None:  # (None: it ended already; see executor.py)
+        if inv.running is _STARTING and inv.run == run:
             inv.running = running
+            if running is not None:
+                # It runs on (it awaits): only now does it join what a commit
+                # persists. One that ended in its first step (executor.py)
+                # was never more than its effects.
+                self.active.add(inv)
+                self.writer.changed(inv)
 
     def _apply_outcome(self, inv: Invocation, outcome: Outcome, run: int) -> None:
         """Apply an outcome; an error doing so must not leave the invocation
@@ -283,7 +298,10 @@ class PartitionProcessor:
         try:
             if not self.writer.net_effects:
                 self.writer.persist(inv)
-            outcomes.apply(self, inv, outcome)
+            if outcome.status == "completed":  # (most: `apply`'s first case, without its call)
+                outcomes.complete(self, inv, outcome)
+            else:
+                outcomes.apply(self, inv, outcome)
         except Exception as e:
             log.exception("%s %s: applying its outcome failed", format_id(inv.id), inv.target)
             self.out.fault(inv.id, f"internal error applying its outcome ({outcome.status}): "

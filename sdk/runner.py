@@ -123,4 +123,5 @@ async def _run(app: App, call: HandlerCall, handler: Handler, ctx: JournalContex
         except TerminalError as e:
             return Outcome("terminal", error=e.message)
     writes, cleared = ctx.state_changes()
-    return Outcome("completed", value=encoded, state=writes, cleared_all=cleared, emits=ctx.emits)
+    # Positional, in Outcome's field order (status, value, error, state, cleared_all, emits): once per record.
+    return Outcome("completed", encoded, None, writes, cleared, ctx.emits)

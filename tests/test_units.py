@@ -622,3 +622,8 @@ def test_handler_call_fields_are_in_the_order_the_partition_builds_them() -> Non
     assert [f.name for f in dataclasses.fields(HandlerCall)] == [
         "invocation_id", "service", "handler", "key", "payload", "payload_format", "attempt", "journal", "state",
         "source", "subscription", "effects", "limits", "traceparent", "created_at_ms", "deployment", "input"]
+    # sdk.runner builds a completed Outcome positionally too.
+    from oncely.sdk.protocol import Outcome
+
+    assert [f.name for f in dataclasses.fields(Outcome)] == [
+        "status", "value", "error", "state", "cleared_all", "emits"]
