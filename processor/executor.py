@@ -58,11 +58,12 @@ class LocalExecutor:
         loop = self._loop
         if loop is None or not loop.is_running():  # (the executor outlived its loop: tests do)
             loop = self._loop = asyncio.get_running_loop()
+            self._spare = self._slot = None  # (made on the old loop)
         if self._eager:
             task = loop.create_task(coro)
         else:
             task, slot = self._spare, self._slot
-            if task is None or slot is None or task.done() or task.cancelling() or task.get_loop() is not loop:
+            if task is None or slot is None or task.done() or task.cancelling():
                 task, slot = self._take_spare(loop)
             context = contextvars.copy_context()
             self._eager = True

@@ -299,15 +299,15 @@ class PartitionStore:
 class KeyState:
     """Committed state of one key, read through the overlay."""
 
-    __slots__ = ("store", "sk")
+    __slots__ = ("store", "prefix")
 
     def __init__(self, store: PartitionStore, sk: bytes) -> None:
         self.store = store
-        self.sk = sk
+        self.prefix = keys.state_prefix(sk)  # + a state name's UTF-8: its key (keys.state)
 
     def get(self, name: str) -> bytes | None:
-        return self.store.get(keys.state(self.sk, name))
+        return self.store.get(self.prefix + name.encode())
 
     def names(self) -> list[str]:
-        prefix = keys.state_prefix(self.sk)
+        prefix = self.prefix
         return [k[len(prefix):].decode() for k, _ in self.store.scan(prefix)]
