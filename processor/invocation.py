@@ -41,6 +41,17 @@ class TxnOutput(Protocol):
         transaction; the invocation fails with `why` when it next starts."""
 
 
+class _Starting:
+    """`Invocation.running` while the executor runs its first step: an
+    invocation that ends in it never joins the writer or the active set."""
+
+    def cancel(self) -> None:
+        pass
+
+
+STARTING = _Starting()
+
+
 @dataclass(eq=False, slots=True)
 class Invocation:
     id: bytes

@@ -25,7 +25,7 @@ from oncely.processor import completions, controls, keys, loading, outcomes, req
 from oncely.processor.effects import InvocationEffects
 from oncely.processor.inbox import ReadAhead, StoreQueue, ready_queue
 from oncely.processor.invocation import (BACKING_OFF, COMPLETED, FAILED, INBOXED, PAUSED, RUNNING, SUSPENDED,
-                                         Invocation, PartitionStats, TxnOutput)
+                                         STARTING, Invocation, PartitionStats, TxnOutput)
 from oncely.processor.key_queues import KeyQueue, KeyQueues
 from oncely.processor.local_waits import LocalWaits
 from oncely.sdk.protocol import NOT_DECODED, Executor, HandlerCall, Limits, Outcome
@@ -41,16 +41,6 @@ if TYPE_CHECKING:
     from oncely.egress.sinks import Sinks
 
 log = logging.getLogger("oncely.partition")
-
-
-class _Starting:
-    """`Invocation.running` while the executor runs its first step."""
-
-    def cancel(self) -> None:
-        pass
-
-
-_STARTING = _Starting()
 
 
 class PartitionProcessor:
@@ -273,14 +263,11 @@ class PartitionProcessor:
             self.metrics.started(inv)
         inv.run += 1
         run = inv.run
-        inv.running = _STARTING  # until its outcome is applied (which may be before `start` returns)
+        inv.running = STARTING  # until its outcome is applied (which may be before `start` returns)
         running = self.executor.start(call, lambda outcome: self._apply_outcome(inv, outcome, run))
-        if inv.running is _STARTING and inv.run == run:
+        if inv.running is STARTING and inv.run == run:
             inv.running = running
-            if running is not None:
-                # It runs on (it awaits): only now does it join what a commit
-                # persists. One that ended in its first step (executor.py)
-                # was never more than its effects.
+            if running is not None:  # it awaits: only now does it join what a commit persists
                 self.active.add(inv)
                 self.writer.changed(inv)
 
