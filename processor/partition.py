@@ -1,7 +1,8 @@
 """The partition processor: the invocations of one log partition.
 
 It decides, per log record and per outcome, what changes, and delegates the
-parts: key_queues.py (one invocation per key), inbox.py (what waits, in the
+parts: admission.py (duplicates and Invokes that can never run),
+key_queues.py (one invocation per key), inbox.py (what waits, in the
 store), writer.py (what of an in-flight invocation is persisted), timers.py
 (durable timers, retries, expiry), waits.py (completions and suspension),
 outcomes.py (what an outcome changes). It never talks to Kafka itself:
@@ -21,11 +22,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from oncely.processor import completions, controls, keys, loading, outcomes, requests
+from oncely.processor import admission, completions, controls, keys, loading, outcomes
 from oncely.processor.effects import InvocationEffects
 from oncely.processor.inbox import ReadAhead, StoreQueue, ready_queue
-from oncely.processor.invocation import (BACKING_OFF, COMPLETED, FAILED, INBOXED, PAUSED, RUNNING, SUSPENDED,
-                                         STARTING, Invocation, PartitionStats, TxnOutput)
+from oncely.processor.invocation import (BACKING_OFF, PAUSED, RUNNING, STARTING, Invocation, PartitionStats,
+                                         TxnOutput)
 from oncely.processor.key_queues import KeyQueue, KeyQueues
 from oncely.processor.local_waits import LocalWaits
 from oncely.sdk.protocol import NOT_DECODED, Executor, HandlerCall, Limits, Outcome
@@ -130,29 +131,13 @@ class PartitionProcessor:
         # is read read_committed; random ids are unique), so only those pay
         # for the store lookups.
         phase = self.invocations[inv_id].phase if inv_id in self.invocations else (
-            self.lookup(inv_id) if invoke["idempotency_key"] is not None else None)
+            admission.lookup(self, inv_id) if invoke["idempotency_key"] is not None else None)
         if phase is not None:
-            self.stats.duplicates += 1
-            if self.metrics is not None:
-                self.metrics.duplicate()
-            if invoke["caller"] is not None and phase in (COMPLETED, FAILED):
-                # A finished callee answers its caller again; one in flight
-                # answers when it finishes (the caller is the same one).
-                outcomes.respond_again(self, inv_id, invoke["caller"])
-            if "reply" in invoke:  # an outside caller attaches (requests.py)
-                requests.on_duplicate(self, inv_id, phase, invoke["reply"])
+            admission.duplicate(self, invoke, phase)
             return True
         svc = self.app.services.get(invoke["service"])
-        if svc is None or invoke["handler"] not in svc.handlers:
-            self.stats.accepted += 1
-            outcomes.dead(self, Invocation(inv_id, invoke, None, offset), "unknown-handler",
-                          f"app {self.app.name!r} has no handler {invoke['service']}.{invoke['handler']}")
-            return True
-        if svc.keyed and invoke["key"] is None:
-            self.stats.accepted += 1
-            outcomes.dead(self, Invocation(inv_id, invoke, None, offset), "missing-key",
-                          f"keyed service {svc.name!r} needs a key; the invocation has none")
-            return True
+        if svc is None or invoke["handler"] not in svc.handlers or (svc.keyed and invoke["key"] is None):
+            return admission.undeliverable(self, invoke, offset)
         sk = keys.service_key(invoke["service"], invoke["key"]) if svc.keyed else None
         if local and sk is not None and sk in self.local_waits.by_key:
             self.local_waits.wait(sk, invoke)  # behind the key's earlier records waiting here
@@ -179,26 +164,8 @@ class PartitionProcessor:
         return True
 
     def lookup(self, inv_id: bytes) -> str | None:
-        """Where an invocation id stands on this partition, from the one rule
-        every duplicate check uses: its phase while in memory; SUSPENDED while
-        only the store holds it in flight; INBOXED while it waits in the
-        inbox; COMPLETED or FAILED while its outcome is retained; None when
-        the partition never accepted it (or forgot it after the retention)."""
-        inv = self.invocations.get(inv_id)
-        if inv is not None:
-            return inv.phase
-        if inv_id in self.ahead.ids or inv_id in self.local_waits.ids:
-            return INBOXED
-        get = self.store.get
-        if get(keys.status(inv_id)) is not None:
-            return SUSPENDED  # load() brings every other in-flight phase into memory
-        if get(keys.queued(inv_id)) is not None:
-            return INBOXED
-        if get(keys.failed(inv_id)) is not None:
-            return FAILED
-        if get(keys.dedup(inv_id)) is not None:
-            return COMPLETED
-        return None
+        """Where an invocation id stands on this partition (admission.py)."""
+        return admission.lookup(self, inv_id)
 
     def _full(self) -> bool:
         return len(self.invocations) - self.n_paused >= self.max_inflight
