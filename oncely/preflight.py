@@ -62,6 +62,16 @@ def check_app_settings(app: "App") -> None:
     if owned:
         raise ConfigError(f"Kafka setting {owned[0]} (from {kafka_origin(owned[0], 'App(kafka=...)')}) is set by "
                           "oncely itself: remove it")
+    for name in ("linger.ms", "queue.buffering.max.ms"):  # (one setting, two names)
+        linger = cfg.kafka.get(name)
+        try:
+            too_long = linger is not None and float(linger) >= cfg.transaction_timeout_ms
+        except (TypeError, ValueError):
+            continue  # not a number: librdkafka refuses it, and `connect` says so
+        if too_long:
+            raise ConfigError(f"Kafka setting {name}={linger!r} (from {kafka_origin(name, 'App(kafka=...)')}) must be "
+                              f"below transaction_timeout_ms={cfg.transaction_timeout_ms}, the producer's "
+                              "message.timeout.ms")
     reset = str(cfg.kafka.get("auto.offset.reset", "earliest")).lower()
     if reset not in _OFFSET_RESETS:
         raise ConfigError(f"auto.offset.reset={reset!r} (from {kafka_origin('auto.offset.reset', 'App(kafka=...)')})"

@@ -52,16 +52,13 @@ def duplicate(part: PartitionProcessor, invoke: dict[str, Any], phase: str) -> N
         requests.on_duplicate(part, inv_id, phase, invoke["reply"])
 
 
-def undeliverable(part: PartitionProcessor, invoke: dict[str, Any], offset: int) -> bool:
-    """Fail an Invoke that can never run on this app (a dead letter, and
-    its caller answered); False: it can."""
-    svc = part.app.services.get(invoke["service"])
-    if svc is None or invoke["handler"] not in svc.handlers:
+def undeliverable(part: PartitionProcessor, invoke: dict[str, Any], offset: int, service: Any) -> None:
+    """Fail an Invoke that can never run on this app (the partition found
+    `service`, the app's Service or None, unable to take it): a dead letter,
+    and its caller answered."""
+    if service is None or invoke["handler"] not in service.handlers:
         reason, why = "unknown-handler", f"app {part.app.name!r} has no handler {invoke['service']}.{invoke['handler']}"
-    elif svc.keyed and invoke["key"] is None:
-        reason, why = "missing-key", f"keyed service {svc.name!r} needs a key; the invocation has none"
     else:
-        return False
+        reason, why = "missing-key", f"keyed service {service.name!r} needs a key; the invocation has none"
     part.stats.accepted += 1
     outcomes.dead(part, Invocation(invoke["invocation_id"], invoke, None, offset), reason, why)
-    return True

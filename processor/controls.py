@@ -208,7 +208,7 @@ def _resume(part: PartitionProcessor, inv_id: bytes, phase: str) -> None:
     inv.held = False
     inv.error = None
     part.stats.resumed += 1
-    part.start(inv)  # replays its journal; start() marks the status changed
+    part.start(inv)  # replays its journal; its outcome, or its first await, marks the status changed
 
 
 def _purge(part: PartitionProcessor, inv_id: bytes, phase: str) -> None:

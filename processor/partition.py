@@ -137,7 +137,8 @@ class PartitionProcessor:
             return True
         svc = self.app.services.get(invoke["service"])
         if svc is None or invoke["handler"] not in svc.handlers or (svc.keyed and invoke["key"] is None):
-            return admission.undeliverable(self, invoke, offset)
+            admission.undeliverable(self, invoke, offset, svc)
+            return True
         sk = keys.service_key(invoke["service"], invoke["key"]) if svc.keyed else None
         if local and sk is not None and sk in self.local_waits.by_key:
             self.local_waits.wait(sk, invoke)  # behind the key's earlier records waiting here

@@ -57,6 +57,10 @@ BAD_INPUTS = [
     ("reserved-kafka-setting", ["run", "tests.apps.counter:app", "--bootstrap", "{kafka}"],
      {"ONCELY_KAFKA_GROUP_ID": "mine"}, 1,
      "Error: Kafka setting group.id (from ONCELY_KAFKA_GROUP_ID) is set by oncely itself: remove it"),
+    ("linger-beyond-timeout", ["run", "tests.apps.counter:app", "--bootstrap", "{kafka}"],
+     {"ONCELY_KAFKA_LINGER_MS": "20000"}, 1,
+     "Error: Kafka setting linger.ms='20000' (from ONCELY_KAFKA_LINGER_MS) must be below "
+     "transaction_timeout_ms=10000, the producer's message.timeout.ms"),
     ("bad-offset-reset", ["run", "tests.apps.counter:app", "--bootstrap", "{kafka}"],
      {"ONCELY_KAFKA_AUTO_OFFSET_RESET": "error"}, 1,
      "Error: auto.offset.reset='error' (from ONCELY_KAFKA_AUTO_OFFSET_RESET): use 'earliest' or 'latest'"),
