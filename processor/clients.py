@@ -68,7 +68,7 @@ class KafkaClients:
         if not BACKOFF.keys() & base.keys():  # a user's setting of either wins
             base = {**BACKOFF, **base}
         return {
-            # Defaults a user's settings override (ONCELY_KAFKA_COMPRESSION_TYPE=lz4, ...).
+            # Defaults a user's settings override (ONCELY_KAFKA_COMPRESSION_TYPE=zstd, ...).
             "linger.ms": 5,
             "queue.buffering.max.messages": 1_000_000,
             "compression.type": "lz4",
