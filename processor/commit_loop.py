@@ -46,6 +46,7 @@ from oncely.processor.identity import StateDirLock, transactional_id
 from oncely.processor.pacing import Pacing
 from oncely.processor.partition import PartitionProcessor
 from oncely.processor.producer import TxnProducer
+from oncely.processor.txn_opener import TxnOpener, opener_group
 from oncely.processor.txn_state import CommitResult, Outcome
 from oncely.processor.progress import Progress
 from oncely.processor.rebalance import GroupMember
@@ -283,8 +284,9 @@ class CommitLoop:
         clients = self.clients
         self.restorer = Restorer(clients.base(), self.app.changelog_topic,
                                  self.facts.get("changelog_delete_retention_ms", 24 * 3600 * 1000))
+        opener = TxnOpener(clients.base(), opener_group(self.app.name), self.app.changelog_topic)
         self.txn = TxnProducer(clients.producer_conf(transactional_id(self.root, self.app.name)), self.bound,
-                               self.cfg.txn_call_timeout, self.interrupt)
+                               self.cfg.txn_call_timeout, self.interrupt, opener)
         self.restorer.metrics = self.metrics
         self.txn.start()
         self.new_transaction()

@@ -13,13 +13,10 @@ librdkafka error class mapped to one of three outcomes.
   same producer: a late marker could land in the next transaction). The
   caller then rewinds.
 
-Records are attributed to the invocation that made them (`owner`): when a
-commit fails because a record can never be produced (too large, topic gone,
-not authorised), the owners are reported as poisoned, so the rewind fails
-those invocations instead of replaying them forever. Attributing costs a
-delivery report per record, so it is done only after a transaction failed
-(`CAREFUL_TXNS`): the rewind replays what that transaction held, this time
-attributed, and the next failure names its owners.
+Records are attributed to the invocations that made them (record_faults.py)
+only after a transaction failed (`CAREFUL_TXNS`): the rewind replays what
+that transaction held, this time attributed, and the next failure names its
+owners.
 
 A commit is two calls: `start_commit` sends it on its way (a `Pending` job
 on the worker), `end_commit` takes its outcome. librdkafka accepts no
@@ -37,6 +34,8 @@ from typing import Any, Callable, Collection
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
+from oncely.processor.record_faults import attributed, produce_slowly
+from oncely.processor.txn_opener import TxnOpener
 from oncely.processor.txn_state import CommitResult, Committing, GiveUp, OpenTxn, Outcome, TxnStats
 from oncely.processor.worker import Stuck, Worker
 
@@ -44,23 +43,22 @@ log = logging.getLogger("oncely.producer")
 
 _FENCED = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH,
            KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED}
-# Errors that belong to one record (it can never be produced as it is), not
-# to the broker or the transaction.
-RECORD_FAULTS = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE,
-                 KafkaError.INVALID_RECORD, KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC,
-                 KafkaError._UNKNOWN_PARTITION, KafkaError.TOPIC_AUTHORIZATION_FAILED,
-                 KafkaError.POLICY_VIOLATION, KafkaError.TOPIC_EXCEPTION}
 # A process that has abandoned this many stuck producers gives up (exits;
 # a supervisor restarts it): librdkafka is not recovering in this process.
 MAX_ABANDONED = 3
 # Transactions whose owned records are attributed after one failed (a
 # rewind replays a failed transaction's records within the first few).
 CAREFUL_TXNS = 10
+# Stages of a commit's job after commit_transaction returned (txn_opener.py).
+OPENING = "opening the next transaction"
+OPENED = "opened the next transaction"
 
 
 class TxnProducer:
-    def __init__(self, conf: dict[str, Any], bound: float, call_timeout: float, interrupt: threading.Event) -> None:
+    def __init__(self, conf: dict[str, Any], bound: float, call_timeout: float, interrupt: threading.Event,
+                 opener: TxnOpener | None = None) -> None:
         self.conf = conf
+        self.opener = opener
         self.bound = bound                # the watchdog's limit for one blocking call
         self.call_timeout = call_timeout  # librdkafka's own timeout for it
         self.interrupt = interrupt
@@ -85,6 +83,7 @@ class TxnProducer:
                 p = worker.call(lambda: Producer(self.conf), self.bound, "creating the producer")
                 self._init(worker, p)
                 worker.call(p.begin_transaction, self.bound, "begin_transaction")
+                self._prepare_opener(worker)
             except Stuck as e:
                 self._count_abandoned()
                 if e.interrupted:
@@ -111,6 +110,15 @@ class TxnProducer:
                 if self.interrupt.is_set():
                     raise Stuck("init_transactions", 0.0, interrupted=True) from None
                 log.warning("init_transactions: %s; trying again", err)
+
+    def _prepare_opener(self, worker: Worker) -> None:
+        opener = self.opener
+        if opener is not None and opener.metadata is None and not opener.off:
+            try:
+                worker.call(opener.prepare, self.bound, "preparing the transaction opener")
+            except KafkaException as e:
+                opener.failed(e)
+                opener.off = True
 
     def _count_abandoned(self) -> None:
         self.stats.abandoned += 1
@@ -185,7 +193,7 @@ class TxnProducer:
             self.txn.produced += 1
             return
         if owner is not None and self.careful:
-            on_delivery = self._attributed(owner, topic, on_delivery)
+            on_delivery = attributed(self.txn, owner, topic, on_delivery)
         p = self._producer
         assert p is not None, "no producer"
         part = -1 if partition is None else partition  # -1: librdkafka's partitioner decides
@@ -197,7 +205,7 @@ class TxnProducer:
             else:
                 p.produce(topic, value, key, part, on_delivery=on_delivery, headers=headers or None)
         except (BufferError, KafkaException) as e:
-            if not self._produce_slow(e, p, topic, key, value, headers or None, part, owner, on_delivery):
+            if not produce_slowly(self.txn, e, p, topic, key, value, headers or None, part, owner, on_delivery):
                 return
         self.txn.produced += 1
 
@@ -218,51 +226,9 @@ class TxnProducer:
                 else:
                     produce(topic, value, key, partition, on_delivery=report)
             except (BufferError, KafkaException) as e:
-                if not self._produce_slow(e, p, topic, key, value, None, partition, None, report):
+                if not produce_slowly(txn, e, p, topic, key, value, None, partition, None, report):
                     continue
             txn.produced += 1
-
-    def _produce_slow(self, first: Exception, p: Producer, topic: str, key: bytes | None, value: bytes | None,
-                      headers: list[tuple[str, bytes]] | None, partition: int, owner: bytes | None,
-                      on_delivery: Callable[[Any, Any], None] | None) -> bool:
-        """A produce that raised `first`: wait while the local queue is
-        full; any other error poisons the transaction (and the owner, for a
-        record error). True when the record was added after all."""
-        txn = self.txn
-        e = first
-        while isinstance(e, BufferError):
-            p.poll(0.01)
-            try:
-                p.produce(topic, value, key, partition, on_delivery=on_delivery, headers=headers)
-                return True
-            except (BufferError, KafkaException) as again:
-                e = again
-        err = e.args[0]
-        if txn.error is None:
-            txn.error = err
-        if owner is not None and err.code() in RECORD_FAULTS:
-            txn.faults.append((owner, f"a record for {topic} cannot be produced: {err.str()}"))
-        return False
-
-    def _attributed(self, owner: bytes, topic: str,
-                    then: Callable[[Any, Any], None] | None) -> Callable[[Any, Any], None]:
-        txn = self.txn
-        txn.seq += 1
-        seq = txn.seq
-        txn.unacked[seq] = (owner, topic)
-
-        def delivered(err: Any, msg: Any) -> None:
-            if err is None:
-                txn.unacked.pop(seq, None)
-            elif err.code() in RECORD_FAULTS:
-                txn.unacked.pop(seq, None)
-                txn.faults.append((owner, f"a record for {msg.topic()} cannot be produced: {err.str()}"))
-            # Any other error (purged by an abort, failed with the whole
-            # transaction) leaves it undelivered: the caller may look closer.
-            if then is not None:
-                then(err, msg)
-
-        return delivered
 
     def poll(self) -> None:
         """Serve delivery reports that are ready (never blocks)."""
@@ -289,12 +255,19 @@ class TxnProducer:
             return CommitResult(self.abort(why), why, list(txn.faults), undelivered)
         stage = ["send_offsets_to_transaction"]
         timeout = self.call_timeout
+        opener = self.opener if self.opener is not None and self.opener.ready else None
+        held = self._held  # records produced meanwhile, for the next transaction
 
         def commit() -> None:
             if offsets:
                 p.send_offsets_to_transaction(offsets, group_metadata, timeout)
             stage[0] = "commit_transaction"
             p.commit_transaction(timeout)  # it flushes first; a record that failed makes it abortable
+            if opener is not None and held:  # committed; open the next one for them (txn_opener.py)
+                stage[0] = OPENING
+                p.begin_transaction()
+                opener.open(p, timeout)
+                stage[0] = OPENED
 
         self.committing, self.txn = txn, OpenTxn()
         return Committing(worker.start(commit, self.bound), stage)
@@ -308,28 +281,18 @@ class TxnProducer:
         held, self._held = self._held, []
         try:
             committing.pending.result(committing.stage[0])
-        except Stuck as e:
-            self.committing = None
-            undelivered = list(txn.unacked.values())
-            return CommitResult(self._replace_now("stuck", str(e)), str(e), list(txn.faults), undelivered)
-        except KafkaException as e:
-            self.committing = None
-            self.txn = txn  # what abort() aborts; the held records never reached librdkafka
-            during = committing.stage[0]
-            err = e.args[0]
-            if err.txn_requires_abort() and not err.fatal():
-                try:  # delivery reports of the failed records name their owners
-                    worker.call(lambda: p.poll(0), self.bound, "poll")
-                except Stuck as stuck:
-                    return CommitResult(self._replace_now("stuck", str(stuck)), str(stuck))
-            undelivered = list(txn.unacked.values())
-            return CommitResult(self._classify(err, during), f"{during}: {err}", list(txn.faults), undelivered)
+        except (Stuck, KafkaException) as e:
+            if committing.stage[0] == OPENING:  # committed; opening the next one failed
+                return self._not_opened(e, produced=self.txn.produced)
+            return self._not_committed(committing, e)
         self.committing = None
         self.stats.commits += 1
         if self.careful:
             self.careful -= 1
         produced = self.txn.produced
-        if not self._begin():
+        if committing.stage[0] == OPENED:
+            self.txn = OpenTxn()
+        elif not self._begin():
             # A new producer: the records made meanwhile are gone with the
             # old one, so the caller rewinds after applying this commit.
             return CommitResult(Outcome.COMMITTED, next_lost=produced > 0)
@@ -338,6 +301,40 @@ class TxnProducer:
             produce(*record)
         self.txn.produced = produced  # (counted when held)
         return CommitResult(Outcome.COMMITTED)
+
+    def _not_committed(self, committing: "Committing", e: Exception) -> CommitResult:
+        p, worker, txn = self._producer, self._worker, self.committing
+        assert p is not None and worker is not None and txn is not None
+        self.committing = None
+        if isinstance(e, Stuck):
+            undelivered = list(txn.unacked.values())
+            return CommitResult(self._replace_now("stuck", str(e)), str(e), list(txn.faults), undelivered)
+        self.txn = txn  # what abort() aborts; the held records never reached librdkafka
+        during = committing.stage[0]
+        err = e.args[0]
+        if err.txn_requires_abort() and not err.fatal():
+            try:  # delivery reports of the failed records name their owners
+                worker.call(lambda: p.poll(0), self.bound, "poll")
+            except Stuck as stuck:
+                return CommitResult(self._replace_now("stuck", str(stuck)), str(stuck))
+        undelivered = list(txn.unacked.values())
+        return CommitResult(self._classify(err, during), f"{during}: {err}", list(txn.faults), undelivered)
+
+    def _not_opened(self, e: Exception, produced: int) -> CommitResult:
+        """The commit went through, opening the next transaction did not:
+        it is aborted (or the producer replaced), and the records held for
+        it are dropped (the caller rewinds after applying the commit), as
+        when a begin fails."""
+        self.committing = None
+        self.stats.commits += 1
+        why = f"{OPENING}: {e}"
+        if isinstance(e, Stuck):
+            self.replace(why, "stuck")
+        else:
+            assert self.opener is not None
+            self.opener.failed(e)
+            self.abort(why)
+        return CommitResult(Outcome.COMMITTED, next_lost=produced > 0)
 
     def _classify(self, err: KafkaError, during: str) -> Outcome:
         if err.fatal() or err.code() in _FENCED:
