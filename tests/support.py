@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -21,7 +22,7 @@ from oncely.processor.store import PartitionStore
 REPO = Path(__file__).resolve().parent.parent
 
 # Read-back helpers the tests take from here.
-__all__ = ["REPO", "InProcessProcessor", "ProcessorProcess", "changelog_latest", "changelog_state", "oncely_cli",
+__all__ = ["REPO", "InProcessProcessor", "feed", "ProcessorProcess", "changelog_latest", "changelog_state", "oncely_cli",
            "state_from", "store_kv", "wait_for_app_topics", "wait_until"]
 
 
@@ -192,6 +193,18 @@ class CounterTraffic:
     def exact(self) -> bool:
         state = changelog_state(self.bootstrap, self.app)
         return {k: v for (s, k, n), v in state.items() if s == "counter" and n == "n"} == self.sums
+
+
+def feed(traffic: "CounterTraffic", stop: threading.Event, batch: int = 20, pause: float = 0.05) -> threading.Thread:
+    """Sends `batch` records every `pause` s on a daemon thread until `stop` is set."""
+    def run() -> None:
+        while not stop.is_set():
+            traffic.send(batch)
+            time.sleep(pause)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
 
 
 def free_port() -> int:

@@ -20,7 +20,7 @@ import oncely
 from oncely.sdk.protocol import encode_value
 from oncely.processor import keys
 from oncely.testing import unique_name
-from support import CounterTraffic, InProcessProcessor, changelog_state, wait_until
+from support import CounterTraffic, InProcessProcessor, changelog_state, feed, wait_until
 
 
 def _app(kafka: str, state_dir: Path, name: str, **config: object) -> tuple[oncely.App, list[float]]:
@@ -116,13 +116,7 @@ def test_other_partitions_commit_while_one_restores_a_long_changelog(kafka: str,
 
         a.processor.on_commit = on_commit
 
-        def traffic() -> None:
-            while not stop_traffic.is_set():
-                sums.send(20)
-                time.sleep(0.05)
-
-        feeder = threading.Thread(target=traffic, daemon=True)
-        feeder.start()
+        feeder = feed(sums, stop_traffic)
         time.sleep(1)
         b.stop()
         b_stopped = True

@@ -25,7 +25,7 @@ from confluent_kafka import KafkaError, KafkaException
 
 import oncely
 from oncely.testing import create_topic, read_to_end, unique_name
-from support import CounterTraffic, InProcessProcessor, wait_until
+from support import CounterTraffic, InProcessProcessor, feed, wait_until
 
 SLOW = 2.0
 
@@ -98,17 +98,6 @@ def _slow_down_one_commit(runner: InProcessProcessor, fail: bool) -> list[float]
     return window
 
 
-def _feed(traffic: CounterTraffic, stop: threading.Event) -> threading.Thread:
-    def run() -> None:
-        while not stop.is_set():
-            traffic.send(20)
-            time.sleep(0.05)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
-
-
 def _run_with_one_slow_commit(kafka: str, tmp_path: Path, fail: bool) -> tuple[list[float], list[float], Any]:
     name = unique_name("on-its-way")
     create_topic(kafka, f"{name}.out", 2)
@@ -119,7 +108,7 @@ def _run_with_one_slow_commit(kafka: str, tmp_path: Path, fail: bool) -> tuple[l
     try:
         traffic.send(200)
         wait_until(traffic.exact, 60, 0.3, "the first sums")
-        feeder = _feed(traffic, stop)
+        feeder = feed(traffic, stop)
         window = _slow_down_one_commit(runner, fail)
         wait_until(lambda: len(window) == 2, 30, 0.05, "the slow commit")
         time.sleep(1)

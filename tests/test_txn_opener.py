@@ -22,7 +22,7 @@ from confluent_kafka.admin import AdminClient
 import oncely
 from oncely.processor.txn_opener import opener_group
 from oncely.testing import create_topic, read_to_end, unique_name
-from support import CounterTraffic, InProcessProcessor, wait_until
+from support import CounterTraffic, InProcessProcessor, feed, wait_until
 
 
 def _app(name: str, kafka: str, state_dir: Path) -> oncely.App:
@@ -92,14 +92,7 @@ def _run(kafka: str, tmp_path: Path, refuse: bool) -> tuple[oncely.App, _Traffic
         rewinds = runner.processor.rewinds
         if refuse:  # the broker refuses offsets of a topic it does not have
             runner.on_loop(lambda: setattr(opener, "offsets", [TopicPartition(f"{name}.no-such-topic", 0, 0)]))
-
-        def feed() -> None:
-            while not stop.is_set():
-                traffic.send(20)
-                time.sleep(0.02)
-
-        feeder = threading.Thread(target=feed, daemon=True)
-        feeder.start()
+        feeder = feed(traffic, stop, pause=0.02)
         wait_until(lambda: opener.off if refuse else opener.opened >= 20, 60, 0.1, "transactions opened early")
         time.sleep(1)
         stop.set()
