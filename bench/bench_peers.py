@@ -192,6 +192,9 @@ class Bench:
     def latency(self, system: str, res: Result) -> None:
         """Pace records at --rate and time source timestamp -> committed output read."""
         a = self.args
+        waited = self.broker.settle()
+        if waited > 1:
+            print(f"  (waited {waited:.1f} s for a quiet broker)", flush=True)
         source, out = fresh_topics(self.broker.bootstrap, f"peer-lat-{system}", a.partitions, "src", "out")
         arrivals: list[tuple[int, float]] = []
 

@@ -54,6 +54,21 @@ class Broker:
         """CPU seconds the broker has used so far (nan if it is not local)."""
         return cpu_seconds(self.process) if self.process else float("nan")
 
+    def settle(self, below: float = 0.1, longest: float = 60.0) -> float:
+        """Wait until the broker's CPU over half a second is under `below`
+        cores (it compacts and deletes after a throughput run for a while),
+        at most `longest` s; returns the seconds waited. A latency run
+        measures the system, not what the broker still does for the last one."""
+        t0 = time.monotonic()
+        if self.process is None:
+            return 0.0
+        while time.monotonic() - t0 < longest:
+            c0 = self.cpu()
+            time.sleep(0.5)
+            if (self.cpu() - c0) / 0.5 < below:
+                break
+        return time.monotonic() - t0
+
     def close(self) -> None:
         if self.local:
             self.local.stop()
