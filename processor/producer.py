@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any, Callable, Collection
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
@@ -83,7 +84,6 @@ class TxnProducer:
                 p = worker.call(lambda: Producer(self.conf), self.bound, "creating the producer")
                 self._init(worker, p)
                 worker.call(p.begin_transaction, self.bound, "begin_transaction")
-                self._prepare_opener(worker)
             except Stuck as e:
                 self._count_abandoned()
                 if e.interrupted:
@@ -94,6 +94,7 @@ class TxnProducer:
                 raise GiveUp(f"cannot start a transactional producer: {e.args[0]}") from None
             self._producer, self._worker = p, worker
             self.txn = OpenTxn()
+            self._prepare_opener()
             return
 
     def _init(self, worker: Worker, p: Producer) -> None:
@@ -111,14 +112,17 @@ class TxnProducer:
                     raise Stuck("init_transactions", 0.0, interrupted=True) from None
                 log.warning("init_transactions: %s; trying again", err)
 
-    def _prepare_opener(self, worker: Worker) -> None:
+    def _prepare_opener(self) -> None:
+        """On a worker of its own: a stuck lookup must not cost the producer."""
         opener = self.opener
         if opener is not None and opener.metadata is None and not opener.off:
+            worker = Worker("opener", self.interrupt)
             try:
                 worker.call(opener.prepare, self.bound, "preparing the transaction opener")
-            except KafkaException as e:
-                opener.failed(e)
-                opener.off = True
+            except (Stuck, KafkaException) as e:
+                opener.turn_off(str(e))
+            finally:
+                worker.close()
 
     def _count_abandoned(self) -> None:
         self.stats.abandoned += 1
@@ -259,14 +263,18 @@ class TxnProducer:
         held = self._held  # records produced meanwhile, for the next transaction
 
         def commit() -> None:
+            t0 = time.monotonic()
             if offsets:
                 p.send_offsets_to_transaction(offsets, group_metadata, timeout)
             stage[0] = "commit_transaction"
             p.commit_transaction(timeout)  # it flushes first; a record that failed makes it abortable
-            if opener is not None and held:  # committed; open the next one for them (txn_opener.py)
+            # Committed. Records wait: open the next one for them (txn_opener.py),
+            # unless the commit was slow (the job's bound is shared) or its
+            # producer was given up meanwhile.
+            if opener is not None and held and time.monotonic() - t0 < self.bound / 2 and self._worker is worker:
                 stage[0] = OPENING
                 p.begin_transaction()
-                opener.open(p, timeout)
+                opener.open(p)
                 stage[0] = OPENED
 
         self.committing, self.txn = txn, OpenTxn()
@@ -282,7 +290,7 @@ class TxnProducer:
         try:
             committing.pending.result(committing.stage[0])
         except (Stuck, KafkaException) as e:
-            if committing.stage[0] == OPENING:  # committed; opening the next one failed
+            if committing.stage[0] in (OPENING, OPENED):  # committed; opening the next one failed
                 return self._not_opened(e, produced=self.txn.produced)
             return self._not_committed(committing, e)
         self.committing = None

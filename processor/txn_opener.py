@@ -34,6 +34,11 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 
 log = logging.getLogger("oncely.producer")
 
+# The opening's own timeout: the conflict it waits out clears in a few ms on
+# a healthy broker, and the commit job's bound must not be spent on it.
+OPEN_TIMEOUT = 1.0
+# Failed openings in a row that turn it off (each costs an abort and a rewind).
+MAX_FAILURES = 3
 # Refusals that will not go away by themselves.
 _REFUSED = {KafkaError.GROUP_AUTHORIZATION_FAILED, KafkaError.TOPIC_AUTHORIZATION_FAILED,
             KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError.INVALID_GROUP_ID}
@@ -55,14 +60,15 @@ class TxnOpener:
         self.metadata: Any = None  # the group's ConsumerGroupMetadata (generation -1: no member)
         self.off = False
         self.opened = 0
+        self.failures = 0  # in a row
 
     @property
     def ready(self) -> bool:
         return self.metadata is not None and not self.off
 
     def prepare(self) -> None:
-        """The group's metadata, from a consumer that never joins it (no
-        network call; run it on a worker all the same)."""
+        """The group's metadata, from a consumer that never joins it (it may
+        look up the group's coordinator: run it on a worker)."""
         if self.metadata is not None:
             return
         consumer = Consumer({**self.consumer_conf, "group.id": self.group})
@@ -71,15 +77,22 @@ class TxnOpener:
         finally:
             consumer.close()
 
-    def open(self, producer: Producer, timeout: float) -> None:
+    def open(self, producer: Producer) -> None:
         """Open `producer`'s begun transaction at the coordinator."""
-        producer.send_offsets_to_transaction(self.offsets, self.metadata, timeout)
+        producer.send_offsets_to_transaction(self.offsets, self.metadata, OPEN_TIMEOUT)
         self.opened += 1
+        self.failures = 0
 
     def failed(self, error: BaseException) -> None:
-        """Opening failed: a refusal turns it off for good."""
+        """Opening failed: a refusal, or MAX_FAILURES in a row, turns it off
+        for good."""
+        self.failures += 1
         err = error.args[0] if isinstance(error, KafkaException) and error.args else None
-        if isinstance(err, KafkaError) and err.code() in _REFUSED:
-            self.off = True
-            log.warning("opening transactions early through group %s is off (%s); records after a commit may "
-                        "wait up to 20 ms more", self.group, err.str())
+        refused = isinstance(err, KafkaError) and err.code() in _REFUSED
+        if refused or self.failures >= MAX_FAILURES:
+            self.turn_off(err.str() if isinstance(err, KafkaError) else f"{type(error).__name__}: {error}")
+
+    def turn_off(self, why: str) -> None:
+        self.off = True
+        log.warning("opening transactions early through group %s is off (%s); records made during a commit may "
+                    "wait up to 20 ms more", self.group, why)

@@ -5,7 +5,8 @@ when records wait for it (processor/txn_opener.py), on a real broker:
   group and never the app's group, and sums and outputs stay exact;
 - when the broker refuses it, the commit before still stands, the records
   that waited are replayed once (the partitions rewind), opening is turned
-  off, and sums and outputs are still exact.
+  off, and sums and outputs are still exact; the producer alone shows the
+  commit counted as committed and the waiting record dropped.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 import oncely
-from oncely.processor.txn_opener import opener_group
+from oncely.processor.producer import TxnProducer
+from oncely.processor.txn_opener import TxnOpener, opener_group
+from oncely.processor.txn_state import Outcome
 from oncely.testing import create_topic, read_to_end, unique_name
 from support import CounterTraffic, InProcessProcessor, feed, wait_until
 
@@ -123,3 +126,30 @@ def test_a_refused_opening_turns_it_off_and_loses_nothing(kafka: str, tmp_path: 
     # The refused opening aborted the empty next transaction and its waiting
     # records were replayed once: one rewind, and exact sums and outputs (_run).
     assert seen["rewinds"] == 1 and seen["aborts"] == 1, seen
+
+
+def test_a_failed_opening_keeps_the_commit_and_drops_what_waited(kafka: str) -> None:
+    """The producer alone: the commit before a failed opening is committed
+    and counted as such; the record that waited for the next transaction is
+    dropped with it (`next_lost`: the processor rewinds and makes it again),
+    and the next transaction works."""
+    name = unique_name("opener-producer")
+    create_topic(kafka, f"{name}.out", 1)
+    opener = TxnOpener({"bootstrap.servers": kafka}, opener_group(name), f"{name}.no-such-topic")
+    txn = TxnProducer({"bootstrap.servers": kafka, "transactional.id": name, "enable.idempotence": True,
+                       "transaction.timeout.ms": 10_000, "retry.backoff.ms": 1}, 10.0, 5.0, threading.Event(),
+                      opener)
+    txn.start()
+    try:
+        assert opener.ready
+        txn.produce(f"{name}.out", b"k", b"committed")
+        committing = txn.start_commit([], None)
+        txn.produce(f"{name}.out", b"k", b"waited")  # made while the commit is on its way
+        result = txn.end_commit(committing)
+        assert result.outcome is Outcome.COMMITTED and result.next_lost, result
+        assert (txn.stats.commits, txn.stats.aborts, opener.opened, opener.failures) == (1, 1, 0, 1)
+        txn.produce(f"{name}.out", b"k", b"after")
+        assert txn.commit([], None).outcome is Outcome.COMMITTED
+    finally:
+        txn.close()
+    assert [r.value for r in read_to_end(kafka, f"{name}.out")] == [b"committed", b"after"]
