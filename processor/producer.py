@@ -330,17 +330,17 @@ class TxnProducer:
 
     def _not_opened(self, e: Exception, produced: int) -> CommitResult:
         """The commit went through, opening the next transaction did not:
-        it is aborted (or the producer replaced), and the records held for
-        it are dropped (the caller rewinds after applying the commit), as
-        when a begin fails."""
+        it is aborted (the producer replaced when stuck), and the records
+        held for it are dropped (the caller rewinds after applying the
+        commit)."""
         self.committing = None
         self.stats.commits += 1
         why = f"{OPENING}: {e}"
+        assert self.opener is not None
+        self.opener.failed(e)  # (a stuck one too: each costs an abandoned producer)
         if isinstance(e, Stuck):
             self.replace(why, "stuck")
         else:
-            assert self.opener is not None
-            self.opener.failed(e)
             self.abort(why)
         return CommitResult(Outcome.COMMITTED, next_lost=produced > 0)
 
