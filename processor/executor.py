@@ -46,7 +46,10 @@ class LocalExecutor:
 
     def __init__(self, app: App) -> None:
         self.app = app
-        self._eager = False  # inside an eager first step or its outcome
+        self.in_process = self  # first steps may run in place (first_step.py)
+        # Inside an eager first step or its outcome: what starts now is an
+        # ordinary task (so a long queue of one key does not recurse).
+        self.eager = False
         self._spare: asyncio.Task[Outcome] | None = None
         self._slot: asyncio.Future[_Rest] | None = None  # what the spare waits for
         # The loop it runs on, kept: asyncio.get_running_loop() makes a
@@ -55,32 +58,23 @@ class LocalExecutor:
 
     def start(self, call: HandlerCall, done: Callable[[Outcome], None]) -> asyncio.Task[Outcome] | None:
         coro = run_handler(self.app, call)
-        loop = self._loop
-        if loop is None or not loop.is_running():  # (the executor outlived its loop: tests do)
-            loop = self._loop = asyncio.get_running_loop()
-            self._spare = self._slot = None  # (made on the old loop)
-        if self._eager:
-            task = loop.create_task(coro)
+        if self.eager:
+            task = self._running_loop().create_task(coro)
         else:
-            task, slot = self._spare, self._slot
-            if task is None or slot is None or task.done() or task.cancelling():
-                task, slot = self._take_spare(loop)
             context = contextvars.copy_context()
-            self._eager = True
             try:
-                yielded = _first_step(loop, task, context, coro)
+                yielded = self.step(coro, context)
             except StopIteration as stop:
                 done(stop.value)
                 return None
             except (KeyboardInterrupt, SystemExit):
                 raise
             except BaseException as e:  # not the handler's error: run_handler returns those as outcomes
-                done(_failed(call, e))
+                done(failed(call, e))
                 return None
             finally:
-                self._eager = False
-            self._spare = self._slot = None  # adopted: it drives the rest
-            slot.set_result((coro, yielded, context))
+                self.eager = False
+            task = self.adopt(coro, yielded, context)
 
         def finished(t: asyncio.Task[Outcome]) -> None:
             if t.cancelled():
@@ -88,11 +82,41 @@ class LocalExecutor:
             try:
                 outcome = t.result()
             except BaseException as e:
-                outcome = _failed(call, e)
+                outcome = failed(call, e)
             done(outcome)
 
         task.add_done_callback(finished)
         return task
+
+    def step(self, coro: Coroutine[Any, Any, Any], context: contextvars.Context) -> Any:
+        """Run the coroutine's first step at once, in `context`, with the
+        spare task current. Returns what it yielded (the caller then
+        `adopt`s it), or raises StopIteration with its result, or what it
+        raised. Sets `eager`; the caller clears it once it has applied the
+        outcome (what that starts in turn is then an ordinary task)."""
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            loop = self._running_loop()
+        task = self._spare
+        if task is None or self._slot is None or task.done() or task.cancelling():
+            task = self._take_spare(loop)[0]
+        self.eager = True
+        return _first_step(loop, task, context, coro)
+
+    def adopt(self, coro: Coroutine[Any, Any, Any], yielded: Any, context: contextvars.Context) -> asyncio.Task[Any]:
+        """The spare task drives the rest of a coroutine that awaited in its first step."""
+        task, slot = self._spare, self._slot
+        assert task is not None and slot is not None
+        self._spare = self._slot = None  # adopted: it drives the rest
+        slot.set_result((coro, yielded, context))
+        return task
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None or not loop.is_running():  # (the executor outlived its loop: tests do)
+            loop = self._loop = asyncio.get_running_loop()
+            self._spare = self._slot = None  # (made on the old loop)
+        return loop
 
     def _take_spare(self, loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Task[Outcome], asyncio.Future[_Rest]]:
         """A new spare task (the last one was adopted, or its loop ended)."""
@@ -126,7 +150,8 @@ def _first_step(loop: asyncio.AbstractEventLoop, task: asyncio.Task[Outcome], co
             _enter_task(loop, outer)
 
 
-def _failed(call: HandlerCall, e: BaseException) -> Outcome:
+def failed(call: HandlerCall, e: BaseException) -> Outcome:
+    """The outcome of an invocation whose execution (not its handler) failed."""
     log.error("%s: the executor failed", call.service, exc_info=e)
     return Outcome("retry", error=f"internal error: {describe_error(e)}")
 

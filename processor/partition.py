@@ -22,8 +22,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from oncely.processor import admission, completions, controls, keys, loading, outcomes
+from oncely.processor import admission, completions, controls, first_step, keys, loading, outcomes
 from oncely.processor.effects import InvocationEffects
+from oncely.processor.executor import LocalExecutor
 from oncely.processor.inbox import ReadAhead, StoreQueue, ready_queue
 from oncely.processor.invocation import (BACKING_OFF, PAUSED, RUNNING, STARTING, Invocation, PartitionStats,
                                          TxnOutput)
@@ -34,6 +35,7 @@ from oncely.processor.store import KeyState, PartitionStore
 from oncely.processor.timers import Timers
 from oncely.processor.waits import Waits
 from oncely.processor.writer import InvocationWriter
+from oncely.sdk import runner
 from oncely.shuffle.envelope import DECODED
 from oncely.shuffle.ids import format_id
 
@@ -52,6 +54,9 @@ class PartitionProcessor:
         self.partition = partition
         self.store = store
         self.executor = executor
+        # The executor that runs in-process handlers, if it lets first steps
+        # run in place (first_step.py); a replay-checking one does not.
+        self.in_process: LocalExecutor | None = getattr(executor, "in_process", None)
         self.out = out
         self.sinks = sinks
         # Invocations that must fail when they next start, with the reason
@@ -232,7 +237,18 @@ class PartitionProcessor:
         inv.run += 1
         run = inv.run
         inv.running = STARTING  # until its outcome is applied (which may be before `start` returns)
-        running = self.executor.start(call, lambda outcome: self._apply_outcome(inv, outcome, run))
+        handler = None  # set when its first step runs in place (first_step.py)
+        local = self.in_process
+        if local is not None and not local.eager and runner.tracer is None:
+            svc = self.app.services[invoke["service"]]
+            if svc.deployment is None:
+                handler = svc.handlers.get(invoke["handler"])
+                if handler is not None and handler.takes_input and call.input is NOT_DECODED:
+                    handler = None
+        if handler is not None:
+            running = first_step.run(self, inv, call, handler, local, run)  # type: ignore[arg-type]
+        else:
+            running = self.executor.start(call, lambda outcome: self._apply_outcome(inv, outcome, run))
         if inv.running is STARTING and inv.run == run:
             inv.running = running
             if running is not None:  # it awaits: only now does it join what a commit persists

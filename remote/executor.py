@@ -232,6 +232,8 @@ class RoutingExecutor:
         self.app = app
         self.local = local
         self.remote = remote
+        # Services without a deployment run in `local`; their first steps may run in place.
+        self.in_process = getattr(local, "in_process", None)
 
     def start(self, call: HandlerCall, done: Callable[[Outcome], None]) -> Running:
         svc = self.app.services.get(call.service)

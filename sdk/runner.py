@@ -6,7 +6,6 @@ remote endpoint) only calls `run_handler`."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import TYPE_CHECKING, Any, Coroutine
 
@@ -92,22 +91,29 @@ async def _run(app: App, call: HandlerCall, handler: Handler, ctx: JournalContex
             value = await handler.fn(ctx, arg)
         else:
             value = await handler.fn(ctx)
-    except NonDeterminismError as e:
+    except (Exception, NonDeterminismError) as e:  # (cancellation propagates)
+        return raised(call, ctx, e)
+    return returned(call, ctx, value)
+
+
+def raised(call: HandlerCall, ctx: JournalContext, e: Exception | NonDeterminismError) -> Outcome:
+    """The outcome of a handler that raised `e` (the processor's first-step
+    lane maps its handlers' ends with this and `returned` too)."""
+    if isinstance(e, NonDeterminismError):
         return Outcome("paused", error=str(e))
-    except TerminalError as e:
-        if ctx.diverged is not None:
-            return Outcome("paused", error=str(ctx.diverged))
+    if ctx.diverged is not None:
+        return Outcome("paused", error=str(ctx.diverged))
+    if isinstance(e, TerminalError):
         if isinstance(e, UsageError):
             _log_failure(call, e)
             return Outcome("terminal", error=describe_error(e))
         return Outcome("terminal", error=e.message)
-    except asyncio.CancelledError:
-        raise
-    except Exception as e:
-        if ctx.diverged is not None:
-            return Outcome("paused", error=str(ctx.diverged))
-        _log_failure(call, e)
-        return Outcome("retry", error=describe_error(e))
+    _log_failure(call, e)
+    return Outcome("retry", error=describe_error(e))
+
+
+def returned(call: HandlerCall, ctx: JournalContext, value: Any) -> Outcome:
+    """The outcome of a handler that returned `value`."""
     if ctx.diverged is not None:
         # The handler caught the error itself; still never continue.
         return Outcome("paused", error=str(ctx.diverged))

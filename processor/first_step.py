@@ -1,0 +1,131 @@
+"""The first step of an in-process handler, run in place.
+
+Most stream enrichments read and write their key's state, emit, and return
+without awaiting anything. For them the executor's and the outcome's general
+machinery (run_handler's wrapper coroutine, an Outcome, its dispatch, the
+done callback) cost a third of the per-record time, so a new invocation of
+a Python handler in this process, with its input already decoded (a local
+start), runs here instead:
+
+- the handler's coroutine runs up to its first await as the executor runs
+  any first step (`LocalExecutor.step`: the spare task current, a context of
+  its own, nothing else of the loop in between);
+- it **returned**, and nothing but its state writes and emits is owed (no
+  caller to answer, nobody outside waiting, no dedup entry, no return value
+  to check, no divergence, state not cleared): they join the open
+  transaction here, exactly as `outcomes.complete` would write them, and the
+  invocation finishes;
+- it returned anything else, or **raised**: the runner maps the end to an
+  Outcome (`returned`, `raised`: the policy is written once) and the
+  partition applies it as it applies every outcome;
+- it **awaits**: the spare task adopts the rest, and its end is mapped and
+  applied the same way when it comes; from here on it is an invocation like
+  any other.
+
+Eligibility (`PartitionProcessor.start`): the executor runs the service in
+this process, no tracer wraps attempts, the input is decoded, and no first
+step is already running (what an eager outcome starts in turn is a task).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+from typing import TYPE_CHECKING
+
+from oncely.errors import NonDeterminismError
+from oncely.processor import keys
+from oncely.processor.executor import LocalExecutor, failed
+from oncely.sdk.journal import context_for
+from oncely.sdk.protocol import HandlerCall, Outcome
+from oncely.sdk.runner import raised, returned
+from oncely.shuffle.ids import format_id
+
+if TYPE_CHECKING:
+    from oncely.app import Handler
+    from oncely.processor.invocation import Invocation
+    from oncely.processor.partition import PartitionProcessor
+
+log = logging.getLogger("oncely.partition")
+
+
+def run(part: PartitionProcessor, inv: Invocation, call: HandlerCall, handler: Handler, executor: LocalExecutor,
+        attempt_run: int) -> asyncio.Task[object] | None:
+    """Run `inv`'s first step here; its task when it awaits, else None (its
+    outcome is applied already)."""
+    ctx = context_for(call, handler.service.keyed)
+    context = contextvars.copy_context()
+    try:
+        try:
+            coro = handler.fn(ctx, call.input) if handler.takes_input else handler.fn(ctx)
+            yielded = executor.step(coro, context)
+        except StopIteration as stop:
+            value = stop.value
+            invoke = inv.invoke
+            if (value is None and ctx.diverged is None and invoke["caller"] is None and not part.waiters
+                    and "reply" not in invoke and invoke["idempotency_key"] is None and part.writer.net_effects):
+                writes, cleared = ctx.state_changes()
+                if not cleared:
+                    _complete(part, inv, writes, ctx.emits)
+                    return None
+            part._apply_outcome(inv, returned(call, ctx, value), attempt_run)
+            return None
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:
+            part._apply_outcome(inv, _ended_by(call, ctx, e), attempt_run)
+            return None
+    finally:
+        executor.eager = False
+    task = executor.adopt(coro, yielded, context)
+
+    def finished(t: asyncio.Task[object]) -> None:
+        if t.cancelled():
+            return  # a rewind, a revocation or a control dropped it
+        try:
+            outcome = returned(call, ctx, t.result())
+        except BaseException as e:
+            outcome = _ended_by(call, ctx, e)
+        part._apply_outcome(inv, outcome, attempt_run)
+
+    task.add_done_callback(finished)
+    return task
+
+
+def _ended_by(call: HandlerCall, ctx: object, e: BaseException) -> Outcome:
+    """The outcome of a handler that raised: the runner's mapping; what
+    only the executor can raise (cancellation) is an internal error."""
+    if isinstance(e, (Exception, NonDeterminismError)):
+        return raised(call, ctx, e)  # type: ignore[arg-type]
+    return failed(call, e)
+
+
+def _complete(part: PartitionProcessor, inv: Invocation, writes: dict[str, bytes | None],
+              emits: list[tuple]) -> None:
+    """`outcomes.complete` for an invocation that owes nothing but its state
+    writes and emits; an error applying them aborts the open transaction,
+    as `PartitionProcessor._apply_outcome` does."""
+    inv.running = None
+    metrics = part.metrics
+    if metrics is not None:
+        metrics.attempt_ended(inv)
+    try:
+        sk = inv.sk
+        if sk is not None and writes:
+            store = part.store
+            for name, value in writes.items():
+                if value is None:
+                    store.delete(keys.state(sk, name))
+                else:
+                    store.put(keys.state(sk, name), value)
+        out = part.out
+        for topic, key, value, headers in emits:
+            out.produce(topic, key, value, headers, owner=inv.id)
+        part.stats.completed += 1
+        if metrics is not None:
+            metrics.outcome(inv, "completed")
+        part.finish(inv)
+    except Exception as e:
+        log.exception("%s %s: applying its outcome failed", format_id(inv.id), inv.target)
+        part.out.fault(inv.id, f"internal error applying its outcome (completed): {type(e).__name__}: {e}")
