@@ -1,0 +1,251 @@
+"""The first step in place (processor/first_step.py): every way a local
+start can end, on a real partition processor over a real RocksDB store
+(no broker: nothing here is about Kafka; the local-start and kill tests run
+the same lane on the broker).
+
+A subscribed record is routed and started the way the commit loop does it
+(`dispatch.source_record` with a caught-up `LocalStarts`); records produced
+go to a list standing in for the open transaction."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+import oncely
+from oncely import schemas
+from oncely.driver import _Message
+from oncely.egress.sinks import Sinks
+from oncely.processor import dispatch, keys
+from oncely.processor.executor import LocalExecutor
+from oncely.processor.invocation import BACKING_OFF
+from oncely.processor.local_start import LocalStarts
+from oncely.processor.partition import PartitionProcessor
+from oncely.processor.store import PartitionStore
+from oncely.sdk.protocol import decode_value
+
+SOURCE = "orders"
+OUT = "enriched"
+
+
+class _Record(_Message):
+    __slots__ = ()
+
+    def headers(self) -> None:
+        return None
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 1_700_000_000_000)
+
+    def error(self) -> None:
+        return None
+
+
+class _Txn:
+    """The open transaction, as partitions see it: a list of records."""
+
+    metrics = None
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, bytes | None, bytes | None, int | None]] = []
+
+    def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Any = None,
+                partition: int | None = None, owner: bytes | None = None) -> None:
+        self.records.append((topic, key, value, partition))
+
+    def fault(self, inv_id: bytes, why: str) -> None:
+        raise AssertionError(f"fault: {why}")
+
+    def to(self, topic: str) -> list[tuple[bytes | None, bytes | None]]:
+        return [(k, v) for t, k, v, _ in self.records if t == topic]
+
+
+def _app(gate: asyncio.Event | None = None) -> oncely.App:
+    app = oncely.App("first-step", partitions=1)
+    svc = app.keyed("customers")
+    app.sink(OUT)
+
+    @svc.handler
+    async def total(ctx: oncely.KeyedContext, order: dict) -> Any:
+        if order.get("fail") and ctx.attempt == 0:
+            raise RuntimeError("the first attempt fails")
+        if order.get("terminal"):
+            raise oncely.TerminalError("refused")
+        if order.get("clear"):
+            ctx.clear_all()
+        if "note" in order:
+            ctx.set("note", order["note"])
+        if order.get("wait"):
+            assert gate is not None
+            await gate.wait()
+        running = ctx.get("total", 0) + order["amount"]
+        ctx.set("total", running)
+        ctx.emit(OUT, {"total": running}, key=ctx.key)
+        if order.get("bad_return"):
+            return {1, 2}  # not JSON
+        return order.get("returns")
+
+    app.subscribe(SOURCE, total)
+    return app
+
+
+class _Engine:
+    def __init__(self, tmp: Path, app: oncely.App) -> None:
+        self.app = app
+        self.sub = app.subscriptions[0]
+        self.txn = _Txn()
+        store = PartitionStore(tmp / "0", app.name, 1, 0)
+        store.open()
+        self.part = PartitionProcessor(app, 0, store, LocalExecutor(app), self.txn, True,
+                                       sinks=Sinks(app.sinks, lambda topic: True))
+        self.part.load()
+        self.local = LocalStarts({0: self.part})
+        self.offset = 0
+
+    def catch_up(self) -> None:
+        class _Routed:
+            partition = 0
+
+        self.local.start(_Routed(), self.txn)  # type: ignore[arg-type]  (produces the marker)
+        self.local.on_mark(self.part, {"epoch": self.local.epoch, "token": self.local.token})
+        assert self.local.caught_up(0)
+        self.txn.records.clear()
+
+    def feed(self, key: str, **order: Any) -> None:
+        body = {"amount": 1, **order}
+        m = _Record(SOURCE, 0, self.offset, key.encode(), orjson.dumps(body))
+        self.offset += 1
+        dispatch.source_record(self.app, self.sub, m, self.txn, self.local)
+
+    def total(self, key: str) -> Any:
+        raw = self.part.store.get(keys.state(keys.service_key("customers", key.encode()), "total"))
+        return None if raw is None else decode_value(raw)
+
+    def outputs(self) -> list[int]:
+        return [orjson.loads(v)["total"] for _, v in self.txn.to(OUT)]
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Any:
+    async def make() -> _Engine:
+        e = _Engine(tmp_path, _app())
+        e.catch_up()
+        return e
+
+    loop = asyncio.new_event_loop()
+    e = loop.run_until_complete(make())
+    yield e, loop
+    loop.run_until_complete(e.part.executor.close())
+    e.part.close()
+    e.part.store.close()
+    loop.close()
+
+
+def _run(loop: asyncio.AbstractEventLoop, fn: Any) -> Any:
+    async def body() -> Any:
+        return fn()
+    return loop.run_until_complete(body())
+
+
+def test_a_handler_that_returns_owing_nothing_ends_within_its_start(engine: Any) -> None:
+    e, loop = engine
+    _run(loop, lambda: [e.feed("alice"), e.feed("bob"), e.feed("alice")])
+    # Ended in place: nothing in memory, no key held, no task.
+    assert e.part.stats.local_starts == 3 and e.part.stats.completed == 3
+    assert not e.part.invocations and not e.part.keys.held and not e.part.active
+    assert e.total("alice") == 2 and e.total("bob") == 1
+    assert e.outputs() == [1, 1, 2]
+    assert [k for k, _ in e.txn.to(OUT)] == [b"alice", b"bob", b"alice"]
+    assert not e.part.writer.dirty
+
+
+def test_a_return_value_or_cleared_state_goes_through_the_runner(engine: Any) -> None:
+    e, loop = engine
+    _run(loop, lambda: [e.feed("alice", note="x"), e.feed("alice", returns={"ok": 1}), e.feed("alice", clear=True)])
+    assert e.part.stats.completed == 3 and not e.part.invocations and not e.part.keys.held
+    assert e.outputs() == [1, 2, 1]  # cleared before the third added its amount
+    assert e.total("alice") == 1
+    note = keys.state(keys.service_key("customers", b"alice"), "note")
+    assert e.part.store.get(note) is None  # cleared, not only overwritten
+
+    _run(loop, lambda: e.feed("bob", bad_return=True))  # not JSON: a terminal failure, as anywhere
+    assert e.part.stats.failed == 1
+    dead = e.txn.to(e.app.dlq_topic)
+    assert len(dead) == 1 and e.total("bob") is None and not e.part.keys.held
+
+
+def test_a_first_step_that_raises_backs_off_holding_its_key(engine: Any) -> None:
+    e, loop = engine
+    _run(loop, lambda: [e.feed("alice", fail=True), e.feed("alice")])
+    inv = next(iter(e.part.invocations.values()))
+    assert inv.phase == BACKING_OFF and inv.attempt == 1
+    assert e.part.keys.holds(inv)
+    assert e.part.stats.completed == 0 and e.total("alice") is None and e.outputs() == []
+    # The retry (a decoded input is used once: it decodes the payload again) and then the record behind it.
+    _run(loop, lambda: e.part.fire_timers(inv.retry_at_ms))
+    loop.run_until_complete(asyncio.sleep(0))
+    assert e.part.stats.completed == 2 and e.part.stats.retries == 1
+    assert e.outputs() == [1, 2] and e.total("alice") == 2
+    assert not e.part.invocations and not e.part.keys.held
+
+
+def test_a_terminal_error_dead_letters_and_frees_the_key(engine: Any) -> None:
+    e, loop = engine
+    _run(loop, lambda: [e.feed("alice", terminal=True), e.feed("alice")])
+    assert e.part.stats.failed == 1 and e.part.stats.completed == 1
+    (key, value), = e.txn.to(e.app.dlq_topic)
+    assert e.outputs() == [1] and not e.part.keys.held
+    status = e.part.store.get(keys.failed(e.part.poison_failed[0])) if e.part.poison_failed else None
+    assert status is None  # (not a poisoned invocation)
+
+
+def test_a_first_step_that_awaits_is_adopted_and_the_key_waits_for_it(tmp_path: Path) -> None:
+    async def body() -> None:
+        gate = asyncio.Event()
+        e = _Engine(tmp_path, _app(gate))
+        e.catch_up()
+        e.feed("alice", wait=True)
+        e.feed("alice")  # behind the holder, in memory
+        e.feed("bob")
+        (inv,) = e.part.invocations.values()
+        assert e.part.keys.holds(inv) and inv in e.part.active and e.part.writer.dirty
+        assert e.part.local_waits.n == 1 and e.outputs() == [1]  # bob ended in place
+        gate.set()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert e.part.stats.completed == 3 and not e.part.invocations and not e.part.keys.held
+        assert e.outputs() == [1, 1, 2] and e.total("alice") == 2
+        await e.part.executor.close()
+        e.part.close()
+        e.part.store.close()
+
+    asyncio.run(body())
+
+
+def test_the_journal_of_an_adopted_first_step_is_what_it_did(tmp_path: Path) -> None:
+    """What a first step journaled before its await is there when a commit
+    persists the invocation (the same journal as the general path's)."""
+    async def body() -> None:
+        gate = asyncio.Event()
+        e = _Engine(tmp_path, _app(gate))
+        e.catch_up()
+        e.feed("alice", clear=True, wait=True)
+        (inv,) = e.part.invocations.values()
+        assert [(x.kind, x.name) for x in inv.journal] == [("clear_all", "")]
+        e.part.prepare_commit()
+        status = e.part.store.get(keys.status(inv.id))
+        assert status is not None and schemas.decode("invocation_status", status)["phase"] == "RUNNING"
+        gate.set()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert e.part.stats.completed == 1 and [(x.kind, x.name) for x in inv.journal] == [
+            ("clear_all", ""), ("get", "total"), ("set", "total"), ("emit", OUT)]
+        await e.part.executor.close()
+        e.part.close()
+        e.part.store.close()
+
+    asyncio.run(body())
