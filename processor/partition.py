@@ -240,8 +240,8 @@ class PartitionProcessor:
         handler = None  # set when its first step runs in place (first_step.py)
         local = self.in_process
         if local is not None and not local.eager and runner.tracer is None:
-            svc = self.app.services[invoke["service"]]
-            if svc.deployment is None:
+            svc = self.app.services.get(invoke["service"])  # (gone after a deploy: the runner fails it)
+            if svc is not None and svc.deployment is None:
                 handler = svc.handlers.get(invoke["handler"])
                 if handler is not None and handler.takes_input and call.input is NOT_DECODED:
                     handler = None

@@ -249,3 +249,16 @@ def test_the_journal_of_an_adopted_first_step_is_what_it_did(tmp_path: Path) -> 
         e.part.store.close()
 
     asyncio.run(body())
+
+
+def test_a_retry_of_a_service_the_app_no_longer_has_fails_it(engine: Any) -> None:
+    """(A deploy removed the service while an invocation backed off: the
+    runner fails it terminally, and the partition goes on.)"""
+    e, loop = engine
+    _run(loop, lambda: e.feed("alice", fail=True))
+    inv = next(iter(e.part.invocations.values()))
+    del e.app.services["customers"]
+    _run(loop, lambda: e.part.fire_timers(inv.retry_at_ms))
+    assert e.part.stats.failed == 1 and not e.part.invocations and not e.part.keys.held
+    (key, value), = e.txn.to(e.app.dlq_topic)
+    assert key == b"alice"
