@@ -32,13 +32,14 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from oncely.errors import NonDeterminismError
 from oncely.processor import keys
 from oncely.processor.executor import LocalExecutor, failed
 from oncely.sdk.journal import context_for
-from oncely.sdk.protocol import HandlerCall, Outcome
+from oncely.sdk import runner
+from oncely.sdk.protocol import NOT_DECODED, HandlerCall, Outcome
 from oncely.sdk.runner import raised, returned
 from oncely.shuffle.ids import format_id
 
@@ -48,6 +49,22 @@ if TYPE_CHECKING:
     from oncely.processor.partition import PartitionProcessor
 
 log = logging.getLogger("oncely.partition")
+
+
+def handler(part: PartitionProcessor, executor: LocalExecutor, invoke: dict[str, Any],
+            call: HandlerCall) -> Handler | None:
+    """The handler whose first step may run in place, or None: the general
+    path (the executor) runs it. The caller checked that `executor` runs
+    in-process handlers and is not inside a first step already."""
+    if runner.tracer is not None:
+        return None  # (it wraps each attempt's coroutine)
+    svc = part.app.services.get(invoke["service"])  # (gone after a deploy: the runner fails it)
+    if svc is None or svc.deployment is not None:
+        return None
+    h = svc.handlers.get(invoke["handler"])
+    if h is None or (h.takes_input and call.input is NOT_DECODED):
+        return None
+    return h
 
 
 def run(part: PartitionProcessor, inv: Invocation, call: HandlerCall, handler: Handler, executor: LocalExecutor,

@@ -35,7 +35,6 @@ from oncely.processor.store import KeyState, PartitionStore
 from oncely.processor.timers import Timers
 from oncely.processor.waits import Waits
 from oncely.processor.writer import InvocationWriter
-from oncely.sdk import runner
 from oncely.shuffle.envelope import DECODED
 from oncely.shuffle.ids import format_id
 
@@ -237,14 +236,8 @@ class PartitionProcessor:
         inv.run += 1
         run = inv.run
         inv.running = STARTING  # until its outcome is applied (which may be before `start` returns)
-        handler = None  # set when its first step runs in place (first_step.py)
         local = self.in_process
-        if local is not None and not local.eager and runner.tracer is None:
-            svc = self.app.services.get(invoke["service"])  # (gone after a deploy: the runner fails it)
-            if svc is not None and svc.deployment is None:
-                handler = svc.handlers.get(invoke["handler"])
-                if handler is not None and handler.takes_input and call.input is NOT_DECODED:
-                    handler = None
+        handler = first_step.handler(self, local, invoke, call) if local is not None and not local.eager else None
         if handler is not None:
             running = first_step.run(self, inv, call, handler, local, run)  # type: ignore[arg-type]
         else:
