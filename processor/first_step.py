@@ -3,9 +3,9 @@
 Most stream enrichments read and write their key's state, emit, and return
 without awaiting anything. For them the executor's and the outcome's general
 machinery (run_handler's wrapper coroutine, an Outcome, its dispatch, the
-done callback) cost a third of the per-record time, so a new invocation of
-a Python handler in this process, with its input already decoded (a local
-start), runs here instead:
+done callback) cost a third of the per-record time, so an attempt of a
+Python handler in this process whose input is already decoded (a local
+start's first attempt) or that takes none runs here instead:
 
 - the handler's coroutine runs up to its first await as the executor runs
   any first step (`LocalExecutor.step`: the spare task current, a context of
@@ -22,9 +22,11 @@ start), runs here instead:
   applied the same way when it comes; from here on it is an invocation like
   any other.
 
-Eligibility (`PartitionProcessor.start`): the executor runs the service in
-this process, no tracer wraps attempts, the input is decoded, and no first
-step is already running (what an eager outcome starts in turn is a task).
+Eligibility (`handler`, asked by `PartitionProcessor.start`): the executor
+runs the service in this process (not the TestDriver's replay-checking one,
+not a remote deployment), no tracer wraps attempts, the input is decoded or
+not taken, and no first step is already running (what an eager outcome
+starts in turn is a task).
 """
 
 from __future__ import annotations
