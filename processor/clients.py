@@ -30,6 +30,9 @@ RESERVED = {
     "group.id", "isolation.level", "enable.auto.commit", "enable.auto.offset.store", "transactional.id",
     "enable.idempotence", "partition.assignment.strategy", "transaction.timeout.ms", "acks",
     "group.instance.id",
+    # The producer's delivery bound is the transaction's (`transaction_timeout_ms`),
+    # and keyed records land where Kafka's Java clients put them.
+    "message.timeout.ms", "delivery.timeout.ms", "partitioner",
 }
 
 

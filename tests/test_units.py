@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -611,6 +612,20 @@ def test_a_users_producer_tuning_wins_but_not_what_exactly_once_rests_on(tmp_pat
     assert (conf["compression.type"], conf["linger.ms"]) == ("zstd", 20)
     assert conf["transactional.id"] == "tid" and conf["enable.idempotence"] is True
     assert conf["message.timeout.ms"] == mine.config.transaction_timeout_ms
+
+
+@pytest.mark.parametrize("name,value", [("message.timeout.ms", 5), ("delivery.timeout.ms", 5),
+                                        ("partitioner", "consistent")])
+def test_the_producers_delivery_bound_and_partitioner_are_refused_not_overridden(name: str, value: Any) -> None:
+    """oncely sets them itself (the delivery bound is the transaction's; keyed
+    records land where Java clients put them): a user's value would be
+    silently ignored, so the start refuses it, before anything is created."""
+    from oncely.errors import ConfigError
+    from oncely.preflight import check_app_settings
+
+    app = oncely.App("units-reserved", partitions=1, bootstrap="127.0.0.1:1", kafka={name: value})
+    with pytest.raises(ConfigError, match=f"Kafka setting {name} .* is set by oncely itself: remove it"):
+        check_app_settings(app)
 
 
 def test_handler_call_fields_are_in_the_order_the_partition_builds_them() -> None:
