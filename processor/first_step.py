@@ -39,10 +39,9 @@ from typing import TYPE_CHECKING, Any
 from oncely.errors import NonDeterminismError
 from oncely.processor import keys
 from oncely.processor.executor import LocalExecutor, failed
-from oncely.sdk.journal import context_for
 from oncely.sdk import runner
+from oncely.sdk.journal import context_for
 from oncely.sdk.protocol import NOT_DECODED, HandlerCall, Outcome
-from oncely.sdk.runner import raised, returned
 from oncely.shuffle.ids import format_id
 
 if TYPE_CHECKING:
@@ -88,7 +87,7 @@ def run(part: PartitionProcessor, inv: Invocation, call: HandlerCall, handler: H
                 if not cleared:
                     _complete(part, inv, writes, ctx.emits)
                     return None
-            part._apply_outcome(inv, returned(call, ctx, value), attempt_run)
+            part._apply_outcome(inv, runner.returned(call, ctx, value), attempt_run)
             return None
         except (KeyboardInterrupt, SystemExit):
             raise
@@ -103,7 +102,7 @@ def run(part: PartitionProcessor, inv: Invocation, call: HandlerCall, handler: H
         if t.cancelled():
             return  # a rewind, a revocation or a control dropped it
         try:
-            outcome = returned(call, ctx, t.result())
+            outcome = runner.returned(call, ctx, t.result())
         except BaseException as e:
             outcome = _ended_by(call, ctx, e)
         part._apply_outcome(inv, outcome, attempt_run)
@@ -116,7 +115,7 @@ def _ended_by(call: HandlerCall, ctx: object, e: BaseException) -> Outcome:
     """The outcome of a handler that raised: the runner's mapping; what
     only the executor can raise (cancellation) is an internal error."""
     if isinstance(e, (Exception, NonDeterminismError)):
-        return raised(call, ctx, e)  # type: ignore[arg-type]
+        return runner.raised(call, ctx, e)  # type: ignore[arg-type]
     return failed(call, e)
 
 
