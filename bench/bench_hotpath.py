@@ -6,7 +6,7 @@ varies 1.7x between runs. This one measures only what oncely's own Python
 spends per subscribed record, so a change to the hot path shows in one run:
 the peer app (peer_oncely.py: subscription -> keyed `customers` handler ->
 ctx.get/set -> ctx.emit) over 8 log partitions on real RocksDB stores; each
-source record goes through `dispatch.source_record` (route, local start,
+source record (with bench_peers' one header) goes through `dispatch.source_record` (route, local start,
 handler, outcome), its output and every changelog record through a real
 confluent-kafka producer's `produce` (into librdkafka's queue; no broker is
 reached), and every `--batch` records the partitions commit as a Kafka
@@ -63,10 +63,15 @@ class _Message(DriverMessage):
     """A source record as the commit loop reads it: the TestDriver's log
     record plus what a subscription's route reads besides."""
 
-    __slots__ = ()
+    __slots__ = ("_headers",)
 
-    def headers(self) -> None:
-        return None
+    def __init__(self, topic: str, partition: int, offset: int, key: bytes, value: bytes) -> None:
+        super().__init__(topic, partition, offset, key, value)
+        # bench_peers' records carry one (harness.produce), which the route copies into the Invoke's source.
+        self._headers = [("Idempotency-Key", b"o%d" % offset)]
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return self._headers
 
     def timestamp(self) -> tuple[int, int]:
         return (1, 1_700_000_000_000 + self._offset)

@@ -29,6 +29,9 @@ Headers = list[tuple[str, bytes]]
 
 class Serializer:
     name = "?"
+    # `serialize` when that is one C call (JSON) whose TypeError `serialize`
+    # turns into the ValueError that says why: `Sinks.record` calls it directly.
+    dumps: Callable[[Any], bytes] | None = None
 
     def serialize(self, value: Any) -> bytes:
         raise NotImplementedError
@@ -36,6 +39,7 @@ class Serializer:
 
 class JsonSerializer(Serializer):
     name = "json"
+    dumps = staticmethod(orjson.dumps)
 
     def serialize(self, value: Any) -> bytes:
         try:
@@ -142,7 +146,13 @@ class Sinks:
             serializer: Serializer = self._json
         else:
             serializer = sink.serializer
-        data = serializer.serialize(value)
+        if serializer.dumps is not None:
+            try:
+                data = serializer.dumps(value)
+            except TypeError:
+                data = serializer.serialize(value)  # (raises what says why)
+        else:
+            data = serializer.serialize(value)
         limit = min(self.client_max, self.topic_max.get(topic, self.client_max)) - RECORD_OVERHEAD
         if len(data) > limit:
             raise RecordTooLarge(f"ctx.emit({topic!r}): the value", len(data), limit, topic)

@@ -66,11 +66,17 @@ def route(app: str, partitions: int, sub: Subscription, msg: Any, id_salt: str |
         return _dead(app, sub, "too-large", f"the record has {size} bytes; the subscription allows "
                      f"max_bytes={sub.max_bytes}", msg)
     try:
-        value = sub.decoder.decode(raw)
+        decoder = sub.decoder
+        value = decoder.loads(raw) if raw is not None and decoder.loads is not None else decoder.decode(raw)
     except Exception as e:
         return _dead(app, sub, "undecodable", f"value is not {sub.decoder.name}: {e}", msg)
     raw_headers = msg.headers()
     headers = tuple(raw_headers) if raw_headers else ()
+    source_headers: list[dict[str, Any]] = []  # (the Invoke's form; a loop: a comprehension is a call in 3.11)
+    traced = False
+    for name, hv in headers:
+        source_headers.append({"name": name, "value": hv})
+        traced = traced or name == "traceparent"
     ts = msg.timestamp()[1]
     topic, source_partition, offset = msg.topic(), msg.partition(), msg.offset()
     service, handler, keyed, target_name, payload_format, reencoded_by = sub.invoke_fields
@@ -118,10 +124,10 @@ def route(app: str, partitions: int, sub: Subscription, msg: Any, id_salt: str |
         "payload": raw if raw is not None else b"", "payload_format": payload_format, "idempotency_key": idem,
         "idempotency_retention_ms": sub.retention_ms, "caller": None,
         "source": {"topic": topic, "partition": source_partition, "offset": offset, "timestamp_ms": ts, "key": rkey,
-                   "headers": [{"name": n, "value": v} for n, v in headers] if headers else []},
+                   "headers": source_headers},
         "subscription": reencoded_by, "created_at_ms": int(time() * 1000), DECODED: value,
     }
-    if headers:
+    if traced:
         traceparent = header_traceparent(headers)
         if traceparent is not None:
             invoke["traceparent"] = traceparent

@@ -81,6 +81,7 @@ class CommitLoop:
         check_app_settings(app)  # the same checks as `oncely run` makes before creating anything
         self.source_start = source_start(config)
         self.app = app
+        self.log_topic = app.log_topic  # (a property that formats it: read once per record)
         self.cfg = config
         self.facts = topic_facts or {}
         self.root = Path(config.state_dir) / app.name
@@ -255,7 +256,7 @@ class CommitLoop:
             return
         topic, p = m.topic(), m.partition()
         local = self.assignment.local  # type: ignore[union-attr]
-        if topic == self.app.log_topic:
+        if topic == self.log_topic:
             part = self.partitions.get(p)
             if part is None:
                 return

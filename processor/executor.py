@@ -36,6 +36,13 @@ from oncely.sdk.runner import describe_error, run_handler
 if TYPE_CHECKING:
     from oncely.app import App
 
+try:
+    from _asyncio import current_task as _current_task  # (3.12+; asyncio.current_task is Python in 3.11)
+except ImportError:
+    from asyncio.tasks import _current_tasks
+
+    _current_task = _current_tasks.get
+
 log = logging.getLogger("oncely.executor")
 
 _Rest = tuple[Coroutine[Any, Any, Outcome], Any, contextvars.Context]
@@ -101,7 +108,17 @@ class LocalExecutor:
         if task is None or self._slot is None or task.done() or task.cancelling():
             task = self._take_spare(loop)[0]
         self.eager = True
-        return _first_step(loop, task, context, coro)
+        # The spare task is the current task while the step runs (as 3.12's eager tasks swap theirs).
+        outer = _current_task(loop)
+        if outer is not None:
+            _leave_task(loop, outer)
+        _enter_task(loop, task)
+        try:
+            return context.run(coro.send, None)
+        finally:
+            _leave_task(loop, task)
+            if outer is not None:
+                _enter_task(loop, outer)
 
     def adopt(self, coro: Coroutine[Any, Any, Any], yielded: Any, context: contextvars.Context) -> asyncio.Task[Any]:
         """The spare task drives the rest of a coroutine that awaited in its first step."""
@@ -133,21 +150,6 @@ class LocalExecutor:
 
     async def close(self) -> None:
         self.cancel_spare()
-
-
-def _first_step(loop: asyncio.AbstractEventLoop, task: asyncio.Task[Outcome], context: contextvars.Context,
-                coro: Coroutine[Any, Any, Outcome]) -> Any:
-    """Run the coroutine's first step with `task` as the current task."""
-    outer = asyncio.current_task(loop)
-    if outer is not None:
-        _leave_task(loop, outer)
-    _enter_task(loop, task)
-    try:
-        return context.run(coro.send, None)
-    finally:
-        _leave_task(loop, task)
-        if outer is not None:
-            _enter_task(loop, outer)
 
 
 def failed(call: HandlerCall, e: BaseException) -> Outcome:

@@ -34,13 +34,12 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from oncely.errors import NonDeterminismError
-from oncely.processor import keys
 from oncely.processor.executor import LocalExecutor, failed
 from oncely.sdk import runner
-from oncely.sdk.journal import context_for
+from oncely.sdk.journal import KeyedJournalContext, StatelessContext
 from oncely.sdk.protocol import NOT_DECODED, HandlerCall, Outcome
 from oncely.shuffle.ids import format_id
 
@@ -48,6 +47,7 @@ if TYPE_CHECKING:
     from oncely.app import Handler
     from oncely.processor.invocation import Invocation
     from oncely.processor.partition import PartitionProcessor
+    from oncely.processor.store import KeyState
 
 log = logging.getLogger("oncely.partition")
 
@@ -72,7 +72,7 @@ def run(part: PartitionProcessor, inv: Invocation, call: HandlerCall, handler: H
         attempt_run: int) -> asyncio.Task[object] | None:
     """Run `inv`'s first step here; its task when it awaits, else None (its
     outcome is applied already)."""
-    ctx = context_for(call, handler.service.keyed)
+    ctx = KeyedJournalContext(call) if handler.service.keyed else StatelessContext(call)  # (context_for, inlined)
     context = contextvars.copy_context()
     try:
         try:
@@ -85,7 +85,7 @@ def run(part: PartitionProcessor, inv: Invocation, call: HandlerCall, handler: H
                     and "reply" not in invoke and invoke["idempotency_key"] is None and part.writer.net_effects):
                 writes, cleared = ctx.state_changes()
                 if not cleared:
-                    _complete(part, inv, writes, ctx.emits)
+                    _complete(part, inv, call.state, writes, ctx.emits)  # type: ignore[arg-type]
                     return None
             part._apply_outcome(inv, runner.returned(call, ctx, value), attempt_run)
             return None
@@ -97,18 +97,26 @@ def run(part: PartitionProcessor, inv: Invocation, call: HandlerCall, handler: H
     finally:
         executor.eager = False
     task = executor.adopt(coro, yielded, context)
+    task.add_done_callback(_when_adopted_ends(part, inv, call, ctx, attempt_run))
+    return task
+
+
+def _when_adopted_ends(part: PartitionProcessor, inv: Invocation, call: HandlerCall, ctx: object,
+                       attempt_run: int) -> Callable[[asyncio.Task[object]], None]:
+    """The adopted task's done callback: its end mapped and applied. (Made
+    here, not in `run`: a closure there would make its variables cells on
+    every first step, not only on those that await.)"""
 
     def finished(t: asyncio.Task[object]) -> None:
         if t.cancelled():
             return  # a rewind, a revocation or a control dropped it
         try:
-            outcome = runner.returned(call, ctx, t.result())
+            outcome = runner.returned(call, ctx, t.result())  # type: ignore[arg-type]
         except BaseException as e:
             outcome = _ended_by(call, ctx, e)
         part._apply_outcome(inv, outcome, attempt_run)
 
-    task.add_done_callback(finished)
-    return task
+    return finished
 
 
 def _ended_by(call: HandlerCall, ctx: object, e: BaseException) -> Outcome:
@@ -119,7 +127,7 @@ def _ended_by(call: HandlerCall, ctx: object, e: BaseException) -> Outcome:
     return failed(call, e)
 
 
-def _complete(part: PartitionProcessor, inv: Invocation, writes: dict[str, bytes | None],
+def _complete(part: PartitionProcessor, inv: Invocation, state: KeyState | None, writes: dict[str, bytes | None],
               emits: list[tuple]) -> None:
     """`outcomes.complete` for an invocation that owes nothing but its state
     writes and emits; an error applying them aborts the open transaction,
@@ -129,14 +137,13 @@ def _complete(part: PartitionProcessor, inv: Invocation, writes: dict[str, bytes
     if metrics is not None:
         metrics.attempt_ended(inv)
     try:
-        sk = inv.sk
-        if sk is not None and writes:
-            store = part.store
+        if state is not None and writes:
+            store, prefix = part.store, state.prefix
             for name, value in writes.items():
                 if value is None:
-                    store.delete(keys.state(sk, name))
+                    store.delete(prefix + name.encode())  # (keys.state)
                 else:
-                    store.put(keys.state(sk, name), value)
+                    store.put(prefix + name.encode(), value)
         out = part.out
         for topic, key, value, headers in emits:
             out.produce(topic, key, value, headers, owner=inv.id)

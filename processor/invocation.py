@@ -52,7 +52,7 @@ class _Starting:
 STARTING = _Starting()
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False, slots=True, init=False)
 class Invocation:
     id: bytes
     invoke: dict[str, Any]
@@ -72,6 +72,30 @@ class Invocation:
     held: bool = False       # paused by an operator (controls.py): not restarted on load
     cancelled: bool = False  # cancelled while awaiting nothing: its next await fails (controls.py)
     deployment: str | None = None  # remote deployment it is pinned to (persisted in its status)
+
+    def __init__(self, id: bytes, invoke: dict[str, Any], sk: bytes | None, seq: int, phase: str = RUNNING,
+                 attempt: int = 0, retry_at_ms: int = 0, error: str | None = None, held: bool = False,
+                 cancelled: bool = False, deployment: str | None = None) -> None:
+        # (Written out: the generated one calls a factory for each list, once per record.)
+        # A new field is set here too (test_units checks that every field is).
+        self.id = id
+        self.invoke = invoke
+        self.sk = sk
+        self.seq = seq
+        self.phase = phase
+        self.attempt = attempt
+        self.retry_at_ms = retry_at_ms
+        self.error = error
+        self.journal = []
+        self.running = None
+        self.run = 0
+        self.awaiting = []
+        self.progress_mark = 0
+        self.has_early = False
+        self.started = 0.0
+        self.held = held
+        self.cancelled = cancelled
+        self.deployment = deployment
 
     @property
     def waiting(self) -> bool:

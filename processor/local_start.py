@@ -89,11 +89,7 @@ class LocalStarts:
             return False
         gate = self._gates.get(p)
         if gate is None or gate.part is not part:
-            self._gates[p] = _Gate(part)
-            part.local_waits.on_flush = lambda invokes, part=part: self._flushed(part, invokes)
-            self.marks += 1
-            out.produce(part.app.log_topic, None, schemas.encode("log_record", {"body": (
-                "oncely.Mark", {"token": self.token, "epoch": self.epoch})}), partition=p)
+            self._open_gate(part, out)
             return False
         if not gate.caught_up:
             return False
@@ -102,6 +98,15 @@ class LocalStarts:
             part.local_waits.wait_for_log(key, routed.invoke)
             return True
         return part.on_invoke(routed.invoke, part.ahead.read_to, local=True)
+
+    def _open_gate(self, part: PartitionProcessor, out: TxnOutput) -> None:
+        """A new gate for `part`, closed until its marker is read back."""
+        p = part.partition
+        self._gates[p] = _Gate(part)
+        part.local_waits.on_flush = lambda invokes: self._flushed(part, invokes)
+        self.marks += 1
+        out.produce(part.app.log_topic, None, schemas.encode("log_record", {"body": (
+            "oncely.Mark", {"token": self.token, "epoch": self.epoch})}), partition=p)
 
     def _place(self, gate: _Gate, key: bytes, invoke: dict[str, Any]) -> bool:
         """Start the Invoke here or let it wait here; False: neither."""

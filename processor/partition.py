@@ -20,6 +20,7 @@ as recovery after a crash.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from oncely.processor import admission, completions, controls, first_step, keys, loading, outcomes
@@ -147,8 +148,11 @@ class PartitionProcessor:
         if local and sk is not None and sk in self.local_waits.by_key:
             self.local_waits.wait(sk, invoke)  # behind the key's earlier records waiting here
             return True
-        # (`_full()`, `bool(self.ready)` and `KeyQueues.is_held`, inlined: once per record)
-        full = len(self.invocations) - self.n_paused >= self.max_inflight or self.ready.peek() is not None
+        # (`_full()`, `bool(self.ready)` and `KeyQueues.is_held`, inlined: once per record; an empty
+        # window with nothing beyond it is an empty ready queue without a `peek`)
+        ready = self.ready
+        full = len(self.invocations) - self.n_paused >= self.max_inflight or (
+            (ready.window or ready.beyond) and ready.peek() is not None)
         if full or (sk is not None and (sk in self.keys.held or (self.suspended > 0 and self.keys.is_held(sk)))):
             if local:
                 if sk is None or sk not in self.keys.held:
@@ -241,7 +245,8 @@ class PartitionProcessor:
         if handler is not None:
             running = first_step.run(self, inv, call, handler, local, run)  # type: ignore[arg-type]
         else:
-            running = self.executor.start(call, lambda outcome: self._apply_outcome(inv, outcome, run))
+            # (a partial, not a lambda: a closure would make `inv` and `run` cells on every start)
+            running = self.executor.start(call, partial(self._apply_outcome, inv, run=run))
         if inv.running is STARTING and inv.run == run:
             inv.running = running
             if running is not None:  # it awaits: only now does it join what a commit persists
@@ -279,12 +284,19 @@ class PartitionProcessor:
         waits = self.waits
         if waits.futures or waits.idle:  # (`Waits.drop` has nothing to do otherwise)
             waits.drop(inv)
-        if inv.sk is not None:
-            nxt = self.keys.release(inv, vacate=self.preparing)
+        sk = inv.sk
+        if sk is not None:
+            held = self.keys.held
+            q = held.get(sk)
+            if q is not None and q.holder is inv and q.inbox is None:
+                del held[sk]  # nothing waits for the key (`KeyQueues.release`'s first case, inlined)
+                nxt = None
+            else:
+                nxt = self.keys.release(inv, vacate=self.preparing)
             if nxt is not None:
                 self._hand_over(nxt)
-            elif self.local_waits.n and inv.sk not in self.keys.held:
-                self._start_local(inv.sk)
+            elif self.local_waits.n and sk not in held:
+                self._start_local(sk)
 
     def fill_vacant(self) -> None:
         """Start the next in line of every key left vacant while the commit was prepared."""

@@ -303,7 +303,7 @@ class KeyState:
 
     def __init__(self, store: PartitionStore, sk: bytes) -> None:
         self.store = store
-        self.prefix = keys.state_prefix(sk)  # + a state name's UTF-8: its key (keys.state)
+        self.prefix = keys.STATE + sk  # (keys.state_prefix) + a state name's UTF-8: its key (keys.state)
 
     def get(self, name: str) -> bytes | None:
         return self.store.get(self.prefix + name.encode())

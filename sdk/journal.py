@@ -30,6 +30,12 @@ from oncely.shuffle.targets import Target
 
 T = TypeVar("T")
 
+# The entries of steps without a result (get, set, emit, ...) are complete
+# when made and never change (only incomplete entries are completed), so
+# one instance per kind and name serves every journal: no allocation per step.
+_SHARED: dict[tuple[str, str], Entry] = {}
+SHARED_ENTRIES = 4096  # (state names and topics are few; a handler that makes up names gets its own)
+
 
 class JournalContext(Context):
     """What every invocation's context does: identity, durable steps,
@@ -117,7 +123,12 @@ class JournalContext(Context):
                 self._record(Entry(kind, name))
             return
         self._index = i + 1
-        self._journal.append(Entry(kind, name))
+        entry = _SHARED.get((kind, name))
+        if entry is None:
+            entry = Entry(kind, name)
+            if len(_SHARED) < SHARED_ENTRIES:
+                _SHARED[(kind, name)] = entry
+        self._journal.append(entry)
 
     def _effects(self, op: str) -> Effects:
         effects = self._call.effects
@@ -282,7 +293,7 @@ class KeyedJournalContext(JournalContext, KeyedContext):
     __slots__ = ("_writes", "_cleared_all")
 
     def __init__(self, call: HandlerCall) -> None:
-        super().__init__(call)
+        JournalContext.__init__(self, call)  # (not super(), whose lookup costs once per record)
         self._writes: dict[str, bytes | None] = {}
         self._cleared_all = False
 

@@ -642,3 +642,20 @@ def test_handler_call_fields_are_in_the_order_the_partition_builds_them() -> Non
 
     assert [f.name for f in dataclasses.fields(Outcome)] == [
         "status", "value", "error", "state", "cleared_all", "emits"]
+
+
+def test_an_invocation_sets_every_field_it_declares() -> None:
+    """Invocation's __init__ is written out (the hot path makes one per
+    record): a field declared but not set there would be missing, not
+    defaulted, until something reads it."""
+    import dataclasses
+
+    from oncely.processor.invocation import Invocation
+
+    inv = Invocation(b"\x01" * 16, {}, None, 0)
+    for f in dataclasses.fields(Invocation):
+        value = getattr(inv, f.name)  # AttributeError: not set
+        if f.default is not dataclasses.MISSING:
+            assert value == f.default, f.name
+        elif f.default_factory is not dataclasses.MISSING:
+            assert value == f.default_factory() and value is not getattr(Invocation(b"", {}, None, 0), f.name), f.name
