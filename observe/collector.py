@@ -142,7 +142,7 @@ class ProcessorCollector:
         cl, m = self.loop, self.metrics
         yield _counter("oncely_commits", "Transactions committed.", cl.commits)
         yield _histograms("oncely_commit_duration_seconds", "Time to commit a transaction (changelog records, "
-                          "offsets, commit, RocksDB write).", [], {(): m.commit_seconds})
+                          "offsets, commit, RocksDB write; not opening the next one).", [], {(): m.commit_seconds})
         yield _histograms("oncely_transaction_records", "Records produced per committed transaction.", [],
                           {(): m.txn_records})
         yield _counter("oncely_aborts", "Transactions aborted.", cl.aborts)

@@ -212,7 +212,8 @@ class CommitLoop:
             return False
         self.progress.committed(done.records, done.finished, done.failed)
         if self.metrics is not None:
-            self.metrics.committed(time.monotonic() - started, done.produced)
+            # (the job may have gone on to open the next transaction: that is not this commit's time)
+            self.metrics.committed(time.monotonic() - started - done.opening_s, done.produced)
         self.assignment.committed.update(done.offsets)  # type: ignore[union-attr]
         if self.on_commit:
             self.on_commit()

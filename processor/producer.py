@@ -261,6 +261,7 @@ class TxnProducer:
         timeout = self.call_timeout
         opener = self.opener if self.opener is not None and self.opener.ready else None
         held = self._held  # records produced meanwhile, for the next transaction
+        opening: list[float] = []
 
         def commit() -> None:
             t0 = time.monotonic()
@@ -273,12 +274,14 @@ class TxnProducer:
             # producer was given up meanwhile.
             if opener is not None and held and time.monotonic() - t0 < self.bound / 2 and self._worker is worker:
                 stage[0] = OPENING
+                opening.append(time.monotonic())
                 p.begin_transaction()
                 opener.open(p)
                 stage[0] = OPENED
+                opening.append(time.monotonic())
 
         self.committing, self.txn = txn, OpenTxn()
-        return Committing(worker.start(commit, self.bound), stage)
+        return Committing(worker.start(commit, self.bound), stage, opening)
 
     def end_commit(self, committing: "Committing") -> CommitResult:
         """The commit's outcome (waiting for it, up to its bound). Committed:

@@ -36,6 +36,7 @@ class Committed:
     failed: int
     produced: int         # records produced (changelog included)
     offsets: dict[TP, int] = field(default_factory=dict)
+    opening_s: float = 0.0  # of it spent opening the next transaction (not this one's commit)
 
 
 @dataclass
@@ -129,6 +130,7 @@ class Transaction:
             return result, None
         self.producer.poll()  # the changelog checkpoints' delivery reports
         done = way.done
+        done.opening_s = way.committing.opening_seconds
         for p, part in way.partitions.items():
             if partitions.get(p) is not part:
                 continue  # gone meanwhile: its store was dropped, the changelog has it

@@ -62,6 +62,13 @@ class Committing:
 
     pending: Pending[None]
     stage: list[str]  # the call it is in, for the error message
+    # When opening the next transaction began and ended, if the job did (txn_opener.py).
+    opening: list[float] = field(default_factory=list)
 
     def ready(self) -> bool:
         return self.pending.ready()
+
+    @property
+    def opening_seconds(self) -> float:
+        """How long the job spent opening the next transaction (not part of this commit)."""
+        return self.opening[1] - self.opening[0] if len(self.opening) == 2 else 0.0

@@ -153,3 +153,43 @@ def test_a_failed_opening_keeps_the_commit_and_drops_what_waited(kafka: str) -> 
     finally:
         txn.close()
     assert [r.value for r in read_to_end(kafka, f"{name}.out")] == [b"committed", b"after"]
+
+
+def test_the_commit_duration_leaves_out_opening_the_next_transaction(kafka: str, tmp_path: Path) -> None:
+    """oncely_commit_duration_seconds times a commit. The job that commits
+    it goes on to open the next transaction when records wait for it, which
+    is not this commit's time: with opening slowed to 0.4 s (on the
+    producer's worker, inside the job), the commits that opened one do not
+    show it."""
+    name = unique_name("opener-metric")
+    create_topic(kafka, f"{name}.out", 2)
+    app = _app(name, kafka, tmp_path)
+    runner = InProcessProcessor(app, metrics="127.0.0.1:0").start()
+    traffic = _Traffic(kafka, name)
+    stop = threading.Event()
+    try:
+        traffic.send(50)
+        wait_until(traffic.exact, 60, 0.3, "the first sums")
+        opener = runner.processor.txn.opener
+        assert opener is not None and opener.ready
+        opens = opener.open
+
+        def slow_open(producer: object) -> None:
+            time.sleep(0.4)
+            opens(producer)
+
+        runner.on_loop(lambda: setattr(opener, "open", slow_open))
+        before = opener.opened
+        feeder = feed(traffic, stop, pause=0.02)
+        wait_until(lambda: opener.opened >= before + 5, 60, 0.1, "transactions opened (slowly)")
+        stop.set()
+        feeder.join(30)
+        wait_until(traffic.exact, 90, 0.5, "exact sums")
+        opened = opener.opened - before
+        hist = runner.on_loop(lambda: runner.processor.metrics.commit_seconds)
+        over = dict(hist.cumulative())
+        slow = over["+Inf"] - over["0.25"]  # commits that took more than 0.25 s
+    finally:
+        stop.set()
+        runner.stop()
+    assert slow < opened, f"{slow} commits over 0.25 s, {opened} of them opened the next transaction in 0.4 s"
