@@ -319,8 +319,8 @@ class CommitLoop:
 
     async def _loop(self, stop: asyncio.Event) -> None:
         cfg = self.cfg
-        assignment = self.assignment
-        assert assignment is not None
+        assignment, txn = self.assignment, self.txn
+        assert assignment is not None and txn is not None
         idle = 0.0
         while not stop.is_set() and not self.interrupt.is_set():
             if self.committing is not None and self.committing.pending.ready():
@@ -338,7 +338,9 @@ class CommitLoop:
             try:
                 # While a commit is on its way the loop goes on, up to a full
                 # transaction (records wait in memory until the next begins).
-                full = self.committing is not None and open_.records >= cfg.max_batch
+                # Nor while records wait for room in the producer's queue
+                # (overflow.py): the commit below takes them first.
+                full = (self.committing is not None and open_.records >= cfg.max_batch) or txn.overflowing
                 msgs = [] if full else consumer.consume(POLL_BATCH, timeout=0)
             except KafkaException as e:
                 if not e.args[0].fatal():
@@ -361,7 +363,7 @@ class CommitLoop:
             # the commit before is done (one at a time).
             if self.committing is None and (
                     since >= cfg.commit_interval or open_.records >= cfg.max_batch or open_.fault is not None
-                    or (open_.outputs and len(msgs) < EARLY_BELOW)):
+                    or txn.overflowing or (open_.outputs and len(msgs) < EARLY_BELOW)):
                 await self.pacing.drain_and_commit()
             if msgs:
                 idle = 0.0

@@ -23,165 +23,38 @@ on the worker), `end_commit` takes its outcome. librdkafka accepts no
 records in between, so records produced meanwhile wait here (`_held`) and
 go into the next transaction once it begins, or are dropped with it.
 
-Every blocking call runs on this producer's `Worker` (see worker.py).
+A full local queue never holds the loop: the records wait in the open
+transaction and its commit's job produces them first (overflow.py).
+
+Every blocking call runs on this producer's `Worker` (see worker.py); its
+life, start to replacement, is producer_lifecycle.py's.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Any, Callable, Collection
 
-from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from oncely.processor.record_faults import attributed, produce_slowly
-from oncely.processor.txn_opener import TxnOpener
-from oncely.processor.txn_state import CommitResult, Committing, GiveUp, OpenTxn, Outcome, TxnStats
-from oncely.processor.worker import Stuck, Worker
+from oncely.processor.overflow import produce_waiting
+from oncely.processor.producer_lifecycle import CAREFUL_TXNS, ProducerLifecycle
+from oncely.processor.record_faults import attributed, refused
+from oncely.processor.txn_state import CommitResult, Committing, OpenTxn, Outcome
+from oncely.processor.worker import Stuck
 
 log = logging.getLogger("oncely.producer")
 
 _FENCED = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH,
            KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED}
-# A process that has abandoned this many stuck producers gives up (exits;
-# a supervisor restarts it): librdkafka is not recovering in this process.
-MAX_ABANDONED = 3
-# Transactions whose owned records are attributed after one failed (a
-# rewind replays a failed transaction's records within the first few).
-CAREFUL_TXNS = 10
 # Stages of a commit's job after commit_transaction returned (txn_opener.py).
 OPENING = "opening the next transaction"
 OPENED = "opened the next transaction"
 
 
-class TxnProducer:
-    def __init__(self, conf: dict[str, Any], bound: float, call_timeout: float, interrupt: threading.Event,
-                 opener: TxnOpener | None = None) -> None:
-        self.conf = conf
-        self.opener = opener
-        self.bound = bound                # the watchdog's limit for one blocking call
-        self.call_timeout = call_timeout  # librdkafka's own timeout for it
-        self.interrupt = interrupt
-        self.stats = TxnStats()
-        self.txn = OpenTxn()
-        self._producer: Producer | None = None
-        self._worker: Worker | None = None
-        self.careful = 0  # transactions left that attribute their records (after a failure)
-        self.committing: OpenTxn | None = None  # the transaction whose commit is on its way
-        self._held: list[tuple[Any, ...]] = []  # records of the open one, produced once it begins
-
-    # -- lifecycle ---------------------------------------------------------------
-
-    def start(self) -> None:
-        """A producer with an open transaction; retried (each try bounded)
-        until it works or a stop is requested."""
-        attempt = 0
-        while True:
-            attempt += 1
-            worker = Worker(f"producer-{self.stats.replacements + attempt}", self.interrupt)
-            try:
-                p = worker.call(lambda: Producer(self.conf), self.bound, "creating the producer")
-                self._init(worker, p)
-                worker.call(p.begin_transaction, self.bound, "begin_transaction")
-            except Stuck as e:
-                self._count_abandoned()
-                if e.interrupted:
-                    raise
-                continue
-            except KafkaException as e:
-                worker.close()
-                raise GiveUp(f"cannot start a transactional producer: {e.args[0]}") from None
-            self._producer, self._worker = p, worker
-            self.txn = OpenTxn()
-            self._prepare_opener()
-            return
-
-    def _init(self, worker: Worker, p: Producer) -> None:
-        """init_transactions, again while librdkafka calls the error
-        retriable (the coordinator is loading or unreachable)."""
-        while True:
-            try:
-                worker.call(lambda: p.init_transactions(self.call_timeout), self.bound, "init_transactions")
-                return
-            except KafkaException as e:
-                err = e.args[0]
-                if not err.retriable() or err.fatal():
-                    raise
-                if self.interrupt.is_set():
-                    raise Stuck("init_transactions", 0.0, interrupted=True) from None
-                log.warning("init_transactions: %s; trying again", err)
-
-    def _prepare_opener(self) -> None:
-        """On a worker of its own: a stuck lookup must not cost the producer."""
-        opener = self.opener
-        if opener is not None and opener.metadata is None and not opener.off:
-            worker = Worker("opener", self.interrupt)
-            try:
-                worker.call(opener.prepare, self.bound, "preparing the transaction opener")
-            except (Stuck, KafkaException) as e:
-                opener.turn_off(str(e))
-            finally:
-                worker.close()
-
-    def _count_abandoned(self) -> None:
-        self.stats.abandoned += 1
-        if self.stats.abandoned >= MAX_ABANDONED and not self.interrupt.is_set():
-            raise GiveUp(f"{self.stats.abandoned} Kafka producers got stuck in librdkafka calls; exiting so that "
-                         "a supervisor restarts the process (its state is safe in Kafka)")
-
-    def replace(self, why: str, cause: str = "other") -> None:
-        """Drop the producer (without another transactional call) and start
-        a new one under the same transactional.id. `cause`: stuck, fatal,
-        unknown-outcome, abort-failed, begin-failed (counted per cause)."""
-        self.stats.replaced_for[cause] += 1
-        self.careful = CAREFUL_TXNS
-        self._drop()
-        if self.interrupt.is_set():
-            log.warning("dropped the transactional producer (%s); stopping, so no new one", why)
-            return
-        log.error("replacing the transactional producer: %s", why)
-        self.stats.replacements += 1
-        self.start()
-
-    def _drop(self) -> None:
-        p, worker = self._producer, self._worker
-        self._producer = self._worker = None
-        if p is None or worker is None:
-            return
-        if worker.stuck:
-            self._count_abandoned()  # never touch it again; its thread stays blocked
-            return
-        box = [p]
-        del p
-
-        def destroy() -> None:
-            box[0].purge(in_queue=True, in_flight=True)
-            box.clear()  # the last reference: rd_kafka_destroy runs here, on the worker
-
-        try:
-            worker.call(destroy, self.bound, "closing the old producer")
-        except Stuck:
-            self._count_abandoned()
-        except KafkaException:
-            box.clear()
-        worker.close()
-
-    def close(self) -> None:
-        """Abort what is open and close (bounded; a stuck producer is left)."""
-        p, worker = self._producer, self._worker
-        if p is None or worker is None:
-            return
-        if not worker.stuck:
-            try:
-                worker.call(lambda: p.abort_transaction(min(5.0, self.call_timeout)), self.bound, "abort on close")
-            except (KafkaException, Stuck):
-                pass
-        self._drop()
-
-    @property
-    def ready(self) -> bool:
-        return self._producer is not None
+class TxnProducer(ProducerLifecycle):
+    """The open transaction's records, its commit and its abort."""
 
     # -- the open transaction -------------------------------------------------------
 
@@ -196,11 +69,16 @@ class TxnProducer:
             self._held.append((topic, key, value, headers, partition, owner, on_delivery))
             self.txn.produced += 1
             return
+        txn = self.txn
         if owner is not None and self.careful:
-            on_delivery = attributed(self.txn, owner, topic, on_delivery)
+            on_delivery = attributed(txn, owner, topic, on_delivery)
         p = self._producer
         assert p is not None, "no producer"
         part = -1 if partition is None else partition  # -1: librdkafka's partitioner decides
+        if txn.overflow:  # behind the records the queue had no room for (overflow.py)
+            txn.overflow.append((topic, value, key, part, on_delivery, headers or None, owner))
+            txn.produced += 1
+            return
         try:
             # Positional, and keywords only when set: the common record (no
             # headers, no report) takes the cheapest call confluent-kafka has.
@@ -208,10 +86,18 @@ class TxnProducer:
                 p.produce(topic, value, key, part)
             else:
                 p.produce(topic, value, key, part, on_delivery=on_delivery, headers=headers or None)
-        except (BufferError, KafkaException) as e:
-            if not produce_slowly(self.txn, e, p, topic, key, value, headers or None, part, owner, on_delivery):
-                return
-        self.txn.produced += 1
+        except BufferError:
+            txn.overflow.append((topic, value, key, part, on_delivery, headers or None, owner))
+        except KafkaException as e:
+            refused(txn, e, topic, owner)
+            return
+        txn.produced += 1
+
+    @property
+    def overflowing(self) -> bool:
+        """Records of the open transaction wait for room in librdkafka's
+        queue: the loop reads no more and commits (overflow.py)."""
+        return bool(self.txn.overflow)
 
     def produce_all(self, topic: str, partition: int, records: Collection[tuple[bytes, bytes | None]],
                     on_last: Callable[[Any, Any], None] | None = None) -> None:
@@ -221,17 +107,24 @@ class TxnProducer:
         assert p is not None and self.committing is None, "no producer, or one committing"
         produce = p.produce
         txn = self.txn
+        overflow = txn.overflow
         last = len(records) - 1
         for i, (key, value) in enumerate(records):
             report = on_last if i == last else None
+            if overflow:  # (overflow.py)
+                overflow.append((topic, value, key, partition, report, None, None))
+                txn.produced += 1
+                continue
             try:
                 if report is None:
                     produce(topic, value, key, partition)
                 else:
                     produce(topic, value, key, partition, on_delivery=report)
-            except (BufferError, KafkaException) as e:
-                if not produce_slowly(txn, e, p, topic, key, value, None, partition, None, report):
-                    continue
+            except BufferError:
+                overflow.append((topic, value, key, partition, report, None, None))
+            except KafkaException as e:
+                refused(txn, e, topic, None)
+                continue
             txn.produced += 1
 
     def poll(self) -> None:
@@ -264,6 +157,10 @@ class TxnProducer:
         opening: list[float] = []
 
         def commit() -> None:
+            if txn.overflow:  # records the queue had no room for go first, waiting for it here
+                stage[0] = "producing the records the producer's queue had no room for"
+                produce_waiting(p, txn, self.overflow_wait)
+                stage[0] = "send_offsets_to_transaction"
             t0 = time.monotonic()
             if offsets:
                 p.send_offsets_to_transaction(offsets, group_metadata, timeout)
@@ -281,7 +178,8 @@ class TxnProducer:
                 opening.append(time.monotonic())
 
         self.committing, self.txn = txn, OpenTxn()
-        return Committing(worker.start(commit, self.bound), stage, opening)
+        bound = self.bound + (self.overflow_wait if txn.overflow else 0.0)
+        return Committing(worker.start(commit, bound), stage, opening)
 
     def end_commit(self, committing: "Committing") -> CommitResult:
         """The commit's outcome (waiting for it, up to its bound). Committed:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException
 
 from oncely.processor.txn_state import OpenTxn
 
@@ -24,26 +24,15 @@ RECORD_FAULTS = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE
                  KafkaError.POLICY_VIOLATION, KafkaError.TOPIC_EXCEPTION}
 
 
-def produce_slowly(txn: OpenTxn, first: Exception, p: Producer, topic: str, key: bytes | None,
-                   value: bytes | None, headers: list[tuple[str, bytes]] | None, partition: int,
-                   owner: bytes | None, on_delivery: Callable[[Any, Any], None] | None) -> bool:
-    """A produce into `txn` that raised `first`: wait while the local queue
-    is full; any other error poisons the transaction (and the owner, for a
-    record error). True when the record was added after all."""
-    e = first
-    while isinstance(e, BufferError):
-        p.poll(0.01)
-        try:
-            p.produce(topic, value, key, partition, on_delivery=on_delivery, headers=headers)
-            return True
-        except (BufferError, KafkaException) as again:
-            e = again
+def refused(txn: OpenTxn, e: KafkaException, topic: str, owner: bytes | None) -> None:
+    """librdkafka refused a record at once (other than for a full queue,
+    overflow.py): the transaction is poisoned (its commit aborts), and the
+    owner with it when the record itself is at fault."""
     err = e.args[0]
     if txn.error is None:
         txn.error = err
     if owner is not None and err.code() in RECORD_FAULTS:
         txn.faults.append((owner, f"a record for {topic} cannot be produced: {err.str()}"))
-    return False
 
 
 def attributed(txn: OpenTxn, owner: bytes, topic: str,

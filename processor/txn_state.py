@@ -41,6 +41,8 @@ class OpenTxn:
     # Owned records not delivered (yet): seq -> (owner, topic).
     unacked: dict[int, tuple[bytes, str]] = field(default_factory=dict)
     seq: int = 0
+    # Records librdkafka's queue had no room for, in order (overflow.py: overflow.Waiting).
+    overflow: list[tuple] = field(default_factory=list)
 
 
 @dataclass
