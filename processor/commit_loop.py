@@ -43,6 +43,7 @@ from oncely.preflight import check_app_settings
 from oncely.processor.clients import KafkaClients, close_clients, source_start
 from oncely.remote.executor import executor_for
 from oncely.processor.identity import StateDirLock, transactional_id
+from oncely.processor.overflow import OVERFLOW_WAIT
 from oncely.processor.pacing import Pacing
 from oncely.processor.partition import PartitionProcessor
 from oncely.processor.producer import TxnProducer
@@ -290,6 +291,8 @@ class CommitLoop:
         self.txn = TxnProducer(clients.producer_conf(transactional_id(self.root, self.app.name)), self.bound,
                                self.cfg.txn_call_timeout, self.interrupt, opener)
         self.restorer.metrics = self.metrics
+        # Waiting for room in a full queue beyond half the transaction timeout is futile (overflow.py).
+        self.txn.overflow_wait = min(OVERFLOW_WAIT, self.cfg.transaction_timeout_ms / 2000)
         self.txn.start()
         # What partitions produce through, bound to the producer itself: one
         # Python call less for every record (the method below is the same).

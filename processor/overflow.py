@@ -10,7 +10,15 @@ keeps their order. The loop then reads no more records and commits at once:
 the commit's job, on the producer's worker thread, produces the overflow
 first, waiting for room there (`produce_waiting`, at most `OVERFLOW_WAIT`),
 and then commits. Room that does not come in time aborts the transaction
-(the partitions rewind and make the records again).
+(the partitions rewind and make the records again). The wait is at most
+half the transaction timeout (the processor sets it): the coordinator
+aborts a transaction that outlives its timeout anyway, and queued records
+expire with it, so a transaction that cannot deliver its records within it
+can never commit, overflow or not.
+
+The overflow keeps the records' objects, not copies (librdkafka copies at
+produce()): every caller hands over values and header lists it made for
+the record and does not change afterwards.
 """
 
 from __future__ import annotations
@@ -56,7 +64,15 @@ def produce_waiting(p: Producer, txn: OpenTxn, limit: float = OVERFLOW_WAIT) -> 
                 refused(txn, e, topic, owner)
                 txn.produced -= 1  # (counted when it joined the overflow)
                 break
+            except Exception as e:  # (a malformed record: on the loop it would have failed its invocation)
+                refused(txn, KafkaException(KafkaError(KafkaError._INVALID_ARG, f"{type(e).__name__}: {e}")),
+                        topic, None)
+                if owner is not None:
+                    txn.faults.append((owner, f"a record for {topic} cannot be produced: {type(e).__name__}: {e}"))
+                txn.produced -= 1
+                break
     txn.overflow.clear()
-    if txn.error is not None:  # a record refused: nothing of the transaction may commit
-        raise KafkaException(KafkaError(txn.error.code(), f"a record was refused: {txn.error.str()}",
-                                        txn_requires_abort=True))
+    err = txn.error
+    if err is not None:  # a record refused: nothing of the transaction may commit
+        raise KafkaException(KafkaError(err.code(), f"a record was refused: {err.str()}", fatal=err.fatal(),
+                                        txn_requires_abort=not err.fatal()))

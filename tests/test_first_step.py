@@ -244,6 +244,12 @@ def test_the_journal_of_an_adopted_first_step_is_what_it_did(tmp_path: Path) -> 
             await asyncio.sleep(0)
         assert e.part.stats.completed == 1 and [(x.kind, x.name) for x in inv.journal] == [
             ("clear_all", ""), ("get", "total"), ("set", "total"), ("emit", OUT)]
+        # Result-less steps share one entry per kind and name (sdk/journal.py): complete, and unchanged.
+        from oncely.sdk import journal
+
+        assert inv.journal[1] is journal._SHARED[("get", "total")]
+        assert all(x.completed and x.value is None and x.error is None and x.partition is None
+                   for x in journal._SHARED.values())
         await e.part.executor.close()
         e.part.close()
         e.part.store.close()

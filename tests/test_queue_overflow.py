@@ -91,8 +91,10 @@ def test_room_that_never_comes_aborts_after_the_wait(tmp_path: Path) -> None:
 
 
 def _app(name: str, bootstrap: str, state_dir: Path) -> oncely.App:
+    # A 30 s transaction timeout: the commit's job waits up to 15 s for room, past the outage (an
+    # abort during the outage would block the loop in abort and producer replacement instead).
     app = oncely.App(name, partitions=4, bootstrap=bootstrap, state_dir=str(state_dir), commit_interval=0.05,
-                     kafka={"queue.buffering.max.messages": 30})
+                     transaction_timeout_ms=30_000, kafka={"queue.buffering.max.messages": 30})
     app.sink(f"{name}.out")
     counter = app.keyed("counter")
 
