@@ -4,8 +4,7 @@ Most stream enrichments read and write their key's state, emit, and return
 without awaiting anything. For them the executor's and the outcome's general
 machinery (run_handler's wrapper coroutine, an Outcome, its dispatch, the
 done callback) cost a third of the per-record time, so an attempt of a
-Python handler in this process whose input is already decoded (a local
-start's first attempt) or that takes none runs here instead:
+Python handler in this process runs here instead:
 
 - the handler's coroutine runs up to its first await as the executor runs
   any first step (`LocalExecutor.step`: the spare task current, a context of
@@ -24,9 +23,10 @@ start's first attempt) or that takes none runs here instead:
 
 Eligibility (`handler`, asked by `PartitionProcessor.start`): the executor
 runs the service in this process (not the TestDriver's replay-checking one,
-not a remote deployment), no tracer wraps attempts, the input is decoded or
-not taken, and no first step is already running (what an eager outcome
-starts in turn is a task).
+not a remote deployment), no tracer wraps attempts, the input decodes (a
+local start's is decoded already; `handler` decodes the others, and one
+that does not decode takes the general path, which says why), and no first
+step is already running (what an eager outcome starts in turn is a task).
 """
 
 from __future__ import annotations
@@ -63,8 +63,13 @@ def handler(part: PartitionProcessor, executor: LocalExecutor, invoke: dict[str,
     if svc is None or svc.deployment is not None:
         return None
     h = svc.handlers.get(invoke["handler"])
-    if h is None or (h.takes_input and call.input is NOT_DECODED):
+    if h is None:
         return None
+    if h.takes_input and call.input is NOT_DECODED:  # read from the log, a retry, a resume
+        try:
+            call.input = runner.input_of(part.app, call)
+        except Exception:
+            return None  # the general path decodes it again and says why
     return h
 
 

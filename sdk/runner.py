@@ -49,7 +49,9 @@ def _log_failure(call: HandlerCall, exc: BaseException) -> None:
             call.attempt, exc_info=exc)
 
 
-def _input(app: App, call: HandlerCall) -> object:
+def input_of(app: App, call: HandlerCall) -> object:
+    """The handler's input decoded from the call's payload (its
+    subscription's decoder, or the payload format)."""
     if call.subscription is not None:
         sub = app.subscription(call.subscription)
         if sub is None:
@@ -83,7 +85,7 @@ async def _run(app: App, call: HandlerCall, handler: Handler, ctx: JournalContex
             arg = call.input
             if arg is NOT_DECODED:
                 try:
-                    arg = _input(app, call)
+                    arg = input_of(app, call)
                 except LookupError as e:
                     return Outcome("terminal", error=str(e))
                 except Exception as e:

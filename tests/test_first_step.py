@@ -268,3 +268,37 @@ def test_a_retry_of_a_service_the_app_no_longer_has_fails_it(engine: Any) -> Non
     assert e.part.stats.failed == 1 and not e.part.invocations and not e.part.keys.held
     (key, value), = e.txn.to(e.app.dlq_topic)
     assert key == b"alice"
+
+
+def test_an_invoke_read_from_the_log_runs_in_place_too(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An Invoke read from the log (a send, a record routed on another
+    process, a retry) carries its input encoded: the lane decodes it and
+    runs the first step in place; one that does not decode takes the general
+    path, which ends it with the reason."""
+    from oncely.ingest.router import Routed, route
+    from oncely.processor import executor
+    from oncely.shuffle.envelope import DECODED, encode_invoke
+
+    e, loop = engine
+
+    def as_read(key: str, value: bytes, offset: int) -> dict[str, Any]:
+        routed = route(e.app.name, 1, e.sub, _Record(SOURCE, 0, offset, key.encode(), value))
+        assert isinstance(routed, Routed)
+        kind, body = schemas.decode("log_record", encode_invoke(routed.invoke))["body"]
+        assert kind == "oncely.Invoke" and DECODED not in body  # (the route's decoded value stays in memory)
+        return body
+
+    general = executor.run_handler
+    monkeypatch.setattr(executor, "run_handler", lambda app, call: pytest.fail("took the general path"))
+    _run(loop, lambda: [e.part.on_invoke(as_read("alice", b'{"amount": 2}', 0), 0),
+                        e.part.on_invoke(as_read("alice", b'{"amount": 3}', 1), 1)])
+    assert e.part.stats.completed == 2 and not e.part.invocations and e.total("alice") == 5
+    assert e.outputs() == [2, 5]
+
+    # The general path's own answer to an input that does not decode: terminal, dead-lettered.
+    calls: list[str] = []
+    monkeypatch.setattr(executor, "run_handler", lambda app, call: calls.append(call.handler) or general(app, call))
+    bad = as_read("bob", b'{"amount": 1}', 2)
+    bad["payload"] = b"not json"
+    _run(loop, lambda: e.part.on_invoke(bad, 2))
+    assert calls == ["total"] and e.part.stats.failed == 1 and e.total("bob") is None
