@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
 from confluent_kafka.admin import AdminClient
 
 import oncely
@@ -103,28 +104,35 @@ def test_poison_invocations_are_dead_lettered_and_the_rest_flows(kafka: str, tmp
     assert ("counter", b"e-after", "emitted") not in state, "a failed invocation's state must not commit"
 
 
+@pytest.mark.parametrize("path", ["in place", "general"])
 def test_an_error_applying_an_outcome_fails_that_invocation_and_frees_its_key(kafka: str, tmp_path: Path,
-                                                                               monkeypatch) -> None:
+                                                                               monkeypatch, path: str) -> None:
     # Fault injection: applying one invocation's outcome raises inside the
-    # engine. It used to end in asyncio's exception handler, leaving the
-    # invocation RUNNING and its key locked for good.
-    from oncely.processor import outcomes
+    # engine, once. It used to end in asyncio's exception handler, leaving the
+    # invocation RUNNING and its key locked for good. Both ways an outcome is
+    # applied: in place (first_step._complete, a handler that returns None)
+    # and the general one (outcomes.complete, a handler that returns a value).
+    from oncely.processor.partition import PartitionProcessor
 
-    real = outcomes.complete
+    real = PartitionProcessor.finish
+    fired: list[bytes] = []
 
-    def failing(part, inv, outcome):  # type: ignore[no-untyped-def]
-        if inv.invoke["payload"] == b"13":
+    def failing(part, inv):  # type: ignore[no-untyped-def]
+        if inv.invoke["payload"] == b"13" and not fired:
+            fired.append(inv.id)
             raise RuntimeError("injected fault")
-        return real(part, inv, outcome)
+        return real(part, inv)
 
-    monkeypatch.setattr(outcomes, "complete", failing)
+    monkeypatch.setattr(PartitionProcessor, "finish", failing)
     name = unique_name("fault")
     app = oncely.App(name, partitions=2, bootstrap=kafka, state_dir=str(tmp_path))
     counter = app.keyed("counter")
 
     @counter.handler
-    async def add(ctx: oncely.Context, amount: int) -> None:
-        ctx.set("n", ctx.get("n", 0) + amount)
+    async def add(ctx: oncely.Context, amount: int) -> int | None:
+        n = ctx.get("n", 0) + amount
+        ctx.set("n", n)
+        return n if path == "general" else None
 
     runner = InProcessProcessor(app).start()
     try:
@@ -138,6 +146,7 @@ def test_an_error_applying_an_outcome_fails_that_invocation_and_frees_its_key(ka
         letters = read_to_end(kafka, f"{name}.dlq")
     finally:
         runner.stop()
+    assert fired, "the fault was injected"
     assert len(letters) == 1
     headers = {k: v.decode() for k, v in letters[0].headers}
     assert headers["oncely.reason"] == "internal-error" and "injected fault" in headers["oncely.error"], headers
