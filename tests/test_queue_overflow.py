@@ -20,13 +20,12 @@ from pathlib import Path
 
 import pytest
 
-import oncely
 from oncely.local_kafka import LocalKafka
 from oncely.processor.producer import TxnProducer
 from oncely.processor.txn_state import Outcome
 from oncely.testing import create_topic, read_to_end, unique_name
 from support import InProcessProcessor, wait_for_app_topics, wait_until
-from test_txn_opener import _outputs_exact, _Traffic
+from test_txn_opener import _app, _outputs_exact, _Traffic
 
 
 def _producer(bootstrap: str, name: str, **conf: object) -> TxnProducer:
@@ -90,23 +89,6 @@ def test_room_that_never_comes_aborts_after_the_wait(tmp_path: Path) -> None:
         broker.stop()
 
 
-def _app(name: str, bootstrap: str, state_dir: Path) -> oncely.App:
-    # A 30 s transaction timeout: the commit's job waits up to 15 s for room, past the outage (an
-    # abort during the outage would block the loop in abort and producer replacement instead).
-    app = oncely.App(name, partitions=4, bootstrap=bootstrap, state_dir=str(state_dir), commit_interval=0.05,
-                     transaction_timeout_ms=30_000, kafka={"queue.buffering.max.messages": 30})
-    app.sink(f"{name}.out")
-    counter = app.keyed("counter")
-
-    @counter.handler
-    async def add(ctx: oncely.Context, amount: int) -> None:
-        n = ctx.get("n", 0) + amount
-        ctx.set("n", n)
-        ctx.emit(f"{name}.out", n, key=ctx.key)
-
-    return app
-
-
 @pytest.mark.slow
 def test_a_processor_with_a_tiny_queue_stays_live_and_exact_across_a_broker_stop(tmp_path: Path) -> None:
     broker = LocalKafka(data_dir=tmp_path / "broker")
@@ -115,7 +97,11 @@ def test_a_processor_with_a_tiny_queue_stays_live_and_exact_across_a_broker_stop
     runner = None
     try:
         create_topic(bootstrap, f"{name}.out", 2)
-        runner = InProcessProcessor(_app(name, bootstrap, tmp_path / "state")).start()
+        # A 30 s transaction timeout: the commit's job waits up to 15 s for room, past the outage (an
+        # abort during the outage would block the loop in abort and producer replacement instead).
+        app = _app(name, bootstrap, tmp_path / "state", commit_interval=0.05, transaction_timeout_ms=30_000,
+                   kafka={"queue.buffering.max.messages": 30})
+        runner = InProcessProcessor(app).start()
         wait_for_app_topics(bootstrap, name)
         traffic = _Traffic(bootstrap, name)
         traffic.send(400)

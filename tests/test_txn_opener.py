@@ -15,6 +15,7 @@ import itertools
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
@@ -28,8 +29,9 @@ from oncely.testing import create_topic, read_to_end, unique_name
 from support import CounterTraffic, InProcessProcessor, feed, wait_until
 
 
-def _app(name: str, kafka: str, state_dir: Path) -> oncely.App:
-    app = oncely.App(name, partitions=4, bootstrap=kafka, state_dir=str(state_dir), commit_interval=0.02)
+def _app(name: str, bootstrap: str, state_dir: Path, **settings: Any) -> oncely.App:
+    app = oncely.App(name, partitions=4, bootstrap=bootstrap, state_dir=str(state_dir),
+                     **{"commit_interval": 0.02, **settings})
     app.sink(f"{name}.out")
     counter = app.keyed("counter")
 
