@@ -355,6 +355,7 @@ class CommitLoop:
                 if self.consumer is not consumer:
                     break  # replaced: the rest belongs to the old membership
             self.pacing.pump()
+            txn.poll()  # delivery reports, here rather than in the commit's flush (reports.py)
             self._fire_timers()
             await asyncio.sleep(0)
             since = time.monotonic() - self._last_commit

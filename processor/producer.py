@@ -41,6 +41,7 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from oncely.processor.overflow import produce_waiting
 from oncely.processor.producer_lifecycle import CAREFUL_TXNS, ProducerLifecycle
 from oncely.processor.record_faults import attributed, refused
+from oncely.processor.reports import MAX_WAIT, wait_for_reports
 from oncely.processor.txn_state import CommitResult, Committing, OpenTxn, Outcome
 from oncely.processor.worker import Stuck
 
@@ -128,9 +129,18 @@ class TxnProducer(ProducerLifecycle):
             txn.produced += 1
 
     def poll(self) -> None:
-        """Serve delivery reports that are ready (never blocks)."""
-        if self._producer is not None:
-            self._producer.poll(0)
+        """Serve delivery reports that are ready (never blocks): the loop
+        does on every pass, so the commit finds them served (reports.py)."""
+        p = self._producer
+        if p is None:
+            return
+        try:
+            p.poll(0)
+        except KafkaException as e:
+            # confluent-kafka raises a fatal error from here the first time
+            # it is served. The next transactional call fails with it too,
+            # and that is where the outcome is decided (REPLACE).
+            log.debug("poll: %s", e)
 
     # -- commit and abort -------------------------------------------------------------
 
@@ -160,7 +170,12 @@ class TxnProducer(ProducerLifecycle):
             if txn.overflow:  # records the queue had no room for go first, waiting for it here
                 stage[0] = "producing the records the producer's queue had no room for"
                 produce_waiting(p, txn, self.overflow_wait)
-                stage[0] = "send_offsets_to_transaction"
+            # Delivered and reported first, the reports served by the loop,
+            # not one GIL hand-over each by commit_transaction here (reports.py).
+            stage[0] = "waiting for delivery reports"
+            if wait_for_reports(p, min(MAX_WAIT, timeout / 4)):
+                self.stats.left_to_flush += 1
+            stage[0] = "send_offsets_to_transaction"
             t0 = time.monotonic()
             if offsets:
                 p.send_offsets_to_transaction(offsets, group_metadata, timeout)
