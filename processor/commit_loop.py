@@ -373,7 +373,9 @@ class CommitLoop:
                 idle = 0.0
             else:
                 idle = min(IDLE_MAX, idle + 0.001)  # (less when the commit on its way ends sooner:)
+                txn.serving = False  # the commit's job serves the reports while the loop naps (reports.py)
                 await (asyncio.sleep(idle) if self.committing is None else self.committing.pending.nap(idle))
+            txn.serving = True
 
 
     async def shutdown(self, grace: float = 5.0) -> None:

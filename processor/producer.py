@@ -128,6 +128,9 @@ class TxnProducer(ProducerLifecycle):
                 continue
             txn.produced += 1
 
+    def _serving(self) -> bool:
+        return self.serving
+
     def poll(self) -> None:
         """Serve delivery reports that are ready (never blocks): the loop
         does on every pass, so the commit finds them served (reports.py)."""
@@ -173,8 +176,7 @@ class TxnProducer(ProducerLifecycle):
             # Delivered and reported first, the reports served by the loop,
             # not one GIL hand-over each by commit_transaction here (reports.py).
             stage[0] = "waiting for delivery reports"
-            if wait_for_reports(p, min(MAX_WAIT, timeout / 4)):
-                self.stats.left_to_flush += 1
+            self.stats.reports_left += wait_for_reports(p, self._serving, min(MAX_WAIT, timeout / 4))
             stage[0] = "send_offsets_to_transaction"
             t0 = time.monotonic()
             if offsets:
@@ -200,6 +202,7 @@ class TxnProducer(ProducerLifecycle):
         """The commit's outcome (waiting for it, up to its bound). Committed:
         the next transaction begins with the records held meanwhile; else
         they are dropped with it (the caller rewinds)."""
+        self.serving = False  # (waiting here, the caller serves no reports: reports.py)
         p, worker, txn = self._producer, self._worker, self.committing
         assert p is not None and worker is not None and txn is not None
         held, self._held = self._held, []

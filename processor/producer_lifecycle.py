@@ -51,6 +51,9 @@ class ProducerLifecycle:
         self.committing: OpenTxn | None = None  # the transaction whose commit is on its way
         self._held: list[tuple[Any, ...]] = []  # records of the open one, produced once it begins
         self.overflow_wait = OVERFLOW_WAIT  # the commit's job waits this long for room in the queue (overflow.py)
+        # The loop is busy and serves delivery reports each pass (it sets this): the commit's job leaves
+        # them to it (reports.py). Off while it naps or waits for a commit, and with no loop at all.
+        self.serving = False
 
     # -- lifecycle ---------------------------------------------------------------
 

@@ -28,7 +28,7 @@ class TxnStats:
     aborts: int = 0
     replacements: int = 0
     abandoned: int = 0
-    left_to_flush: int = 0  # commits whose records' reports commit_transaction served itself (reports.py)
+    reports_left: int = 0  # records whose delivery reports commit_transaction served itself (reports.py)
     replaced_for: Counter = field(default_factory=Counter)
 
 
