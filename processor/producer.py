@@ -176,7 +176,7 @@ class TxnProducer(ProducerLifecycle):
             # Delivered and reported first, the reports served by the loop,
             # not one GIL hand-over each by commit_transaction here (reports.py).
             stage[0] = "waiting for delivery reports"
-            self.stats.reports_by_commit += wait_for_reports(p, self._serving, min(MAX_WAIT, timeout / 4))
+            self.stats.reports_left += wait_for_reports(p, self._serving, min(MAX_WAIT, timeout / 4))
             stage[0] = "send_offsets_to_transaction"
             t0 = time.monotonic()
             if offsets:

@@ -10,19 +10,20 @@ the flush took 65-70 ms instead of ~7 ms, the commit was longer than the
 loop's next transaction took to fill, and the loop waited for it
 (docs/benchmark-log.md, fourteenth session).
 
-So reports are served by whichever thread has the GIL to spare: the loop on
-every pass (`TxnProducer.poll`: poll(0), never blocks), and the commit's
-job while the loop naps or waits for this commit (`TxnProducer.serving`
-is off then: an idle pass sleeps up to 5 ms and competes for nothing). The
-job serves what is there (poll(0) on the worker) and sleeps 1 ms at a
-time until librdkafka's queue is empty (`len(producer)` counts unserved
-reports too), then commits; waiting for the loop's next pass instead added
-5 ms to the median latency at 1,000 records/s, and ending the wait at the
-first nap cost a fifth of the throughput under a backlog (the loop naps
-between fetches, then competes with the flush). When the count stalls for
-`STALL` (the broker takes nothing) commit_transaction flushes and serves
-what is left itself, as before. Nothing depends on the wait for
-correctness: commit_transaction flushes every record either way.
+So the loop serves reports on every pass (`TxnProducer.poll`: poll(0),
+never blocks), and the commit's job first waits, sleeping on the worker,
+until librdkafka's queue is empty (`len(producer)` counts unserved reports
+too): delivered and served by the loop. It waits only while the loop is
+busy (`TxnProducer.serving`, set by each pass) and while the count keeps
+falling. An idle loop naps up to 5 ms and competes for nothing: then, or
+when the count stalls for `STALL` (the broker takes nothing, or the loop is
+held up), commit_transaction flushes and serves what is left itself, as
+before. (Waiting for an idle loop's next pass added 8-10 ms to the median
+latency at 1,000 records/s: the nap, and librdkafka's `linger.ms`, which a
+flush skips and a wait does not. Serving the reports on the worker with
+poll(0) while the loop naps was no faster and added the same linger.)
+Nothing depends on the wait for correctness: commit_transaction flushes
+every record either way.
 """
 
 from __future__ import annotations
@@ -42,28 +43,17 @@ _NAP = 0.001
 
 
 def wait_for_reports(p: Producer, serving: Callable[[], bool], limit: float = MAX_WAIT) -> int:
-    """Sleep until `p` has nothing left to deliver or report (at most
-    `limit` s, and while the count falls), serving the reports here while
-    the loop is not `serving` them; returns how many records' reports this
-    thread served or leaves to commit_transaction."""
+    """Sleep until `p` has nothing left to deliver or report, while the
+    loop is `serving` reports and the count falls (at most `limit` s);
+    returns the records still counted."""
     left = len(p)
-    here = 0
     now = time.monotonic()
     end, moved = now + limit, now
-    while left and now < end and now - moved < STALL:
-        if not serving():
-            p.poll(0)  # the loop naps: serving them here costs it nothing
-            n = len(p)
-            here += left - n
-            if n < left:
-                moved = now
-            left = n
-            if not left:
-                break
+    while left and serving() and now < end and now - moved < STALL:
         time.sleep(_NAP)
         n = len(p)
         now = time.monotonic()
         if n < left:
             moved = now
         left = n
-    return here + left
+    return left

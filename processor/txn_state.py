@@ -28,7 +28,7 @@ class TxnStats:
     aborts: int = 0
     replacements: int = 0
     abandoned: int = 0
-    reports_by_commit: int = 0  # records whose delivery reports the commit's job served, not the loop (reports.py)
+    reports_left: int = 0  # records whose delivery reports commit_transaction served itself (reports.py)
     replaced_for: Counter = field(default_factory=Counter)
 
 

@@ -6,9 +6,9 @@ commit's flush on the worker (processor/reports.py), on a real broker:
   served by the thread that polls (the loop's part), and commits: every
   report was served on that thread, none by commit_transaction on the worker;
 - nobody polls (no loop, or one that naps or waits for this very commit):
-  the commit's job serves the reports itself, on the worker;
+  the job does not wait, and commit_transaction serves the reports itself;
 - a processor working through a backlog of subscribed records: its loop
-  serves most reports (the commit's job serves them only while it naps).
+  serves most reports (commit_transaction serves them only while it naps).
 """
 
 from __future__ import annotations
@@ -72,13 +72,13 @@ def test_the_commit_waits_for_the_loop_to_serve_its_reports(kafka: str, monkeypa
     me = threading.get_ident()
     by_others = sum(1 for t in served_on if t != me)
     assert by_others == 0, f"{by_others} of {RECORDS} reports were served off the polling thread (by the commit)"
-    assert txn.stats.reports_by_commit == 0
+    assert txn.stats.reports_left == 0
 
 
-def test_without_a_poller_the_commits_job_serves_the_reports(kafka: str) -> None:
+def test_without_a_poller_the_commit_serves_the_reports_itself(kafka: str) -> None:
     txn, served_on = _commit_records(kafka, "reports-alone", poll=False)
-    assert threading.get_ident() not in served_on, "the job was to serve every report, yet the caller's thread did"
-    assert txn.stats.reports_by_commit >= RECORDS  # (the count has a few other events too)
+    assert threading.get_ident() not in served_on, "nobody polled, yet the caller's thread served reports"
+    assert txn.stats.reports_left >= RECORDS  # (the count has a few other events too)
 
 
 def _enrichment(name: str, kafka: str, state_dir: Path) -> oncely.App:
@@ -100,7 +100,7 @@ def _enrichment(name: str, kafka: str, state_dir: Path) -> oncely.App:
 def test_a_busy_processor_serves_its_reports_on_the_loop(kafka: str, tmp_path: Path) -> None:
     """A processor working through a backlog of subscribed records (its
     loop busy in Python, as in the peer benchmark) serves its records'
-    reports on the loop; its commits serve few (while the loop naps)."""
+    reports on the loop; its commits serve few (those of the loop's naps)."""
     name = unique_name("reports-busy")
     create_topic(kafka, f"{name}.src", 4)
     create_topic(kafka, f"{name}.out", 4)
@@ -130,11 +130,11 @@ def test_a_busy_processor_serves_its_reports_on_the_loop(kafka: str, tmp_path: P
     runner = InProcessProcessor(app).start()
     try:
         wait_until(lambda: len(read_to_end(kafka, f"{name}.out")) >= 100 + BACKLOG, 120, 0.5, "every output")
-        by_commit = runner.processor.txn.stats.reports_by_commit
+        left = runner.processor.txn.stats.reports_left
     finally:
         runner.stop()
     last = {r.key: orjson.loads(r.value)["total"] for r in read_to_end(kafka, f"{name}.out")}
     assert last == totals, "each customer's last output carries its exact total"
     assert len(read_to_end(kafka, f"{name}.out")) == 100 + BACKLOG, "every order once"
     # Without the loop's poll the commits serve every record's report (20,000 outputs and more).
-    assert by_commit * 4 <= BACKLOG, f"the commits served {by_commit} records' reports, not the loop"
+    assert left * 4 <= BACKLOG, f"the commits served {left} records' reports, not the loop"
