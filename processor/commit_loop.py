@@ -294,6 +294,7 @@ class CommitLoop:
         # Waiting for room in a full queue beyond half the transaction timeout is futile (overflow.py).
         self.txn.overflow_wait = min(OVERFLOW_WAIT, self.cfg.transaction_timeout_ms / 2000)
         self.txn.start()
+        self.txn.stepped = True  # from now on an abort or a replacement never holds the loop (`_loop`)
         # What partitions produce through, bound to the producer itself: one
         # Python call less for every record (the method below is the same).
         self.produce = self.txn.produce  # type: ignore[method-assign]
@@ -328,8 +329,12 @@ class CommitLoop:
         while not stop.is_set() and not self.interrupt.is_set():
             if self.committing is not None and self.committing.pending.ready():
                 self.end_commit()
-            started = assignment.poll()
-            if assignment.failures >= recovery.FETCH_FAILURES_BEFORE_REPLACE:
+            # While the producer gets an open transaction back (an abort or a replacement, stepped
+            # here: producer_lifecycle.py) no partition starts, so nothing reads or produces; the
+            # loop goes on serving meanwhile (its admin API, the group, a stop request).
+            ready = txn.step() and txn.ready if txn.recovering else txn.ready
+            started = assignment.poll() if ready else []
+            if ready and assignment.failures >= recovery.FETCH_FAILURES_BEFORE_REPLACE:
                 recovery.unblock_offsets(self)
             if started:
                 self.progress.started(started)
@@ -342,9 +347,10 @@ class CommitLoop:
                 # While a commit is on its way the loop goes on, up to a full
                 # transaction (records wait in memory until the next begins).
                 # Nor while records wait for room in the producer's queue
-                # (overflow.py): the commit below takes them first.
+                # (overflow.py): the commit below takes them first. Nor
+                # while the producer recovers (above).
                 full = (self.committing is not None and open_.records >= cfg.max_batch) or txn.overflowing
-                msgs = [] if full else consumer.consume(POLL_BATCH, timeout=0)
+                msgs = [] if full or not ready else consumer.consume(POLL_BATCH, timeout=0)
             except KafkaException as e:
                 if not e.args[0].fatal():
                     raise

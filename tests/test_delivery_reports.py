@@ -136,5 +136,6 @@ def test_a_busy_processor_serves_its_reports_on_the_loop(kafka: str, tmp_path: P
     last = {r.key: orjson.loads(r.value)["total"] for r in read_to_end(kafka, f"{name}.out")}
     assert last == totals, "each customer's last output carries its exact total"
     assert len(read_to_end(kafka, f"{name}.out")) == 100 + BACKLOG, "every order once"
-    # Without the loop's poll the commits serve every record's report (20,000 outputs and more).
-    assert left * 4 <= BACKLOG, f"the commits served {left} records' reports, not the loop"
+    # Without the loop's poll the commits serve every record's report (20,000 outputs and more: ~27,800
+    # here); with it, those of the passes before the loop's naps between fetches (1-5k here, more on a busy machine).
+    assert left * 2 <= BACKLOG, f"the commits served {left} records' reports, not the loop"
