@@ -330,9 +330,15 @@ class CommitLoop:
             if self.committing is not None and self.committing.pending.ready():
                 self.end_commit()
             # While the producer gets an open transaction back (an abort or a replacement, stepped
-            # here: producer_lifecycle.py) no partition starts, so nothing reads or produces; the
-            # loop goes on serving meanwhile (its admin API, the group, a stop request).
-            ready = txn.step() and txn.ready if txn.recovering else txn.ready
+            # here: producer_lifecycle.py) nothing is read and no partition starts (the rewind that
+            # follows every recovery closed them; their recovery jobs wait for `poll`), so nothing
+            # produces; the loop goes on answering meanwhile (its admin API, a stop request).
+            if txn.recovering:
+                ready = txn.step() and txn.ready
+                if ready:
+                    assignment.failures = 0  # (offset fetches that failed in the outage: not a stuck offset)
+            else:
+                ready = txn.ready
             started = assignment.poll() if ready else []
             if ready and assignment.failures >= recovery.FETCH_FAILURES_BEFORE_REPLACE:
                 recovery.unblock_offsets(self)
@@ -358,8 +364,8 @@ class CommitLoop:
                 continue
             for m in msgs:
                 self._handle(m)
-                if self.consumer is not consumer:
-                    break  # replaced: the rest belongs to the old membership
+                if self.consumer is not consumer or not txn.ready:
+                    break  # replaced: the rest belongs to the old membership; or a callback's rewind
             self.pacing.pump()
             txn.poll()  # delivery reports, here rather than in the commit's flush (reports.py)
             self._fire_timers()

@@ -134,6 +134,8 @@ class TxnProducer(ProducerLifecycle):
     def poll(self) -> None:
         """Serve delivery reports that are ready (never blocks): the loop
         does on every pass, so the commit finds them served (reports.py)."""
+        if self._closing:
+            self._reap_closing()
         p = self._producer
         if p is None or self._recovery is not None:
             return
@@ -283,6 +285,12 @@ class TxnProducer(ProducerLifecycle):
         self.stats.aborts += 1
         self.careful = CAREFUL_TXNS
         replacements = self.stats.replacements
+        p = self._producer
+        if p is not None:
+            try:  # the reports at hand first, here: their failures name owners the caller poisons now
+                p.poll(0)
+            except KafkaException:
+                pass  # (a fatal error: the abort fails with it and the producer is replaced)
         self._recover("abort", why)
         return Outcome.REPLACE if self.stats.replacements > replacements else Outcome.REWIND
 

@@ -12,9 +12,9 @@ worker (worker.py); an abort that fails becomes a replacement. Standalone
 loop (`stepped` on) the loop steps it each pass (`step`) and reads nothing
 until it is done: during a broker outage a replacement retries
 init_transactions until the broker answers, and the loop, meanwhile, keeps
-serving (its admin API, its group membership, a stop request). A stuck call
-is abandoned and counted, and too many make the process give up (a
-supervisor restarts it).
+answering (its admin API, a stop request; the group's callbacks wait, as
+they waited for the blocked loop before). A stuck call is abandoned and
+counted, and too many make the process give up (a supervisor restarts it).
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ class _Recovery:
         self.kind = kind  # "abort" (this producer), "replace" or "start" (a new one)
         self.why = why
         self.worker: Worker | None = None
-        self.producer: Producer | None = None  # the new one, kept across retried init_transactions
+        # The new producer, kept across retried init_transactions (a box per worker: a try that
+        # outlived its bound and ends late writes into its own, abandoned box).
+        self.made: list[Producer] = []
         self.pending: Pending[Producer] | None = None
         self.stage = ""
         self.not_before = 0.0
@@ -97,6 +99,7 @@ class ProducerLifecycle:
 
     def _recover(self, kind: str, why: str) -> None:
         """Start a recovery (module docstring); standalone, wait for it."""
+        assert self._recovery is None, "a recovery is under way"
         self.txn = OpenTxn()
         self._recovery = _Recovery(kind, why)
         if not self.stepped:
@@ -130,7 +133,7 @@ class ProducerLifecycle:
                 self._to_replace(rec, f"abort_transaction: {e}", "abort-failed")  # (its drop counts it)
             else:
                 self._count_abandoned()
-                rec.worker = rec.producer = None  # left behind; the next try makes new ones
+                rec.worker, rec.made = None, []  # left behind; the next try makes new ones
             return False
         except KafkaException as e:
             err = e.args[0]
@@ -173,11 +176,12 @@ class ProducerLifecycle:
             return
         if rec.worker is None:
             rec.worker = Worker(f"producer-{self.stats.replacements + self.stats.abandoned + 1}", self.interrupt)
-        conf, made = self.conf, rec.producer
+        conf, made = self.conf, rec.made
 
         def attempt() -> Producer:
-            p = made if made is not None else Producer(conf)
-            rec.producer = p  # init_transactions is retried on the same producer
+            if not made:
+                made.append(Producer(conf))
+            p = made[0]  # init_transactions is retried on the same producer
             p.init_transactions(timeout)
             p.begin_transaction()
             return p
@@ -189,7 +193,7 @@ class ProducerLifecycle:
         """The abort failed: the producer is replaced instead."""
         self._count_replacement(why, cause)
         self._drop()
-        rec.kind, rec.why, rec.worker, rec.producer, rec.not_before = "replace", why, None, None, 0.0
+        rec.kind, rec.why, rec.worker, rec.made, rec.not_before = "replace", why, None, [], 0.0
 
     def _count_abandoned(self) -> None:
         self.stats.abandoned += 1
@@ -268,19 +272,33 @@ class ProducerLifecycle:
                 self._count_abandoned()
 
     def close(self) -> None:
-        """Abort what is open and close (bounded; a stuck producer is left)."""
+        """Abort what is open and close (bounded; a stuck producer is left).
+        An abort under way is waited for instead of aborted again; a new
+        producer on its way is left to its worker."""
         rec, self._recovery = self._recovery, None
-        if rec is not None and rec.worker is not None and rec.worker is not self._worker:
-            rec.worker.close()  # a producer on its way is dropped with its worker
+        aborting = rec is not None and rec.kind == "abort" and rec.pending is not None
+        if aborting:
+            try:
+                rec.pending.result("abort on close")  # type: ignore[union-attr]
+            except (KafkaException, Stuck):
+                pass
+        elif rec is not None and rec.worker is not None and rec.worker is not self._worker:
+            rec.worker.close()
         p, worker = self._producer, self._worker
-        if p is None or worker is None:
-            return
-        if not worker.stuck:
+        if p is not None and worker is not None and not worker.stuck and not aborting:
             try:
                 worker.call(lambda: p.abort_transaction(min(5.0, self.call_timeout)), self.bound, "abort on close")
             except (KafkaException, Stuck):
                 pass
         self._drop(wait=True)
+        for pending in self._closing:  # old producers still being destroyed: up to their bound
+            try:
+                pending.result("closing an old producer")
+            except Stuck:
+                self.stats.abandoned += 1
+            except KafkaException:
+                pass
+        self._closing.clear()
 
     @property
     def ready(self) -> bool:
