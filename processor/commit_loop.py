@@ -362,10 +362,12 @@ class CommitLoop:
                     raise
                 recovery.replace_consumer(self, str(e.args[0]))
                 continue
+            if msgs and not txn.ready:
+                msgs = []  # a group callback inside consume() failed a commit: recovering, rewound
             for m in msgs:
                 self._handle(m)
-                if self.consumer is not consumer or not txn.ready:
-                    break  # replaced: the rest belongs to the old membership; or a callback's rewind
+                if self.consumer is not consumer:
+                    break  # replaced: the rest belongs to the old membership
             self.pacing.pump()
             txn.poll()  # delivery reports, here rather than in the commit's flush (reports.py)
             self._fire_timers()
