@@ -151,11 +151,9 @@ class Assignment:
                 if store is None:
                     store = self.stores[p] = self.open_store(p)
                 stores[p] = store
-        # Submitted by the next `poll`: the loop polls only while the
-        # producer has an open transaction, so after a failed commit the
-        # job reads offsets and changelog once the old transaction is
-        # settled (its abort done, or a new producer's init_transactions).
-        self._jobs.append(_Job(self._gen, tps, stores, time.monotonic()))
+        job = _Job(self._gen, tps, stores, time.monotonic())
+        self._jobs.append(job)
+        self._submit(job)
 
     def _submit(self, job: _Job) -> None:
         fetch, restorer = self.fetch_committed, self.restorer

@@ -294,7 +294,6 @@ class CommitLoop:
         # Waiting for room in a full queue beyond half the transaction timeout is futile (overflow.py).
         self.txn.overflow_wait = min(OVERFLOW_WAIT, self.cfg.transaction_timeout_ms / 2000)
         self.txn.start()
-        self.txn.stepped = True  # from now on an abort or a replacement never holds the loop (`_loop`)
         # What partitions produce through, bound to the producer itself: one
         # Python call less for every record (the method below is the same).
         self.produce = self.txn.produce  # type: ignore[method-assign]
@@ -329,18 +328,8 @@ class CommitLoop:
         while not stop.is_set() and not self.interrupt.is_set():
             if self.committing is not None and self.committing.pending.ready():
                 self.end_commit()
-            # While the producer gets an open transaction back (an abort or a replacement, stepped
-            # here: producer_lifecycle.py) nothing is read and no partition starts (the rewind that
-            # follows every recovery closed them; their recovery jobs wait for `poll`), so nothing
-            # produces; the loop goes on answering meanwhile (its admin API, a stop request).
-            if txn.recovering:
-                ready = txn.step() and txn.ready
-                if ready:
-                    assignment.failures = 0  # (offset fetches that failed in the outage: not a stuck offset)
-            else:
-                ready = txn.ready
-            started = assignment.poll() if ready else []
-            if ready and assignment.failures >= recovery.FETCH_FAILURES_BEFORE_REPLACE:
+            started = assignment.poll()
+            if assignment.failures >= recovery.FETCH_FAILURES_BEFORE_REPLACE:
                 recovery.unblock_offsets(self)
             if started:
                 self.progress.started(started)
@@ -353,17 +342,14 @@ class CommitLoop:
                 # While a commit is on its way the loop goes on, up to a full
                 # transaction (records wait in memory until the next begins).
                 # Nor while records wait for room in the producer's queue
-                # (overflow.py): the commit below takes them first. Nor
-                # while the producer recovers (above).
+                # (overflow.py): the commit below takes them first.
                 full = (self.committing is not None and open_.records >= cfg.max_batch) or txn.overflowing
-                msgs = [] if full or not ready else consumer.consume(POLL_BATCH, timeout=0)
+                msgs = [] if full else consumer.consume(POLL_BATCH, timeout=0)
             except KafkaException as e:
                 if not e.args[0].fatal():
                     raise
                 recovery.replace_consumer(self, str(e.args[0]))
                 continue
-            if msgs and not txn.ready:
-                msgs = []  # a group callback inside consume() failed a commit: recovering, rewound
             for m in msgs:
                 self._handle(m)
                 if self.consumer is not consumer:

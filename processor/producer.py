@@ -134,10 +134,8 @@ class TxnProducer(ProducerLifecycle):
     def poll(self) -> None:
         """Serve delivery reports that are ready (never blocks): the loop
         does on every pass, so the commit finds them served (reports.py)."""
-        if self._closing:
-            self._reap_closing()
         p = self._producer
-        if p is None or self._recovery is not None:
+        if p is None:
             return
         try:
             p.poll(0)
@@ -160,7 +158,7 @@ class TxnProducer(ProducerLifecycle):
         its way; records produced meanwhile belong to the next transaction.
         A transaction that cannot commit is aborted at once (a CommitResult)."""
         p, worker, txn = self._producer, self._worker, self.txn
-        assert p is not None and worker is not None and self.committing is None and self._recovery is None
+        assert p is not None and worker is not None and self.committing is None
         if txn.error is not None:  # a produce() failed at once: nothing of it may commit
             why = "; ".join(w for _, w in txn.faults[:3]) or f"produce failed: {txn.error}"
             undelivered = list(txn.unacked.values())
@@ -212,7 +210,7 @@ class TxnProducer(ProducerLifecycle):
             committing.pending.result(committing.stage[0])
         except (Stuck, KafkaException) as e:
             if committing.stage[0] in (OPENING, OPENED):  # committed; opening the next one failed
-                return self._not_opened(e)
+                return self._not_opened(e, produced=self.txn.produced)
             return self._not_committed(committing, e)
         self.committing = None
         self.stats.commits += 1
@@ -223,9 +221,8 @@ class TxnProducer(ProducerLifecycle):
             self.txn = OpenTxn()
         elif not self._begin():
             # A new producer: the records made meanwhile are gone with the
-            # old one, and none can be made until it is ready, so the caller
-            # rewinds after applying this commit.
-            return CommitResult(Outcome.COMMITTED, next_lost=True)
+            # old one, so the caller rewinds after applying this commit.
+            return CommitResult(Outcome.COMMITTED, next_lost=produced > 0)
         produce = self.produce
         for record in held:
             produce(*record)
@@ -250,7 +247,7 @@ class TxnProducer(ProducerLifecycle):
         undelivered = list(txn.unacked.values())
         return CommitResult(self._classify(err, during), f"{during}: {err}", list(txn.faults), undelivered)
 
-    def _not_opened(self, e: Exception) -> CommitResult:
+    def _not_opened(self, e: Exception, produced: int) -> CommitResult:
         """The commit went through, opening the next transaction did not:
         it is aborted (the producer replaced when stuck), and the records
         held for it are dropped (the caller rewinds after applying the
@@ -264,7 +261,7 @@ class TxnProducer(ProducerLifecycle):
             self.replace(why, "stuck")
         else:
             self.abort(why)
-        return CommitResult(Outcome.COMMITTED, next_lost=True)
+        return CommitResult(Outcome.COMMITTED, next_lost=produced > 0)
 
     def _classify(self, err: KafkaError, during: str) -> Outcome:
         if err.fatal() or err.code() in _FENCED:
@@ -275,24 +272,24 @@ class TxnProducer(ProducerLifecycle):
         return self._replace_now("unknown-outcome", f"{during} (outcome unknown): {err}")
 
     def abort(self, why: str) -> Outcome:
-        """Abort the open transaction and open the next one (a recovery:
-        producer_lifecycle.py). REWIND; REPLACE when the abort failed and
-        the producer was replaced (known at once only standalone: under the
-        loop the recovery goes on in the background, and the caller rewinds
-        either way)."""
+        """Abort the open transaction and open the next one: REWIND, or
+        REPLACE when the abort itself fails or times out."""
         log.warning("aborting the transaction: %s", why)
         assert self.committing is None, "a commit is on its way"
         self.stats.aborts += 1
         self.careful = CAREFUL_TXNS
-        replacements = self.stats.replacements
-        p = self._producer
-        if p is not None:
-            try:  # the reports at hand first, here: their failures name owners the caller poisons now
-                p.poll(0)
-            except KafkaException:
-                pass  # (a fatal error: the abort fails with it and the producer is replaced)
-        self._recover("abort", why)
-        return Outcome.REPLACE if self.stats.replacements > replacements else Outcome.REWIND
+        p, worker = self._producer, self._worker
+        assert p is not None and worker is not None
+        def abort() -> None:
+            p.poll(0)  # abort_transaction wants the delivery reports at hand served first
+            p.abort_transaction(self.call_timeout)
+
+        try:
+            worker.call(abort, self.bound, "abort_transaction")
+        except (Stuck, KafkaException) as e:
+            return self._replace_now("abort-failed", f"abort_transaction: {e}")
+        self._begin()
+        return Outcome.REWIND
 
     def clear_pending_offsets(self, offsets: list[TopicPartition], group_metadata: Any) -> Outcome:
         """Abort the open transaction after adding the group's offsets to

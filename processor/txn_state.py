@@ -54,9 +54,8 @@ class CommitResult:
     # Owned records still undelivered when the commit failed (owner, topic):
     # a topic deleted since start shows only as records that never leave.
     undelivered: list[tuple[bytes, str]] = field(default_factory=list)
-    # Committed, but the next transaction could not begin: the producer
-    # recovers (an abort or a replacement), the records made meanwhile are
-    # gone, and none can be made until it is back: the caller rewinds.
+    # Committed, but the next transaction's records made meanwhile were lost
+    # with a producer that could not begin it: the caller rewinds.
     next_lost: bool = False
 
 

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Read-back helpers the tests take from here.
 __all__ = ["REPO", "InProcessProcessor", "feed", "ProcessorProcess", "changelog_latest", "changelog_state", "oncely_cli",
-           "slowest_answer", "state_from", "store_kv", "wait_for_app_topics", "wait_until"]
+           "state_from", "store_kv", "wait_for_app_topics", "wait_until"]
 
 
 def oncely_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO, stdin: str | None = None,
@@ -94,22 +94,6 @@ def wait_until(pred: Callable[[], Any], timeout: float, interval: float = 0.5, w
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
-
-
-def slowest_answer(runner: Any, seconds: float, give_up: float = 15.0) -> float:
-    """For `seconds`, ask the in-process processor's loop for nothing every
-    0.2 s; the longest it took to answer (at most `give_up` per ask)."""
-    slowest = 0.0
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        t0 = time.monotonic()
-        try:
-            runner.on_loop(lambda: None, timeout=give_up)
-        except TimeoutError:
-            pass
-        slowest = max(slowest, time.monotonic() - t0)
-        time.sleep(0.2)
-    return slowest
 
 
 def wait_for_app_topics(bootstrap: str, app: str, timeout: float = 60) -> None:

@@ -24,7 +24,8 @@ from oncely.local_kafka import LocalKafka
 from oncely.processor.producer import TxnProducer
 from oncely.processor.txn_state import Outcome
 from oncely.testing import create_topic, read_to_end, unique_name
-from test_producer_recovery import outage_run
+from support import InProcessProcessor, wait_for_app_topics, wait_until
+from test_txn_opener import _app, _outputs_exact, _Traffic
 
 
 def _producer(bootstrap: str, name: str, **conf: object) -> TxnProducer:
@@ -90,11 +91,44 @@ def test_room_that_never_comes_aborts_after_the_wait(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_processor_with_a_tiny_queue_stays_live_and_exact_across_a_broker_stop(tmp_path: Path) -> None:
-    # A 30 s transaction timeout: the commit's job waits up to 15 s for room, past the outage, so this is
-    # the overflow's test (an abort or replacement in an outage: test_producer_recovery.py). The loop
-    # answers all through (a full queue held it in produce() until the broker came back or the records
-    # timed out). 6 s: shorter than the group session, so no rebalance waits for a commit.
-    slowest, commits = outage_run(tmp_path, "overflow-app", 6.0, lambda p: p.txn.stats.commits,
-                                  transaction_timeout_ms=30_000, kafka={"queue.buffering.max.messages": 30})
-    assert commits > 0
+    broker = LocalKafka(data_dir=tmp_path / "broker")
+    bootstrap = broker.start().bootstrap
+    name = unique_name("overflow-app")
+    runner = None
+    try:
+        create_topic(bootstrap, f"{name}.out", 2)
+        # A 30 s transaction timeout: the commit's job waits up to 15 s for room, past the outage (an
+        # abort during the outage would block the loop in abort and producer replacement instead).
+        app = _app(name, bootstrap, tmp_path / "state", commit_interval=0.05, transaction_timeout_ms=30_000,
+                   kafka={"queue.buffering.max.messages": 30})
+        runner = InProcessProcessor(app).start()
+        wait_for_app_topics(bootstrap, name)
+        traffic = _Traffic(bootstrap, name)
+        traffic.send(400)
+        wait_until(traffic.exact, 90, 0.5, "the first sums")
+        processor = runner.processor
+        commits = runner.on_loop(lambda: processor.txn.stats.commits)
+        traffic.send(600)  # in flight when the broker goes
+        broker.stop()
+        # The loop answers all through the outage (a full queue held it in
+        # produce() until the broker came back or the records timed out).
+        # 6 s: shorter than the group session, so no rebalance waits for a commit.
+        slowest = 0.0
+        outage_end = time.monotonic() + 6
+        while time.monotonic() < outage_end:
+            t0 = time.monotonic()
+            try:
+                runner.on_loop(lambda: None, timeout=10.0)
+            except TimeoutError:
+                pass
+            slowest = max(slowest, time.monotonic() - t0)
+            time.sleep(0.2)
+        broker.start()
+        wait_until(traffic.exact, 120, 0.5, "exact sums after the outage")
+        assert runner.on_loop(lambda: processor.txn.stats.commits) > commits
+        _outputs_exact(bootstrap, name, traffic)
+    finally:
+        if runner is not None:
+            runner.stop()
+        broker.stop()
     assert slowest < 2.0, f"the loop took {slowest:.1f} s to answer during the outage"
