@@ -130,6 +130,7 @@ class _Engine:
         self.sub = app.subscriptions[0]
         self.out = _Output()
         executor = executor_for(app)
+        self.executor = executor.in_process
         sinks = Sinks(app.sinks, lambda topic: True)
         limits = limits_for(app.changelog_topic, app.log_topic, {}, CLIENT_MAX_BYTES)
         self.partitions: dict[int, PartitionProcessor] = {}
@@ -181,8 +182,13 @@ async def _feed(engine: _Engine, msgs: list[_Message], batch: int) -> None:
     app, sub, out, local = engine.app, engine.sub, engine.out, engine.local
     source_record = dispatch.source_record
     for i in range(0, len(msgs), batch):
-        for m in msgs[i:i + batch]:
-            source_record(app, sub, m, out, local)
+        # As the commit loop handles a poll's records (CommitLoop._handle_all).
+        engine.executor.enter_batch()
+        try:
+            for m in msgs[i:i + batch]:
+                source_record(app, sub, m, out, local)
+        finally:
+            engine.executor.end_batch()
         await asyncio.sleep(0)  # anything the handlers left for the loop
         engine.commit()
         out.purge()

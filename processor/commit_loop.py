@@ -246,6 +246,21 @@ class CommitLoop:
 
     # -- the loop ---------------------------------------------------------------------
 
+    def _handle_all(self, msgs: list[Any], consumer: Consumer) -> None:
+        """One poll's records, in order; the in-process executor's spare
+        task stays current across their handlers' first steps (executor.py)."""
+        batch = self.executor.in_process
+        if batch is not None:
+            batch.enter_batch()
+        try:
+            for m in msgs:
+                self._handle(m)
+                if self.consumer is not consumer:
+                    break  # replaced: the rest belongs to the old membership
+        finally:
+            if batch is not None:
+                batch.end_batch()
+
     def _handle(self, m: Any) -> None:
         err = m.error()
         if err is not None:
@@ -350,10 +365,8 @@ class CommitLoop:
                     raise
                 recovery.replace_consumer(self, str(e.args[0]))
                 continue
-            for m in msgs:
-                self._handle(m)
-                if self.consumer is not consumer:
-                    break  # replaced: the rest belongs to the old membership
+            if msgs:
+                self._handle_all(msgs, consumer)
             self.pacing.pump()
             txn.poll()  # delivery reports, here rather than in the commit's flush (reports.py)
             self._fire_timers()

@@ -62,3 +62,61 @@ def test_handlers_that_await_nothing_share_the_idle_spare_task() -> None:
         assert [d.result(i) for i in ids] == ["done"] * 5
     tasks = seen["plain"]
     assert all(t is not None for t in tasks) and len({id(t) for t in tasks}) == 1
+
+
+def test_a_batch_keeps_the_spare_current_and_gives_the_loop_its_task_back() -> None:
+    """The commit loop handles a poll's records as a batch (enter_batch):
+    the spare stays current across first steps, a handler that awaits
+    still adopts the task it started in, the next one gets a new spare, and
+    the loop's own task is current again when the batch ends."""
+    from oncely.processor.executor import LocalExecutor
+
+    async def plain(seen: list[asyncio.Task[Any] | None]) -> str:
+        seen.append(asyncio.current_task())
+        return "done"
+
+    async def timed() -> tuple[Any, Any]:
+        first = asyncio.current_task()
+        try:
+            async with asyncio.timeout(0.01):
+                await asyncio.sleep(5)
+        except TimeoutError:
+            pass
+        return first, asyncio.current_task()
+
+    def finish(ex: LocalExecutor, coro: Any) -> Any:
+        try:
+            ex.step(coro, contextvars.copy_context())
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            ex.eager = False
+        raise AssertionError("it awaited")
+
+    async def main() -> None:
+        ex = LocalExecutor(oncely.App("batch", partitions=1))
+        mine = asyncio.current_task()
+        seen: list[asyncio.Task[Any] | None] = []
+        ex.enter_batch()
+        try:
+            assert finish(ex, plain(seen)) == "done" and finish(ex, plain(seen)) == "done"
+            coro = timed()
+            yielded = ex.step(coro, contextvars.copy_context())
+            ex.eager = False
+            adopted = ex.adopt(coro, yielded, contextvars.copy_context())
+            assert finish(ex, plain(seen)) == "done"
+        finally:
+            ex.end_batch()
+        current = asyncio.current_task()
+        if current is not mine:  # put the loop right first, so the failure below is reported, not a hang
+            from asyncio.tasks import _enter_task, _leave_task
+            _leave_task(asyncio.get_running_loop(), current)
+            _enter_task(asyncio.get_running_loop(), mine)
+        assert current is mine, f"after the batch the current task is {current}, not the loop's"
+        first, last = await adopted
+        assert seen[0] is seen[1] is first is last is adopted  # one spare, then adopted
+        assert seen[2] is not adopted and seen[2] is not mine and seen[2] is not None
+        assert await asyncio.sleep(0, "still the loop's") == "still the loop's" and asyncio.current_task() is mine
+        ex.cancel_spare()
+
+    asyncio.run(main())
