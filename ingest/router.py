@@ -7,7 +7,7 @@ without encoding them at all (processor/local_start.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from time import time
+from time import time_ns
 from typing import Any
 
 from oncely.egress.dead_letters import dead_letter
@@ -125,7 +125,7 @@ def route(app: str, partitions: int, sub: Subscription, msg: Any, id_salt: str |
         "idempotency_retention_ms": sub.retention_ms, "caller": None,
         "source": {"topic": topic, "partition": source_partition, "offset": offset, "timestamp_ms": ts, "key": rkey,
                    "headers": source_headers},
-        "subscription": reencoded_by, "created_at_ms": int(time() * 1000), DECODED: value,
+        "subscription": reencoded_by, "created_at_ms": time_ns() // 1_000_000, DECODED: value,
     }
     if traced:
         traceparent = header_traceparent(headers)
