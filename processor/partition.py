@@ -32,7 +32,7 @@ from oncely.processor.invocation import (BACKING_OFF, PAUSED, RUNNING, STARTING,
 from oncely.processor.key_queues import KeyQueue, KeyQueues
 from oncely.processor.local_waits import LocalWaits
 from oncely.sdk.protocol import NOT_DECODED, Executor, HandlerCall, Limits, Outcome
-from oncely.processor.store import KeyState, PartitionStore
+from oncely.processor.store import PartitionStore
 from oncely.processor.timers import Timers
 from oncely.processor.waits import Waits
 from oncely.processor.writer import InvocationWriter
@@ -230,7 +230,7 @@ class PartitionProcessor:
         call = HandlerCall(
             inv.id, invoke["service"], invoke["handler"], invoke["key"],  # invocation_id, service, handler, key
             invoke["payload"], invoke["payload_format"], inv.attempt, inv.journal,  # payload, ..., attempt, journal
-            KeyState(self.store, inv.sk) if inv.sk is not None else None,  # state
+            self.store.key_state(inv.sk) if inv.sk is not None else None,  # state
             invoke.get("source"), invoke.get("subscription"), InvocationEffects(self, inv), self.limits,
             invoke.get("traceparent"), invoke.get("created_at_ms"), inv.deployment,
             invoke.pop(DECODED, NOT_DECODED),  # input

@@ -57,6 +57,7 @@ class PartitionStore:
         self._fresh: set[bytes] = set()
         self.wiped = False
         self._cache: dict[bytes, bytes | None] = {}  # committed values (what RocksDB holds), oldest first
+        self._key_states: dict[bytes, KeyState] = {}  # (key_state)
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -143,6 +144,17 @@ class PartitionStore:
                 del cache[next(iter(cache))]
             cache[key] = value
         return value
+
+    def key_state(self, sk: bytes) -> KeyState:
+        """The state of (service, key) `sk`, read through the overlays. Kept
+        for the keys that come again (an invocation of a key makes one; most
+        keys have many), a reader is immutable."""
+        ks = self._key_states.get(sk)
+        if ks is None:
+            if len(self._key_states) >= CACHE_ENTRIES:
+                self._key_states.clear()
+            ks = self._key_states[sk] = KeyState(self, sk)
+        return ks
 
     def committed_get(self, key: bytes) -> bytes | None:
         return self.db.get(key)
