@@ -75,6 +75,9 @@ def test_a_batch_keeps_the_spare_current_and_gives_the_loop_its_task_back() -> N
         seen.append(asyncio.current_task())
         return "done"
 
+    async def rude() -> None:
+        asyncio.current_task().cancel()  # type: ignore[union-attr]  # its own (the spare), without awaiting
+
     async def timed() -> tuple[Any, Any]:
         first = asyncio.current_task()
         try:
@@ -100,6 +103,7 @@ def test_a_batch_keeps_the_spare_current_and_gives_the_loop_its_task_back() -> N
         ex.enter_batch()
         try:
             assert finish(ex, plain(seen)) == "done" and finish(ex, plain(seen)) == "done"
+            finish(ex, rude())  # the spare is cancelled: the next step takes a new one
             coro = timed()
             yielded = ex.step(coro, contextvars.copy_context())
             ex.eager = False
@@ -114,7 +118,7 @@ def test_a_batch_keeps_the_spare_current_and_gives_the_loop_its_task_back() -> N
             _enter_task(asyncio.get_running_loop(), mine)
         assert current is mine, f"after the batch the current task is {current}, not the loop's"
         first, last = await adopted
-        assert seen[0] is seen[1] is first is last is adopted  # one spare, then adopted
+        assert seen[0] is seen[1] and first is last is adopted and adopted is not seen[0]  # one spare, a new one after the cancel
         assert seen[2] is not adopted and seen[2] is not mine and seen[2] is not None
         assert await asyncio.sleep(0, "still the loop's") == "still the loop's" and asyncio.current_task() is mine
         ex.cancel_spare()
