@@ -137,3 +137,44 @@ def test_what_ran_during_a_commit_that_fails_is_dropped_with_it(kafka: str, tmp_
     assert len([t for t in runs if began + 0.2 < t < ended]) >= 100, "handlers must have run during the commit"
     # exact sums (checked in the run) mean: the failed transaction's records
     # and everything made while it was on its way were replayed exactly once.
+
+
+def test_records_held_during_a_commit_go_into_the_next_one_in_order(kafka: str) -> None:
+    """Records produced while a commit is on its way wait in the producer,
+    then go into the next transaction in the order they were made
+    (TxnProducer._replay): plain ones straight to librdkafka, one with
+    headers, a delivery report or an owner to attribute to through
+    `produce`; each exactly once."""
+    from oncely.processor.producer import TxnProducer
+    from oncely.processor.txn_state import Committing, Outcome
+
+    out = f"{unique_name('held')}.out"
+    create_topic(kafka, out, 1)
+    txn = TxnProducer({"bootstrap.servers": kafka, "transactional.id": out, "enable.idempotence": True,
+                       "transaction.timeout.ms": 30_000}, 10.0, 5.0, threading.Event())
+    txn.start()
+    reported: list[bytes] = []
+    try:
+        txn.produce(out, b"k", b"first")
+        committing = txn.start_commit([], None)
+        assert isinstance(committing, Committing), committing
+        txn.careful = 2  # (attributing owners' records: one transaction of it is left at the replay)
+        for i in range(40):
+            v = b"%d" % i
+            if i % 10 == 3:
+                txn.produce(out, b"k", v, [("h", b"x")])
+            elif i % 10 == 5:
+                txn.produce(out, b"k", v, owner=b"inv-%d" % i)
+            elif i % 10 == 7:
+                txn.produce(out, b"k", v, on_delivery=lambda err, msg: reported.append(msg.value()))
+            else:
+                txn.produce(out, b"k", v, partition=0)
+        assert txn.end_commit(committing).outcome is Outcome.COMMITTED
+        assert txn.commit([], None).outcome is Outcome.COMMITTED
+    finally:
+        txn.close()
+    records = wait_until(lambda: (lambda rs: rs if len(rs) >= 41 else None)(read_to_end(kafka, out)), 30, 0.2,
+                         "every record committed")
+    assert [r.value for r in records] == [b"first"] + [b"%d" % i for i in range(40)], "each once, in order"
+    assert [r.value for r in records if r.headers] == [b"3", b"13", b"23", b"33"]
+    assert sorted(reported) == [b"17", b"27", b"37", b"7"]
