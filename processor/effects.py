@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from oncely.errors import TerminalError
 from oncely.processor import controls, keys
-from oncely.processor.invocation import now_ms
+from oncely.processor.invocation import STARTING, now_ms
 from oncely.sdk.protocol import Entry
 from oncely.shuffle.delivery import child_invoke
 from oncely.shuffle.ids import format_awakeable
@@ -40,8 +40,9 @@ class InvocationEffects:
         coroutine that outlives a rewind or a revocation (a handler that
         catches CancelledError) must not add effects to a transaction or a
         store that now belong to what Kafka says is committed."""
-        part = self.part
-        if part.closed or part.invocations.get(self.inv.id) is not self.inv:
+        part, inv = self.part, self.inv
+        # (A fresh first step, STARTING, is not registered yet: PartitionProcessor.start.)
+        if part.closed or (part.invocations.get(inv.id) is not inv and inv.running is not STARTING):
             raise asyncio.CancelledError(f"ctx.{op}: the invocation was rewound or moved; dropped")
         return part
 

@@ -74,9 +74,10 @@ def handler(part: PartitionProcessor, executor: LocalExecutor, invoke: dict[str,
 
 
 def run(part: PartitionProcessor, inv: Invocation, call: HandlerCall, handler: Handler, executor: LocalExecutor,
-        attempt_run: int) -> asyncio.Task[object] | None:
+        attempt_run: int, fresh: bool = False) -> asyncio.Task[object] | None:
     """Run `inv`'s first step here; its task when it awaits, else None (its
-    outcome is applied already)."""
+    outcome is applied already). A `fresh` invocation (PartitionProcessor.start)
+    is registered only when the step does not complete it in place."""
     ctx = KeyedJournalContext(call) if handler.service.keyed else StatelessContext(call)  # (context_for, inlined)
     context = contextvars.copy_context()
     try:
@@ -90,17 +91,23 @@ def run(part: PartitionProcessor, inv: Invocation, call: HandlerCall, handler: H
                     and "reply" not in invoke and invoke["idempotency_key"] is None and part.writer.net_effects):
                 writes, cleared = ctx.state_changes()
                 if not cleared:
-                    _complete(part, inv, call.state, writes, ctx.emits)  # type: ignore[arg-type]
+                    _complete(part, inv, call.state, writes, ctx.emits, fresh)  # type: ignore[arg-type]
                     return None
+            if fresh:
+                part.register(inv)
             part._apply_outcome(inv, runner.returned(call, ctx, value), attempt_run)
             return None
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:
+            if fresh:
+                part.register(inv)
             part._apply_outcome(inv, _ended_by(call, ctx, e), attempt_run)
             return None
     finally:
         executor.eager = False
+    if fresh:
+        part.register(inv)
     task = executor.adopt(coro, yielded, context)
     task.add_done_callback(_when_adopted_ends(part, inv, call, ctx, attempt_run))
     return task
@@ -133,10 +140,11 @@ def _ended_by(call: HandlerCall, ctx: object, e: BaseException) -> Outcome:
 
 
 def _complete(part: PartitionProcessor, inv: Invocation, state: KeyState | None, writes: dict[str, bytes | None],
-              emits: list[tuple]) -> None:
+              emits: list[tuple], fresh: bool) -> None:
     """`outcomes.complete` for an invocation that owes nothing but its state
     writes and emits; an error applying them aborts the open transaction,
-    as `PartitionProcessor._apply_outcome` does."""
+    as `PartitionProcessor._apply_outcome` does. A `fresh` one was never
+    registered: there is nothing to forget and no key to hand on."""
     inv.running = None
     metrics = part.metrics
     if metrics is not None:
@@ -155,7 +163,8 @@ def _complete(part: PartitionProcessor, inv: Invocation, state: KeyState | None,
         part.stats.completed += 1
         if metrics is not None:
             metrics.outcome(inv, "completed")
-        part.finish(inv)
+        if not fresh:
+            part.finish(inv)
     except Exception as e:
         log.exception("%s %s: applying its outcome failed", format_id(inv.id), inv.target)
         part.out.fault(inv.id, f"internal error applying its outcome (completed): {type(e).__name__}: {e}")

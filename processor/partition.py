@@ -205,23 +205,41 @@ class PartitionProcessor:
     # -- execution ----------------------------------------------------------------
 
     def _begin(self, invoke: dict[str, Any], seq: int, sk: bytes | None, inbox: StoreQueue | None = None) -> None:
-        """A new invocation starts (and takes its key)."""
+        """A new invocation starts (and takes its key). Unless it waited in
+        a key's inbox, it is `fresh`: registered only when its first step
+        does not complete it in place (`start`)."""
         inv = Invocation(invoke["invocation_id"], invoke, sk, seq)
-        self.invocations[inv.id] = inv
-        if sk is not None:
-            self.keys.held[sk] = KeyQueue(inv, inbox)  # it holds its key (KeyQueues.take, inlined)
-        self.start(inv)
+        if inbox is not None:
+            self.register(inv, inbox)
+            self.start(inv)
+        else:
+            self.start(inv, fresh=True)
 
-    def start(self, inv: Invocation) -> None:
-        why = self.poisoned.get(inv.id) if self.poisoned else None
-        if why is not None:
-            # Forgotten only once its failure commits: a rewind may replay it.
-            self.poison_failed.append(inv.id)
-            outcomes.fail(self, inv, "unproducible" if why.startswith("a record") else "internal-error", why)
-            return
-        if self.doomed and inv.id in self.doomed:
-            controls.fail_doomed(self, inv)
-            return
+    def register(self, inv: Invocation, inbox: StoreQueue | None = None) -> None:
+        """A new invocation joins memory and holds its key (KeyQueues.take, inlined)."""
+        self.invocations[inv.id] = inv
+        if inv.sk is not None:
+            self.keys.held[inv.sk] = KeyQueue(inv, inbox)
+
+    def start(self, inv: Invocation, fresh: bool = False) -> None:
+        """Run an attempt of `inv`. A `fresh` one (`_begin`) is not yet in
+        `invocations` and holds no key: most first steps complete in place
+        (first_step.py), and one that does needs neither, since nothing else
+        of the partition runs until it returns. Any other path registers it
+        first (`register`)."""
+        if self.poisoned or self.doomed:
+            if fresh:
+                self.register(inv)
+                fresh = False
+            why = self.poisoned.get(inv.id)
+            if why is not None:
+                # Forgotten only once its failure commits: a rewind may replay it.
+                self.poison_failed.append(inv.id)
+                outcomes.fail(self, inv, "unproducible" if why.startswith("a record") else "internal-error", why)
+                return
+            if inv.id in self.doomed:
+                controls.fail_doomed(self, inv)
+                return
         if inv.phase == PAUSED:
             self.n_paused -= 1
         inv.phase = RUNNING
@@ -243,8 +261,10 @@ class PartitionProcessor:
         local = self.in_process
         handler = first_step.handler(self, local, invoke, call) if local is not None and not local.eager else None
         if handler is not None:
-            running = first_step.run(self, inv, call, handler, local, run)  # type: ignore[arg-type]
+            running = first_step.run(self, inv, call, handler, local, run, fresh)  # type: ignore[arg-type]
         else:
+            if fresh:
+                self.register(inv)
             # (a partial, not a lambda: a closure would make `inv` and `run` cells on every start)
             running = self.executor.start(call, partial(self._apply_outcome, inv, run=run))
         if inv.running is STARTING and inv.run == run:

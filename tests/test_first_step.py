@@ -79,6 +79,9 @@ def _app(gate: asyncio.Event | None = None) -> oncely.App:
             ctx.clear_all()
         if "note" in order:
             ctx.set("note", order["note"])
+        if "send_to" in order:  # effects during a first step that is not registered yet
+            ctx.send("customers", order["send_to"], "total", {"amount": 10})
+            ctx.sleep(60)  # (a durable timer, not awaited)
         if order.get("wait"):
             assert gate is not None
             await gate.wait()
@@ -161,6 +164,22 @@ def test_a_handler_that_returns_owing_nothing_ends_within_its_start(engine: Any)
     assert e.outputs() == [1, 1, 2]
     assert [k for k, _ in e.txn.to(OUT)] == [b"alice", b"bob", b"alice"]
     assert not e.part.writer.dirty
+
+
+def test_a_first_step_that_ends_in_place_sends_and_sets_timers_before_it_is_registered(engine: Any) -> None:
+    """A new invocation joins `invocations` and holds its key only when its
+    first step does not end in place (PartitionProcessor.start); its effects
+    during the step (a send, a timer) are still its own, not refused as a
+    rewound invocation's."""
+    e, loop = engine
+    _run(loop, lambda: e.feed("alice", send_to="bob"))
+    assert e.part.stats.completed == 1 and e.part.stats.failed == 0 and e.outputs() == [1]
+    assert not e.part.invocations and not e.part.keys.held and not e.part.active
+    (key, value), = e.txn.to(e.app.log_topic)  # the send's Invoke, in the open transaction
+    kind, body = schemas.decode("log_record", value)["body"]
+    assert kind == "oncely.Invoke" and body["key"] == b"bob" and body["caller"] is None
+    assert e.part.timers.next_timer is not None  # (stored: `Timers.add`)
+    assert len(e.part.store.scan(keys.TIMER)) == 1
 
 
 def test_a_return_value_or_cleared_state_goes_through_the_runner(engine: Any) -> None:
