@@ -165,6 +165,8 @@ def _complete(part: PartitionProcessor, inv: Invocation, state: KeyState | None,
             metrics.outcome(inv, "completed")
         if not fresh:
             part.finish(inv)
+        elif part.local_waits.n or part.waits.futures or part.waits.idle:
+            part.finish_fresh(inv)
     except Exception as e:
         log.exception("%s %s: applying its outcome failed", format_id(inv.id), inv.target)
         part.out.fault(inv.id, f"internal error applying its outcome (completed): {type(e).__name__}: {e}")

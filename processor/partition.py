@@ -318,6 +318,15 @@ class PartitionProcessor:
             elif self.local_waits.n and sk not in held:
                 self._start_local(sk)
 
+    def finish_fresh(self, inv: Invocation) -> None:
+        """`finish` for a fresh invocation that ended in place: nothing to
+        forget but waits its step began, and the key's next record waiting
+        here (`_start_local` starts one at a time) goes on."""
+        self.waits.drop(inv)
+        sk = inv.sk
+        if sk is not None and self.local_waits.n and sk not in self.keys.held:
+            self._start_local(sk)
+
     def fill_vacant(self) -> None:
         """Start the next in line of every key left vacant while the commit was prepared."""
         for nxt in self.keys.fill_vacant():

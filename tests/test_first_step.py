@@ -79,6 +79,8 @@ def _app(gate: asyncio.Event | None = None) -> oncely.App:
             ctx.clear_all()
         if "note" in order:
             ctx.set("note", order["note"])
+        if order.get("leave_wait"):  # begins a wait and returns without ending it
+            next(ctx.sleep(1).__await__())
         if "send_to" in order:  # effects during a first step that is not registered yet
             ctx.send("customers", order["send_to"], "total", {"amount": 10})
             ctx.sleep(60)  # (a durable timer, not awaited)
@@ -243,6 +245,39 @@ def test_a_first_step_that_awaits_is_adopted_and_the_key_waits_for_it(tmp_path: 
         e.part.store.close()
 
     asyncio.run(body())
+
+
+def test_records_waiting_behind_an_adopted_holder_all_go_on_when_it_ends(tmp_path: Path) -> None:
+    """The next waiting record of a key starts when its holder ends (one at
+    a time): one that ends in place, never registered, still hands the key
+    on to the record behind it, instead of leaving it for the commit's flush
+    to the log."""
+    async def body() -> None:
+        gate = asyncio.Event()
+        e = _Engine(tmp_path, _app(gate))
+        e.catch_up()
+        e.feed("alice", wait=True)
+        e.feed("alice")
+        e.feed("alice")
+        e.feed("alice")
+        assert e.part.local_waits.n == 3
+        gate.set()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert e.part.local_waits.n == 0 and e.part.stats.completed == 4
+        assert e.outputs() == [1, 2, 3, 4] and not e.txn.to(e.app.log_topic)
+        await e.part.executor.close()
+        e.part.close()
+        e.part.store.close()
+
+    asyncio.run(body())
+
+
+def test_waits_a_first_step_began_go_when_it_ends_in_place(engine: Any) -> None:
+    e, loop = engine
+    _run(loop, lambda: e.feed("alice", leave_wait=True))
+    assert e.part.stats.completed == 1 and not e.part.invocations
+    assert not e.part.waits.futures
 
 
 def test_the_journal_of_an_adopted_first_step_is_what_it_did(tmp_path: Path) -> None:
