@@ -30,7 +30,7 @@ from oncely.admin import parse_state_key
 from oncely.app import App
 from oncely.egress.sinks import Sinks
 from oncely.kafka_io import Record
-from oncely.processor import controls, dispatch, keys
+from oncely.processor import controls, dispatch, handover, keys
 from oncely.driver_replay import ReplayChecking
 from oncely.processor.executor import LocalExecutor
 from oncely.processor.partition import PartitionProcessor
@@ -298,7 +298,7 @@ class TestDriver:
             return self.commit() or read > 0
         finally:
             for part in self.partitions:
-                part.prepared()
+                handover.prepared(part)
 
     async def _settle(self) -> None:
         """Let handlers run until none progresses (the rest waits)."""

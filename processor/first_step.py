@@ -37,6 +37,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Callable
 
 from oncely.errors import NonDeterminismError
+from oncely.processor import handover
 from oncely.processor.executor import LocalExecutor, failed
 from oncely.sdk import runner
 from oncely.sdk.journal import KeyedJournalContext, StatelessContext
@@ -164,9 +165,9 @@ def _complete(part: PartitionProcessor, inv: Invocation, state: KeyState | None,
         if metrics is not None:
             metrics.outcome(inv, "completed")
         if not fresh:
-            part.finish(inv)
+            handover.finish(part, inv)
         elif part.local_waits.n or part.waits.futures or part.waits.idle:
-            part.finish_fresh(inv)
+            handover.finish_fresh(part, inv)
     except Exception as e:
         log.exception("%s %s: applying its outcome failed", format_id(inv.id), inv.target)
         part.out.fault(inv.id, f"internal error applying its outcome (completed): {type(e).__name__}: {e}")

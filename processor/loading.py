@@ -10,7 +10,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from oncely import schemas
-from oncely.processor import keys
+from oncely.processor import handover, keys
 from oncely.processor.invocation import BACKING_OFF, PAUSED, SUSPENDED, Invocation
 from oncely.sdk.protocol import Entry
 from oncely.shuffle.ids import format_id
@@ -66,7 +66,7 @@ def load(part: "PartitionProcessor") -> None:
             part.stats.resumed += 1
             part.start(inv)
     for sk in orphans:
-        part._hand_over(part.keys.orphan(sk))
+        handover.hand_over(part, part.keys.orphan(sk))
     if part.invocations or part.suspended:
         log.info("partition %d: loaded %d in-flight invocations (%d resumed by replay), %d suspended",
                  part.partition, len(part.invocations), part.stats.resumed, part.suspended)
@@ -74,7 +74,7 @@ def load(part: "PartitionProcessor") -> None:
 def from_store(part: "PartitionProcessor", inv_id: bytes, st: dict[str, Any]) -> Invocation:
     """An in-flight invocation as the store holds it (status and journal)."""
     invoke = st["invoke"]
-    inv = Invocation(id=inv_id, invoke=invoke, sk=part._sk(invoke), seq=st["seq"], phase=st["phase"],
+    inv = Invocation(id=inv_id, invoke=invoke, sk=part.sk_of(invoke), seq=st["seq"], phase=st["phase"],
                      attempt=st["attempt"], retry_at_ms=st["retry_at_ms"], error=st["error"],
                      held=st.get("held", False), cancelled=st.get("cancelled", False),
                      deployment=st.get("deployment"))

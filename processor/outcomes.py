@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from oncely import schemas
 from oncely.egress.dead_letters import dead_letter
 from oncely.logs import invocation_extra
-from oncely.processor import keys, requests
+from oncely.processor import handover, keys, requests
 from oncely.processor.invocation import BACKING_OFF, FAILED, PAUSED, Invocation, now_ms
 from oncely.sdk.protocol import Outcome
 from oncely.shuffle.delivery import response
@@ -91,7 +91,7 @@ def complete(part: PartitionProcessor, inv: Invocation, outcome: Outcome) -> Non
     part.stats.completed += 1
     if part.metrics is not None:
         part.metrics.outcome(inv, "completed")
-    part.finish(inv)
+    handover.finish(part, inv)
 
 
 def respond(part: PartitionProcessor, caller: dict | None, callee: bytes, value: bytes | None,
@@ -124,7 +124,7 @@ def remember(part: PartitionProcessor, inv: Invocation, failed: bool, result: by
 
 def fail(part: PartitionProcessor, inv: Invocation, reason: str, error: str) -> None:
     dead(part, inv, reason, error)
-    part.finish(inv)
+    handover.finish(part, inv)
 
 
 def dead(part: PartitionProcessor, inv: Invocation, reason: str, error: str) -> None:

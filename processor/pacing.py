@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 
 from confluent_kafka import TopicPartition
 
+from oncely.processor import handover
+
 if TYPE_CHECKING:
     from oncely.processor.commit_loop import CommitLoop
 
@@ -63,7 +65,7 @@ class Pacing:
             cl.start_commit()  # on its way; the loop takes its outcome when it is done
         finally:
             for part in cl.partitions.values():
-                part.prepared()
+                handover.prepared(part)
 
     def _in_flight(self) -> int:
         return sum(len(p.invocations) + p.local_waits.n for p in self.loop.partitions.values())

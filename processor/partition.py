@@ -23,7 +23,7 @@ import logging
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from oncely.processor import admission, completions, controls, first_step, keys, loading, outcomes
+from oncely.processor import admission, completions, controls, first_step, handover, keys, loading, outcomes
 from oncely.processor.effects import InvocationEffects
 from oncely.processor.executor import LocalExecutor
 from oncely.processor.inbox import ReadAhead, StoreQueue, ready_queue
@@ -98,7 +98,7 @@ class PartitionProcessor:
         """An in-flight invocation as the store holds it (status and journal)."""
         return loading.from_store(self, inv_id, st)
 
-    def _sk(self, invoke: dict[str, Any]) -> bytes | None:
+    def sk_of(self, invoke: dict[str, Any]) -> bytes | None:
         svc = self.app.services.get(invoke["service"])
         if svc is None or not svc.keyed or invoke["key"] is None:
             return None
@@ -168,7 +168,7 @@ class PartitionProcessor:
         else:
             if local:
                 self.stats.local_starts += 1
-            self._begin(invoke, offset, sk)
+            self.begin(invoke, offset, sk)
         self.stats.accepted += 1
         return True
 
@@ -187,12 +187,12 @@ class PartitionProcessor:
             if self._full() and not self._make_room():
                 return
             seq, invoke = ready.pop()  # type: ignore[misc]
-            sk = self._sk(invoke)
+            sk = self.sk_of(invoke)
             if sk is not None and self.keys.is_held(sk):
                 self.keys.wait(sk, seq, invoke)
             else:
                 self.queued -= 1
-                self._begin(invoke, seq, sk)
+                self.begin(invoke, seq, sk)
 
     def _make_room(self) -> bool:
         for inv in self.waits.oldest():
@@ -204,7 +204,7 @@ class PartitionProcessor:
 
     # -- execution ----------------------------------------------------------------
 
-    def _begin(self, invoke: dict[str, Any], seq: int, sk: bytes | None, inbox: StoreQueue | None = None) -> None:
+    def begin(self, invoke: dict[str, Any], seq: int, sk: bytes | None, inbox: StoreQueue | None = None) -> None:
         """A new invocation starts (and takes its key). Unless it waited in
         a key's inbox, it is `fresh`: registered only when its first step
         does not complete it in place (`start`)."""
@@ -222,7 +222,7 @@ class PartitionProcessor:
             self.keys.held[inv.sk] = KeyQueue(inv, inbox)
 
     def start(self, inv: Invocation, fresh: bool = False) -> None:
-        """Run an attempt of `inv`. A `fresh` one (`_begin`) is not yet in
+        """Run an attempt of `inv`. A `fresh` one (`begin`) is not yet in
         `invocations` and holds no key: most first steps complete in place
         (first_step.py), and one that does needs neither, since nothing else
         of the partition runs until it returns. Any other path registers it
@@ -296,64 +296,6 @@ class PartitionProcessor:
             self.out.fault(inv.id, f"internal error applying its outcome ({outcome.status}): "
                                    f"{type(e).__name__}: {e}")
 
-    def finish(self, inv: Invocation) -> None:
-        """Forget a finished invocation and hand its key to the next in line."""
-        self.writer.forget(inv)
-        self.invocations.pop(inv.id, None)
-        self.active.discard(inv)
-        waits = self.waits
-        if waits.futures or waits.idle:  # (`Waits.drop` has nothing to do otherwise)
-            waits.drop(inv)
-        sk = inv.sk
-        if sk is not None:
-            held = self.keys.held
-            q = held.get(sk)
-            if q is not None and q.holder is inv and q.inbox is None:
-                del held[sk]  # nothing waits for the key (`KeyQueues.release`'s first case, inlined)
-                nxt = None
-            else:
-                nxt = self.keys.release(inv, vacate=self.preparing)
-            if nxt is not None:
-                self._hand_over(nxt)
-            elif self.local_waits.n and sk not in held:
-                self._start_local(sk)
-
-    def finish_fresh(self, inv: Invocation) -> None:
-        """`finish` for a fresh invocation that ended in place: nothing to
-        forget but waits its step began, and the key's next record waiting
-        here (`_start_local` starts one at a time) goes on."""
-        self.waits.drop(inv)
-        sk = inv.sk
-        if sk is not None and self.local_waits.n and sk not in self.keys.held:
-            self._start_local(sk)
-
-    def fill_vacant(self) -> None:
-        """Start the next in line of every key left vacant while the commit was prepared."""
-        for nxt in self.keys.fill_vacant():
-            self._hand_over(nxt)
-
-    def prepared(self) -> None:
-        """The commit is over (or was not made): keys are handed on again."""
-        self.preparing = False
-        self.fill_vacant()
-        for sk in [sk for sk in self.local_waits.by_key if not self.keys.is_held(sk)]:
-            self._start_local(sk)
-
-    def _start_local(self, sk: bytes) -> None:
-        """The key is free: its next subscribed record waiting here takes it."""
-        invoke = self.local_waits.pop(sk)
-        if invoke is not None:
-            self.stats.local_starts += 1
-            self.stats.accepted += 1
-            self._begin(invoke, self.ahead.read_to, sk)
-
-    def _hand_over(self, nxt: tuple[int, dict[str, Any], StoreQueue] | None) -> None:
-        """Start the next invocation of a key's inbox as the key's holder."""
-        if nxt is not None:
-            seq, invoke, inbox = nxt
-            self.queued -= 1
-            self._begin(invoke, seq, self._sk(invoke), inbox)
-
     # -- time -----------------------------------------------------------------------
 
     def fire_timers(self, now: int) -> None:
@@ -402,7 +344,7 @@ class PartitionProcessor:
         if self.local_waits.n:
             self.local_waits.flush()
         if self.keys.vacant and (self.ahead.spill_due() or not self.keys.vacant_only_held()):
-            self.fill_vacant()  # an inbox in the store needs its key held (a LOCK)
+            handover.fill_vacant(self)  # an inbox in the store needs its key held (a LOCK)
         self.writer.persist_all(self.active)
         self.ahead.prepare_commit(self.store)
 

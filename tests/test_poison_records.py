@@ -112,18 +112,19 @@ def test_an_error_applying_an_outcome_fails_that_invocation_and_frees_its_key(ka
     # invocation RUNNING and its key locked for good. Both ways an outcome is
     # applied: in place (first_step._complete, a handler that returns None)
     # and the general one (outcomes.complete, a handler that returns a value).
-    from oncely.processor.partition import PartitionProcessor
+    from oncely.processor.store import PartitionStore
+    from oncely.sdk.protocol import encode_value
 
-    real = PartitionProcessor.finish
+    real = PartitionStore.put
     fired: list[bytes] = []
 
-    def failing(part, inv):  # type: ignore[no-untyped-def]
-        if inv.invoke["payload"] == b"13" and not fired:
-            fired.append(inv.id)
+    def failing(store, key, value):  # type: ignore[no-untyped-def]
+        if value == encode_value(14) and not fired:  # k's state after 1 and 13: the second invocation's
+            fired.append(key)
             raise RuntimeError("injected fault")
-        return real(part, inv)
+        return real(store, key, value)
 
-    monkeypatch.setattr(PartitionProcessor, "finish", failing)
+    monkeypatch.setattr(PartitionStore, "put", failing)
     name = unique_name("fault")
     app = oncely.App(name, partitions=2, bootstrap=kafka, state_dir=str(tmp_path))
     counter = app.keyed("counter")
