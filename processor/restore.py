@@ -7,6 +7,15 @@ commit: its offsets commit carries a stale group generation). The caller
 fetches the partition's committed offsets first; with read_committed that
 fetch waits until no transactional offset commit is pending, so a previous
 owner's last transaction is settled before the changelog end is read.
+
+A checkpoint past the last stable offset is not, by itself, a recreated
+topic: a transaction that began before the checkpoint may still be open
+there: our own last commit, whose markers the broker writes after
+commit_transaction returned (a rewind right after a commit, a broker just
+back from an outage), or a fenced zombie's, which aborts. What lies
+between is committed and applied here already, so the local state stands;
+only a checkpoint past the high watermark means the changelog was
+recreated (or truncated) and the state is wiped.
 """
 
 from __future__ import annotations
@@ -31,6 +40,8 @@ class Restorer:
         self.topic = topic
         self.delete_retention_ms = delete_retention_ms
         self.metrics: Any = None  # oncely.observe.Metrics when --metrics is on
+        self._conf = conf
+        self._uncommitted: Consumer | None = None  # for the high watermark, made when first needed
         self.consumer = Consumer({
             **conf,
             "group.id": conf.get("group.id", "oncely-restore"),
@@ -46,15 +57,30 @@ class Restorer:
 
     def close(self) -> None:
         self.consumer.close()
+        if self._uncommitted is not None:
+            self._uncommitted.close()
 
-    def _untrusted(self, store: PartitionStore, lo: int, hi: int) -> str | None:
-        """Why the local state cannot be caught up from its checkpoint, or None."""
+    def _high_watermark(self, tp: TopicPartition) -> int:
+        """The partition's high watermark (its last stable offset is what
+        the read_committed consumer sees)."""
+        if self._uncommitted is None:
+            self._uncommitted = Consumer({**self._conf, "group.id": self._conf.get("group.id", "oncely-restore"),
+                                          "enable.auto.commit": False, "isolation.level": "read_uncommitted"})
+        return watermarks(self._uncommitted, tp)[1]
+
+    def _untrusted(self, store: PartitionStore, tp: TopicPartition, lo: int, hi: int) -> str | None:
+        """Why the local state cannot be caught up from its checkpoint, or
+        None. `hi`: the last stable offset."""
         cp = store.checkpoint()
         if cp is None:
             return None if store.is_empty() else "it has data but no checkpoint"
         off = cp["changelog_offset"]
         if off > hi:
-            return f"its checkpoint {off} is past the changelog end {hi} (was the changelog topic recreated?)"
+            high = self._high_watermark(tp)
+            if off > high:
+                return f"its checkpoint {off} is past the changelog end {high} (was the changelog topic recreated?)"
+            log.info("partition %d: checkpoint %d is past the last stable offset %d (a transaction is being "
+                     "settled there); the local state stands", tp.partition, off, hi)
         if off < lo:
             return f"its checkpoint {off} is before the changelog start {lo} (records were deleted)"
         age = time.time() * 1000 - cp["written_at_ms"]
@@ -76,7 +102,7 @@ class Restorer:
         for p, store in stores.items():
             tp = TopicPartition(self.topic, p)
             lo, hi = watermarks(self.consumer, tp)
-            why = self._untrusted(store, lo, hi)
+            why = self._untrusted(store, tp, lo, hi)
             if why:
                 log.warning("partition %d: wiping local state because %s; restoring from the changelog", p, why)
                 store.wipe()
