@@ -5,7 +5,8 @@ parts: admission.py (duplicates and Invokes that can never run),
 key_queues.py (one invocation per key), inbox.py (what waits, in the
 store), writer.py (what of an in-flight invocation is persisted), timers.py
 (durable timers, retries, expiry), waits.py (completions and suspension),
-outcomes.py (what an outcome changes). It never talks to Kafka itself:
+outcomes.py (what an outcome changes), handover.py (a finished invocation's
+key to the next in line). It never talks to Kafka itself:
 records go to the `TxnOutput` of the open transaction, and the commit loop
 decides when the overlay becomes a commit.
 
